@@ -1,0 +1,169 @@
+"""One exception tree for the whole pipeline.
+
+Every failure a row can meet is one of these, so the runner decides "retry or record" by asking
+``error.retryable`` and the output records ``error.error_type`` (a stable snake_case name) and the
+message. Nothing here imports I/O libraries: aiohttp/asyncio errors are translated in ``client.py``.
+
+::
+
+    PipelineError
+    ├── ConfigError                  bad config file / key / value            (never retried)
+    ├── ManifestError                missing column, duplicate id, empty      (never retried)
+    ├── ImageError                   per-row: missing / empty / unsupported   (never retried)
+    ├── EndpointError                HTTP-level answer or transport failure
+    │   ├── TransientEndpointError   connect, timeouts, 408/409/429/5xx       (retryable)
+    │   │   ├── ConnectError
+    │   │   ├── EndpointTimeout      connect / first_byte / idle / total
+    │   │   ├── RateLimited          429
+    │   │   └── ServerError          5xx, 408, 409
+    │   └── PermanentEndpointError   400/401/403/404/413/422 ...              (not retried)
+    └── StreamError                  problems inside a 200 SSE stream
+        ├── TruncatedStream          closed before [DONE] with unfinished choices (retryable)
+        ├── MalformedChunk           a data line that is not valid JSON        (retryable)
+        └── StreamErrorEvent         an error object / ``event: error``        (retryable unless 4xx-like)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+#: HTTP statuses that are worth another attempt.
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+
+
+class PipelineError(Exception):
+    """Base of every error the pipeline raises on purpose."""
+
+    error_type: ClassVar[str] = "error"
+    retryable: bool = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(PipelineError):
+    """The config file or one of its values is wrong; the message names file and key path."""
+
+    error_type = "config_error"
+
+
+class ManifestError(PipelineError):
+    """The manifest as a whole cannot be used (missing column, duplicate id, no rows)."""
+
+    error_type = "manifest_error"
+
+
+class ImageError(PipelineError):
+    """One row's image cannot be sent; only that row fails."""
+
+    error_type = "image_error"
+
+    def __init__(self, message: str, *, error_type: str | None = None) -> None:
+        super().__init__(message)
+        if error_type:
+            self.error_type = error_type  # type: ignore[misc]
+
+
+class EndpointError(PipelineError):
+    """The endpoint answered with an error status, or could not be reached."""
+
+    error_type = "endpoint_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+        self.code = code
+
+
+class TransientEndpointError(EndpointError):
+    error_type = "transient_error"
+    retryable = True
+
+
+class ConnectError(TransientEndpointError):
+    error_type = "connect_error"
+
+
+class EndpointTimeout(TransientEndpointError):
+    """A streaming-aware timeout: ``phase`` is connect, first_byte, idle or total."""
+
+    error_type = "timeout"
+
+    def __init__(self, message: str, *, phase: str) -> None:
+        super().__init__(message)
+        self.phase = phase
+
+
+class RateLimited(TransientEndpointError):
+    error_type = "rate_limited"
+
+
+class ServerError(TransientEndpointError):
+    error_type = "server_error"
+
+
+class PermanentEndpointError(EndpointError):
+    error_type = "bad_request"
+
+
+class AuthError(PermanentEndpointError):
+    error_type = "auth_error"
+
+
+class NotFound(PermanentEndpointError):
+    error_type = "not_found"
+
+
+class StreamError(PipelineError):
+    """Something went wrong inside an HTTP 200 event stream."""
+
+    error_type = "stream_error"
+    retryable = True
+
+
+class TruncatedStream(StreamError):
+    error_type = "truncated_stream"
+
+
+class MalformedChunk(StreamError):
+    error_type = "malformed_chunk"
+
+
+class StreamErrorEvent(StreamError):
+    """The server sent an error object inside the stream; retryable unless it looks client-side."""
+
+    error_type = "stream_error_event"
+
+    def __init__(self, message: str, *, retryable: bool = True, code: str | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.code = code
+
+
+def error_for_status(status: int, message: str, *, retry_after: float | None = None,
+                     code: str | None = None) -> EndpointError:
+    """Map an HTTP error status to the matching exception class."""
+    cls: type[EndpointError]
+    if status == 429:
+        cls = RateLimited
+    elif status in RETRYABLE_STATUSES or status >= 500:
+        cls = ServerError
+    elif status in (401, 403):
+        cls = AuthError
+    elif status == 404:
+        cls = NotFound
+    else:
+        cls = PermanentEndpointError
+    return cls(f"HTTP {status}: {message}", status=status, retry_after=retry_after, code=code)
