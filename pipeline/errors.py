@@ -20,6 +20,7 @@ message. Nothing here imports I/O libraries: aiohttp/asyncio errors are translat
     └── StreamError                  problems inside a 200 SSE stream
         ├── TruncatedStream          closed before [DONE] with unfinished choices (retryable)
         ├── MalformedChunk           a data line that is not valid JSON        (retryable)
+        ├── EmptyResponse            [DONE] without any choice                 (retryable)
         └── StreamErrorEvent         an error object / ``event: error``        (retryable unless 4xx-like)
 """
 
@@ -139,6 +140,12 @@ class TruncatedStream(StreamError):
 
 class MalformedChunk(StreamError):
     error_type = "malformed_chunk"
+
+
+class EmptyResponse(StreamError):
+    """The stream finished cleanly but carried no choice at all."""
+
+    error_type = "empty_response"
 
 
 class StreamErrorEvent(StreamError):

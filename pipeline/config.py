@@ -1,0 +1,409 @@
+"""The one validated, frozen config object, and the loader that turns a YAML/TOML file into it.
+
+The model is pure (no I/O); ``load_config`` reads the file, interpolates ``${VAR}`` / ``${VAR:-default}``
+from the environment it is handed, and turns every validation failure into one ``ConfigError`` whose
+lines read ``file: key.path: what is wrong, got <value>``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import string
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+#: Keys the pipeline itself owns in the request body; ``extra_body`` may not override them.
+RESERVED_BODY_KEYS = frozenset({"model", "messages", "stream"})
+
+OutputFormat = Literal["parquet", "csv", "jsonl"]
+ManifestFormat = Literal["csv", "jsonl", "parquet"]
+
+
+class _Model(BaseModel):
+    """Frozen, strict about unknown keys: a typo in a config must never be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Model):
+    """Streaming-aware timeouts, in seconds: a stream may be long yet must keep moving."""
+
+    connect: Annotated[float, Field(gt=0)] = 10.0
+    first_byte: Annotated[float, Field(gt=0)] = 60.0
+    idle: Annotated[float, Field(gt=0)] = 30.0
+    total: Annotated[float, Field(gt=0)] = 600.0
+
+
+class LocalEndpointOptions(_Model):
+    """Knobs of the embedded endpoint, used only when ``base_url: local``."""
+
+    chunk_delay: Annotated[float, Field(ge=0)] = 0.0
+    first_byte_delay: Annotated[float, Field(ge=0)] = 0.0
+    faults: list[str] = Field(default_factory=list)
+
+
+class EndpointConfig(_Model):
+    base_url: str = "local"
+    api_key: SecretStr | None = None
+    auth_scheme: Literal["bearer", "api-key", "none"] = "bearer"
+    headers: dict[str, str] = Field(default_factory=dict)
+    query: dict[str, str] = Field(default_factory=dict)
+    timeout: Timeouts = Timeouts()
+    local: LocalEndpointOptions = LocalEndpointOptions()
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        value = value.strip()
+        if value == "local":
+            return value
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be 'local' or an http(s):// URL such as https://api.openai.com/v1")
+        return value.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _no_auth_header(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if name.lower() in ("authorization", "api-key"):
+                raise ValueError(f"set the key with endpoint.api_key, not headers.{name}")
+        return value
+
+    @property
+    def is_local(self) -> bool:
+        return self.base_url == "local"
+
+
+class RequestConfig(_Model):
+    """The model, the prompt, and every body parameter of the Chat Completions endpoint."""
+
+    model: str
+    system: str | None = None
+    prompt: str = "Describe this image in one sentence."
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, Annotated[int, Field(ge=-100, le=100)]] | None = None
+    user: str | None = None
+    response_format: dict[str, Any] | None = None
+    seed: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    stream_options: dict[str, Any] | None = Field(default_factory=lambda: {"include_usage": True})
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        for token in value or {}:
+            if not token.isdigit():
+                raise ValueError(f"keys must be token ids (digits), got {token!r}")
+        return value
+
+    @field_validator("extra_body")
+    @classmethod
+    def _no_reserved(cls, value: dict[str, Any]) -> dict[str, Any]:
+        clash = sorted(RESERVED_BODY_KEYS & value.keys())
+        if clash:
+            raise ValueError(f"may not set {', '.join(clash)}: the pipeline owns those fields")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _valid_template(cls, value: str) -> str:
+        template_fields(value)
+        return value
+
+    @property
+    def n_choices(self) -> int:
+        return self.n or 1
+
+
+class ImagesConfig(_Model):
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class InputConfig(_Model):
+    manifest: Path | None = None
+    format: ManifestFormat | None = None
+    directory: Path | None = None
+    glob: str = "**/*"
+    id_column: str = "id"
+    path_column: str = "path"
+    prompt_column: str | None = None
+    carry_columns: list[str] | None = None
+    chunk_size: Annotated[int, Field(ge=1)] = 10_000
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputConfig:
+        if (self.manifest is None) == (self.directory is None):
+            raise ValueError("set exactly one of input.manifest or input.directory")
+        if self.manifest is not None and self.format is None and self.manifest_format is None:
+            raise ValueError(
+                f"cannot tell the format of {str(self.manifest)!r} from its suffix; "
+                "set input.format to csv, jsonl or parquet"
+            )
+        return self
+
+    @property
+    def manifest_format(self) -> ManifestFormat | None:
+        if self.format is not None:
+            return self.format
+        if self.manifest is None:
+            return None
+        return _FORMAT_BY_SUFFIX.get(self.manifest.suffix.lower())  # type: ignore[return-value]
+
+
+_FORMAT_BY_SUFFIX = {
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+class RunConfig(_Model):
+    concurrency: Annotated[int, Field(ge=1, le=4096)] = 16
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
+    backoff_base: Annotated[float, Field(ge=0)] = 0.5
+    backoff_max: Annotated[float, Field(ge=0)] = 30.0
+
+
+class OutputConfig(_Model):
+    path: Path
+    format: OutputFormat | None = None
+    if_exists: Literal["overwrite", "error"] = "overwrite"
+
+    @model_validator(mode="after")
+    def _known_format(self) -> OutputConfig:
+        if self.output_format is None:
+            raise ValueError(
+                f"cannot tell the format of {str(self.path)!r} from its suffix; "
+                "set output.format to parquet, csv or jsonl"
+            )
+        return self
+
+    @property
+    def output_format(self) -> OutputFormat | None:
+        if self.format is not None:
+            return self.format
+        return _FORMAT_BY_SUFFIX.get(self.path.suffix.lower())  # type: ignore[return-value]
+
+
+class Config(_Model):
+    endpoint: EndpointConfig = EndpointConfig()
+    request: RequestConfig
+    input: InputConfig
+    run: RunConfig = RunConfig()
+    output: OutputConfig
+    images: ImagesConfig = ImagesConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# templates
+
+
+def template_fields(template: str) -> list[str]:
+    """Names a ``str.format`` template refers to; raises ValueError on a broken template."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"not a valid template ({exc}); write a literal brace as {{{{ or }}}}") from None
+    names = []
+    for _, field, _, _ in parsed:
+        if field is None:
+            continue
+        if not field or not field.isidentifier():
+            raise ValueError(
+                f"template field {{{field}}} must be a manifest column name; "
+                "write a literal brace as {{ or }}"
+            )
+        names.append(field)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(value: Any, env: Mapping[str, str], path: str = "") -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a parsed document; ``$$`` is ``$``."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in env and env[name] != "":
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(
+            f"{path}: environment variable {name} is not set; "
+            f"export it or write ${{{name}:-default}}"
+        )
+
+    return _VAR.sub(replace, value)
+
+
+def parse_document(text: str, suffix: str) -> Any:
+    """YAML by default, TOML for ``.toml`` files."""
+    if suffix == ".toml":
+        return tomllib.loads(text)
+    return yaml.safe_load(text)
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a config file; every problem becomes one ``ConfigError``."""
+    path = Path(path)
+    env = os.environ if env is None else env
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        document = parse_document(text, path.suffix.lower())
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from None
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (endpoint, request, ...)")
+    try:
+        document = interpolate(document, env)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config_from_dict(document, source=str(path))
+
+
+def config_from_dict(document: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Validate an already-parsed document (used by the loader and by the Python API)."""
+    try:
+        return Config.model_validate(document)
+    except ValidationError as exc:
+        lines = [f"{source}: {describe_error(err)}" for err in _most_specific(exc.errors())]
+        raise ConfigError("\n".join(dict.fromkeys(lines))) from None
+
+
+def _most_specific(errors: list[Any]) -> list[Any]:
+    """A value that fails every branch of a union gets one error per branch; keep the telling ones."""
+    by_key: dict[tuple[Any, ...], list[Any]] = {}
+    for err in errors:
+        key = tuple(p for p in err["loc"] if not _is_union_branch(p))
+        by_key.setdefault(key, []).append(err)
+    kept = []
+    for group in by_key.values():
+        specific = [e for e in group if not e["type"].endswith("_type")]
+        kept.extend(specific or group[:1])
+    return kept
+
+
+_SECRET_KEYS = ("api_key",)
+
+
+def describe_error(err: Mapping[str, Any]) -> str:
+    """One pydantic error as ``key.path: what is wrong, got <value>`` (secrets never echoed)."""
+    parts = [part for part in err["loc"] if not _is_union_branch(part)]
+    loc = [str(part) for part in parts]
+    key = _dotted(parts)
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key{_suggest(loc)}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    text = _MESSAGES.get(kind, "").format(**{k: _num(v) for k, v in ctx.items()}) or _lower_first(err["msg"])
+    if kind == "value_error":
+        text = _lower_first(str(ctx.get("error", err["msg"])))
+    shown = "<hidden>" if any(s in loc for s in _SECRET_KEYS) else _show(err.get("input"))
+    return f"{key}: {text}, got {shown}" if key else f"{text}"
+
+
+_MESSAGES = {
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "too_long": "must have at most {max_length} items",
+    "literal_error": "must be one of {expected}",
+}
+
+
+def _is_union_branch(part: Any) -> bool:
+    text = str(part)
+    return text.startswith(("function-", "constrained-", "list[", "dict[", "str", "float", "int"))
+
+
+def _dotted(parts: list[Any]) -> str:
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _suggest(loc: list[str]) -> str:
+    """'did you mean' for a misspelt key, from the known fields of the enclosing section."""
+    model: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if model else None
+        annotation = field.annotation if field else None
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if model is None:
+        return ""
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+    allowed = ", ".join(model.model_fields)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{hint}; allowed keys: {allowed}"
+
+
+def _num(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -1,0 +1,298 @@
+"""Manifest readers: CSV, JSONL, Parquet or a directory of images, streamed in chunks.
+
+A manifest is never loaded whole. ``ManifestReader.check()`` makes one cheap pass over the id column
+(required columns, empty manifest, empty or duplicate ids) so that a bad manifest fails before any
+request is sent; ``batches()`` then streams ``Row`` objects in manifest order.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from .config import InputConfig, template_fields
+from .errors import ManifestError
+
+#: Suffixes a directory scan picks up when ``input.glob`` is left at its default.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp"})
+_DEFAULT_GLOB = "**/*"
+_BLOCK_SIZE = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One manifest row: where it sits, what to send, and what to carry into the output."""
+
+    seq: int  # 0-based position in the manifest; output order
+    id: str
+    path: str  # as written in the manifest
+    prompt: str | None  # per-row prompt override, if the manifest has a prompt column
+    columns: dict[str, Any]  # every manifest column by name (template inputs and carried values)
+    base_dir: Path  # relative image paths resolve against this folder
+
+    @property
+    def number(self) -> int:
+        """1-based row number, as people count rows in messages."""
+        return self.seq + 1
+
+    @property
+    def label(self) -> str:
+        return f"row {self.number} (id={self.id})"
+
+    def image_path(self) -> Path:
+        path = Path(self.path).expanduser()
+        return path if path.is_absolute() else self.base_dir / path
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestInfo:
+    source: str
+    rows: int
+    columns: list[str]
+    carried: pa.Schema
+
+
+class ManifestReader:
+    """Streams rows from the configured manifest or directory."""
+
+    def __init__(self, config: InputConfig, reserved: Sequence[str] = ()) -> None:
+        self.config = config
+        self.reserved = frozenset(reserved)
+        if config.directory is not None:
+            self.source = config.directory
+            self.base_dir = config.directory
+        else:
+            assert config.manifest is not None
+            self.source = config.manifest
+            self.base_dir = config.manifest.parent
+        self._schema: pa.Schema | None = None
+
+    # -- schema -------------------------------------------------------------------------------
+
+    @property
+    def schema(self) -> pa.Schema:
+        """Column names and types of the manifest (a directory scan has just id and path)."""
+        if self._schema is None:
+            self._schema = self._read_schema()
+        return self._schema
+
+    def _read_schema(self) -> pa.Schema:
+        if self.config.directory is not None:
+            return pa.schema([("id", pa.string()), ("path", pa.string())])
+        fmt = self.config.manifest_format
+        path = self._manifest_path()
+        try:
+            if fmt == "csv":
+                return pa.schema([(name, pa.string()) for name in _csv_header(path)])
+            if fmt == "parquet":
+                return pq.ParquetFile(path).schema_arrow
+            return pa_json.open_json(path, read_options=pa_json.ReadOptions(block_size=_BLOCK_SIZE)).schema
+        except ManifestError:
+            raise
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise ManifestError(f"{path}: cannot read {fmt} manifest: {_short(exc)}") from None
+
+    @property
+    def carried_columns(self) -> list[str]:
+        """Manifest columns copied into every output row (all but the id and path columns)."""
+        names = [n for n in self.schema.names if n not in (self.config.id_column, self.config.path_column)]
+        if self.config.carry_columns is not None:
+            names = [n for n in names if n in self.config.carry_columns]
+        return names
+
+    @property
+    def carried_schema(self) -> pa.Schema:
+        fields = [self.schema.field(name) for name in self.carried_columns]
+        return pa.schema([pa.field(f.name, _plain(f.type)) for f in fields])
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def check(self, templates: Sequence[str] = ()) -> ManifestInfo:
+        """Everything that must hold before the first request: columns, row count, unique ids."""
+        if self.config.directory is not None and not self.config.directory.is_dir():
+            raise ManifestError(f"{self.config.directory}: input.directory is not a folder")
+        self._check_columns(templates)
+        ids = self._id_column()
+        if len(ids) == 0:
+            raise ManifestError(f"{self.source}: the manifest has no rows; nothing to do")
+        self._check_ids(ids)
+        return ManifestInfo(str(self.source), len(ids), list(self.schema.names), self.carried_schema)
+
+    def _check_columns(self, templates: Sequence[str]) -> None:
+        names = self.schema.names
+        shown = ", ".join(names) or "(none)"
+        wanted = {"input.id_column": self.config.id_column, "input.path_column": self.config.path_column}
+        if self.config.prompt_column:
+            wanted["input.prompt_column"] = self.config.prompt_column
+        for key, column in wanted.items():
+            if column not in names:
+                raise ManifestError(
+                    f"{self.source}: missing required column {column!r} (columns are: {shown}); "
+                    f"add it or set {key}"
+                )
+        for name in self.config.carry_columns or ():
+            if name not in names:
+                raise ManifestError(f"{self.source}: input.carry_columns names {name!r}, not a column ({shown})")
+        for template in templates:
+            for field in template_fields(template):
+                if field not in names:
+                    raise ManifestError(
+                        f"{self.source}: request.prompt uses {{{field}}}, not a manifest column (columns are: {shown})"
+                    )
+        clash = sorted(set(self.carried_columns) & self.reserved)
+        if clash:
+            raise ManifestError(
+                f"{self.source}: column(s) {', '.join(clash)} clash with result columns of the same name; "
+                "rename them or list the columns to keep in input.carry_columns"
+            )
+
+    def _id_column(self) -> pa.ChunkedArray:
+        if self.config.directory is not None:
+            return pa.chunked_array([pa.array(self._scan_directory(), pa.string())])
+        chunks = [b.column(0) for b in self._record_batches([self.config.id_column])]
+        if not chunks:
+            return pa.chunked_array([], pa.string())
+        return pa.chunked_array([pc.cast(c, pa.string()) for c in chunks])
+
+    def _check_ids(self, ids: pa.ChunkedArray) -> None:
+        empty = pc.or_(pc.is_null(ids), pc.equal(pc.utf8_trim_whitespace(ids), ""))
+        bad = pc.indices_nonzero(pc.fill_null(empty, True))
+        if len(bad):
+            rows = ", ".join(str(i.as_py() + 1) for i in bad[:5])
+            raise ManifestError(
+                f"{self.source}: empty id in column {self.config.id_column!r} at row(s) {rows}; every row needs an id"
+            )
+        counts = pc.value_counts(ids).flatten()
+        values, freq = counts[0], counts[1]
+        dup = pc.filter(values, pc.greater(freq, 1))
+        if len(dup):
+            first = dup[0].as_py()
+            at = pc.indices_nonzero(pc.equal(ids, first))
+            where = " and ".join(str(i.as_py() + 1) for i in at[:2])
+            more = f"; {len(dup) - 1} more duplicated id(s)" if len(dup) > 1 else ""
+            raise ManifestError(
+                f"{self.source}: duplicate id {first!r} at rows {where}{more}; ids must be unique "
+                f"(column {self.config.id_column!r})"
+            )
+
+    # -- streaming ----------------------------------------------------------------------------
+
+    def batches(self) -> Iterator[list[Row]]:
+        """Rows in manifest order, ``input.chunk_size`` at a time."""
+        if self.config.directory is not None:
+            yield from self._directory_batches()
+            return
+        seq = 0
+        id_col, path_col, prompt_col = self.config.id_column, self.config.path_column, self.config.prompt_column
+        base = self.base_dir
+        for batch in self._record_batches(None):
+            rows = []
+            for record in batch.to_pylist():
+                prompt = record.get(prompt_col) if prompt_col else None
+                rows.append(
+                    Row(seq, _text(record[id_col]), _text(record[path_col]), _text(prompt) or None, record, base)
+                )
+                seq += 1
+            if rows:
+                yield rows
+
+    def _directory_batches(self) -> Iterator[list[Row]]:
+        paths = self._scan_directory()
+        size = self.config.chunk_size
+        for start in range(0, len(paths), size):
+            yield [
+                Row(start + i, rel, rel, None, {"id": rel, "path": rel}, self.base_dir)
+                for i, rel in enumerate(paths[start : start + size])
+            ]
+
+    def _scan_directory(self) -> list[str]:
+        root = self.config.directory
+        assert root is not None
+        literal = self.config.glob != _DEFAULT_GLOB
+        found = []
+        for path in root.glob(self.config.glob):
+            if path.is_file() and (literal or path.suffix.lower() in IMAGE_SUFFIXES):
+                found.append(path.relative_to(root).as_posix())
+        found.sort()
+        return found
+
+    def _record_batches(self, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+        path = self._manifest_path()
+        fmt = self.config.manifest_format
+        try:
+            if fmt == "parquet":
+                yield from pq.ParquetFile(path).iter_batches(batch_size=self.config.chunk_size, columns=columns)
+            elif fmt == "csv":
+                yield from _rebatch(_csv_batches(path, self.schema.names, columns), self.config.chunk_size)
+            else:
+                reader = pa_json.open_json(path, read_options=pa_json.ReadOptions(block_size=_BLOCK_SIZE))
+                for batch in _rebatch(reader, self.config.chunk_size):
+                    yield batch.select(columns) if columns else batch
+        except (pa.ArrowException, OSError) as exc:
+            raise ManifestError(f"{path}: cannot read {fmt} manifest: {_short(exc)}") from None
+
+    def _manifest_path(self) -> Path:
+        path = self.config.manifest
+        assert path is not None
+        if not path.is_file():
+            raise ManifestError(f"{path}: manifest file not found (input.manifest)")
+        return path
+
+
+def _csv_header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        header = next(csv.reader(handle), None)
+    if not header:
+        raise ManifestError(f"{path}: the CSV manifest is empty; it needs a header row (id,path,...)")
+    return header
+
+
+def _csv_batches(path: Path, names: list[str], columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    """Every CSV column as text: ids like 007 must stay 007."""
+    convert = pa_csv.ConvertOptions(
+        column_types={name: pa.string() for name in names},
+        include_columns=columns,
+        strings_can_be_null=False,
+    )
+    reader = pa_csv.open_csv(path, read_options=pa_csv.ReadOptions(block_size=_BLOCK_SIZE), convert_options=convert)
+    yield from reader
+
+
+def _rebatch(batches: Any, size: int) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        for start in range(0, batch.num_rows, size):
+            yield batch.slice(start, size)
+
+
+def _plain(kind: pa.DataType) -> pa.DataType:
+    """Dictionary-encoded manifest columns are written out as their plain value type."""
+    return kind.value_type if pa.types.is_dictionary(kind) else kind
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    return value if isinstance(value, str) else str(value)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def relative_to_cwd(path: Path) -> str:
+    """Paths in messages: short when under the working folder, absolute otherwise."""
+    try:
+        return os.path.relpath(path)
+    except ValueError:
+        return str(path)

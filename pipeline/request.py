@@ -1,0 +1,74 @@
+"""Pure request building: prompt templating and the Chat Completions body.
+
+The static part of the body (model, sampling parameters, tools, extra_body) is computed once per job;
+each row only adds its messages. Parameters reach the wire exactly as written in the config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .config import ImagesConfig, RequestConfig
+
+#: RequestConfig fields that are not body parameters, or that are placed by hand.
+_NOT_BODY_FIELDS = frozenset({"model", "system", "prompt", "extra_body", "stream_options"})
+
+
+class _Blank(dict[str, Any]):
+    """Row values for ``str.format_map``: a missing or null value renders as an empty string."""
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def render_prompt(template: str, columns: Mapping[str, Any]) -> str:
+    """Fill ``{column}`` fields of a prompt template from a manifest row."""
+    if "{" not in template:
+        return template
+    values = _Blank({k: "" if v is None else v for k, v in columns.items()})
+    return template.format_map(values)
+
+
+class RequestBuilder:
+    """Builds streaming Chat Completions bodies in the seed's multimodal shape."""
+
+    def __init__(self, request: RequestConfig, images: ImagesConfig | None = None) -> None:
+        self.request = request
+        self.detail = images.detail if images else None
+        self._head: dict[str, Any] = {"model": request.model}
+        self._tail = self._static_params(request)
+
+    @staticmethod
+    def _static_params(request: RequestConfig) -> dict[str, Any]:
+        params: dict[str, Any] = {"stream": True}
+        if request.stream_options is not None:
+            params["stream_options"] = request.stream_options
+        for name in RequestConfig.model_fields:
+            if name in _NOT_BODY_FIELDS:
+                continue
+            value = getattr(request, name)
+            if value is not None:
+                params[name] = value
+        params.update(request.extra_body)
+        return params
+
+    def messages(self, prompt: str, image_url: str) -> list[dict[str, Any]]:
+        """``[system?, user: [text, image_url]]``, with ``detail`` only when configured."""
+        image: dict[str, Any] = {"url": image_url}
+        if self.detail is not None:
+            image["detail"] = self.detail
+        user = {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": prompt},
+                {"type": "image_url", "image_url": image},
+            ],
+        }
+        if self.request.system:
+            return [{"role": "system", "content": self.request.system}, user]
+        return [user]
+
+    def build(self, prompt: str, image_url: str) -> dict[str, Any]:
+        """One request body; the caller's ``prompt`` is already rendered for its row."""
+        return {**self._head, "messages": self.messages(prompt, image_url), **self._tail}

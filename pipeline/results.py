@@ -1,0 +1,140 @@
+"""The one result schema: the row type every worker produces and the Arrow schema every sink writes.
+
+One output row per (manifest row, choice). A failed row has one output row with ``status = failed``,
+no choice index, and the error's type and message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+
+from .accumulate import Choice, Completion
+
+_TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+#: Result columns in output order; manifest columns are carried between ``path`` and ``status``.
+HEAD_FIELDS: list[pa.Field] = [pa.field("id", pa.string(), nullable=False), pa.field("path", pa.string())]
+TAIL_FIELDS: list[pa.Field] = [
+    pa.field("status", pa.string(), nullable=False),
+    pa.field("content", pa.string()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("choice_index", pa.int32()),
+    pa.field("tool_calls", pa.string()),
+    pa.field("refusal", pa.string()),
+    pa.field("model", pa.string()),
+    pa.field("response_id", pa.string()),
+    pa.field("system_fingerprint", pa.string()),
+    pa.field("prompt_tokens", pa.int64()),
+    pa.field("completion_tokens", pa.int64()),
+    pa.field("total_tokens", pa.int64()),
+    pa.field("attempts", pa.int32()),
+    pa.field("ttft_ms", pa.float64()),
+    pa.field("latency_ms", pa.float64()),
+    pa.field("error_type", pa.string()),
+    pa.field("error_message", pa.string()),
+    pa.field("started_at", _TIMESTAMP),
+    pa.field("finished_at", _TIMESTAMP),
+]
+RESULT_COLUMNS = frozenset(f.name for f in HEAD_FIELDS + TAIL_FIELDS)
+SEQ_COLUMN = "_seq"
+
+
+def result_schema(carried: pa.Schema | None = None) -> pa.Schema:
+    """The output schema for a manifest whose carried-through columns are ``carried``."""
+    middle = list(carried) if carried is not None else []
+    return pa.schema(HEAD_FIELDS + middle + TAIL_FIELDS)
+
+
+@dataclass(slots=True)
+class ResultRow:
+    """One output row before it is written; field names match ``TAIL_FIELDS`` one to one."""
+
+    status: str
+    content: str | None = None
+    finish_reason: str | None = None
+    choice_index: int | None = None
+    tool_calls: str | None = None
+    refusal: str | None = None
+    model: str | None = None
+    response_id: str | None = None
+    system_fingerprint: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    attempts: int = 0
+    ttft_ms: float | None = None
+    latency_ms: float | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    def record(self, seq: int, row_id: str, path: str, carried: dict[str, Any]) -> dict[str, Any]:
+        """A flat record for Arrow, manifest columns included, plus the manifest position."""
+        out: dict[str, Any] = {SEQ_COLUMN: seq, "id": row_id, "path": path, **carried}
+        for f in _ROW_FIELDS:
+            out[f] = getattr(self, f)
+        return out
+
+
+_ROW_FIELDS = [f.name for f in fields(ResultRow)]
+assert _ROW_FIELDS == [f.name for f in TAIL_FIELDS], "ResultRow and TAIL_FIELDS must match"
+
+
+def rows_from_completion(
+    completion: Completion, *, attempts: int, ttft_ms: float | None, latency_ms: float,
+    started_at: datetime, finished_at: datetime,
+) -> list[ResultRow]:
+    """One ``ok`` row per choice; usage (which covers all choices) is repeated on each."""
+    usage = completion.usage
+    common = dict(
+        model=completion.model,
+        response_id=completion.id,
+        system_fingerprint=completion.system_fingerprint,
+        prompt_tokens=usage.prompt_tokens if usage else None,
+        completion_tokens=usage.completion_tokens if usage else None,
+        total_tokens=usage.total_tokens if usage else None,
+        attempts=attempts,
+        ttft_ms=ttft_ms,
+        latency_ms=latency_ms,
+        started_at=started_at,
+        finished_at=finished_at,
+    )
+    return [_choice_row(choice, common) for choice in completion.choices]
+
+
+def _choice_row(choice: Choice, common: dict[str, Any]) -> ResultRow:
+    return ResultRow(
+        status="ok",
+        content=choice.content,
+        finish_reason=choice.finish_reason,
+        choice_index=choice.index,
+        tool_calls=tool_calls_json(choice),
+        refusal=choice.refusal,
+        **common,
+    )
+
+
+def tool_calls_json(choice: Choice) -> str | None:
+    """Tool calls in the API's own shape, as JSON text (arguments stay the raw string the model sent)."""
+    if not choice.tool_calls:
+        return None
+    calls = [
+        {"id": c.id, "type": c.type or "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in choice.tool_calls
+    ]
+    return json.dumps(calls, ensure_ascii=False)
+
+
+def with_seq(schema: pa.Schema) -> pa.Schema:
+    """The schema of spooled results: the output schema plus the manifest position."""
+    return schema.append(pa.field(SEQ_COLUMN, pa.int64(), nullable=False))
+
+
+def to_table(records: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(records, schema=schema)

@@ -1,0 +1,160 @@
+"""Incremental Server-Sent Events decoder following the WHATWG HTML parsing rules.
+
+Pure and synchronous: bytes go in split at any offset, complete events come out. It runs once per
+network read, so it works on whole chunks with ``bytes.rfind``/``str.split`` (C loops) and only
+loops in Python once per *line*, never per byte. A partial line waits in a ``bytearray`` and only
+new bytes are ever scanned, so one huge line fed in tiny pieces stays linear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ServerSentEvent", "SSEDecoder"]
+
+_BOM = b"\xef\xbb\xbf"
+_CR = 0x0D
+_LF = 0x0A
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSentEvent:
+    """One dispatched event, as an ``EventSource`` would hand it to a listener."""
+
+    data: str
+    event: str = "message"  # dispatch type; "message" when no (or an empty) event: field
+    id: str | None = None  # last event id in effect when dispatched
+    retry: int | None = None  # reconnection time, if a valid retry: field was in this event
+
+
+class SSEDecoder:
+    """Turn a byte stream into events; keeps only the partial line and the event being built."""
+
+    __slots__ = (
+        "_pending", "_at_start", "_skip_lf",
+        "_data", "_event_type", "_last_id", "_retry", "_reconnection_time",
+    )
+
+    def __init__(self) -> None:
+        self._pending = bytearray()  # bytes of the current line; never holds a CR or LF
+        self._at_start = True  # until 3 bytes (or a non-BOM byte) decide whether a BOM leads
+        self._skip_lf = False  # the last read ended in CR: an LF opening the next read is its pair
+        self._data: list[str] = []  # data: values of the event being built, joined by "\n" later
+        self._event_type = ""
+        self._last_id: str | None = None
+        self._retry: int | None = None  # retry: of the event being built
+        self._reconnection_time: int | None = None
+
+    @property
+    def last_event_id(self) -> str | None:
+        """The id a reconnecting client would send as ``Last-Event-ID``."""
+        return self._last_id
+
+    @property
+    def reconnection_time(self) -> int | None:
+        """The latest valid ``retry:`` value, even one from an event that was never dispatched."""
+        return self._reconnection_time
+
+    def feed(self, chunk: bytes) -> list[ServerSentEvent]:
+        """Take the next bytes of the stream; return the events they complete."""
+        if self._at_start:
+            chunk = self._strip_bom(chunk)
+        if self._skip_lf and chunk:
+            self._skip_lf = False
+            if chunk[0] == _LF:
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            chunk = self._normalize_cr(chunk)
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            self._pending += chunk
+            return []
+        complete: bytes | bytearray = chunk[: end + 1] if end + 1 < len(chunk) else chunk
+        if self._pending:
+            self._pending += complete
+            complete = self._pending
+            self._pending = bytearray(chunk[end + 1:])
+        elif end + 1 < len(chunk):
+            self._pending += chunk[end + 1:]
+        return self._process(self._split_lines(complete))
+
+    def flush(self) -> list[ServerSentEvent]:
+        """End of stream: process a last unterminated line and dispatch an unterminated event.
+
+        The spec discards an event whose blank line never came; we return it, because servers
+        often close right after ``data: [DONE]\\n`` and the last real chunk must not be lost.
+        """
+        tail = bytes(self._pending)
+        self._pending.clear()
+        self._at_start = False
+        self._skip_lf = False
+        lines = [tail.decode("utf-8", "replace")] if tail else []
+        lines.append("")
+        return self._process(lines)
+
+    def _strip_bom(self, chunk: bytes) -> bytes:
+        """Drop a UTF-8 BOM that opens the stream, even one split across reads."""
+        head = bytes(self._pending) + chunk if self._pending else chunk
+        if len(head) < len(_BOM) and _BOM.startswith(head):
+            self._pending = bytearray(head)  # maybe a BOM: wait for more bytes
+            return b""
+        self._pending.clear()
+        self._at_start = False
+        return head[len(_BOM):] if head.startswith(_BOM) else head
+
+    def _normalize_cr(self, chunk: bytes) -> bytes:
+        """Make every line ending LF, so the rest only looks for LF (CR is rare on the wire).
+
+        A CR that ends the read may be the first half of a CRLF: it becomes LF now, and an LF that
+        opens the next read is then dropped as its second half.
+        """
+        self._skip_lf = chunk[-1] == _CR
+        return chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+    @staticmethod
+    def _split_lines(complete: bytes | bytearray) -> list[str]:
+        """Decode bytes that end in LF and split them into lines."""
+        text = complete.decode("utf-8", "replace")  # LF is ASCII: whole lines decode as the stream would
+        lines = text.split("\n")
+        lines.pop()  # the empty string after the final line ending
+        return lines
+
+    def _process(self, lines: list[str]) -> list[ServerSentEvent]:
+        """Apply each line to the event being built; collect what blank lines dispatch."""
+        events: list[ServerSentEvent] = []
+        for line in lines:
+            if not line:
+                event = self._dispatch()
+                if event is not None:
+                    events.append(event)
+            elif line.startswith("data:"):  # the hot path, spelled out
+                self._data.append(line[6:] if line.startswith(" ", 5) else line[5:])
+            elif line[0] != ":":  # ":" opens a comment
+                self._field(line)
+        return events
+
+    def _field(self, line: str) -> None:
+        """Handle one ``name:value`` (or bare ``name``) line; unknown names are ignored."""
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event_type = value
+        elif name == "id" and "\x00" not in value:
+            self._last_id = value
+        elif name == "retry" and value.isascii() and value.isdigit():
+            self._retry = self._reconnection_time = int(value)
+
+    def _dispatch(self) -> ServerSentEvent | None:
+        """Blank line: emit the event if it has data; the type and retry reset either way."""
+        event_type = self._event_type or "message"
+        retry = self._retry
+        self._event_type = ""
+        self._retry = None
+        if not self._data:
+            return None
+        data = "\n".join(self._data)
+        self._data = []
+        return ServerSentEvent(data, event_type, self._last_id, retry)

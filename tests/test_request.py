@@ -1,0 +1,49 @@
+"""Request building: every seed parameter reaches the body unchanged, in the multimodal shape."""
+
+from pipeline.config import ImagesConfig, RequestConfig
+from pipeline.request import RequestBuilder, render_prompt
+
+URI = "data:image/png;base64,AAAA"
+
+
+def test_minimal_body_shape():
+    body = RequestBuilder(RequestConfig(model="gpt-4o")).build("Describe.", URI)
+    assert body == {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "Describe."},
+            {"type": "image_url", "image_url": {"url": URI}},
+        ]}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def test_every_seed_parameter_reaches_the_wire_unchanged():
+    params = dict(
+        temperature=0.2, top_p=0.9, n=2, stop=["\n\n", "END"], max_tokens=77, presence_penalty=0.5,
+        frequency_penalty=-0.5, logit_bias={"50256": -100}, user="user-42",
+        response_format={"type": "json_object"}, seed=7,
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        tool_choice={"type": "function", "function": {"name": "f"}},
+    )
+    body = RequestBuilder(RequestConfig(model="m", **params)).build("p", URI)
+    for name, value in params.items():
+        assert body[name] == value, name
+    assert body["stream"] is True
+
+
+def test_system_detail_and_extra_body():
+    config = RequestConfig(model="m", system="Be precise.", extra_body={"top_k": 20, "max_tokens": 5},
+                           stream_options=None)
+    body = RequestBuilder(config, ImagesConfig(detail="low")).build("p", URI)
+    assert body["messages"][0] == {"role": "system", "content": "Be precise."}
+    assert body["messages"][1]["content"][1]["image_url"] == {"url": URI, "detail": "low"}
+    assert body["top_k"] == 20 and body["max_tokens"] == 5
+    assert "stream_options" not in body
+
+
+def test_render_prompt():
+    assert render_prompt("Describe {path} ({label}).", {"path": "a.jpg", "label": None}) == "Describe a.jpg ()."
+    assert render_prompt("No fields {{here}}", {}) == "No fields {here}"
+    assert render_prompt("plain", {}) == "plain"

@@ -1,0 +1,230 @@
+"""SSEDecoder against the WHATWG parsing rules, with every way a stream can be cut into reads."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pipeline.sse import ServerSentEvent as E
+from pipeline.sse import SSEDecoder
+
+BOM = b"\xef\xbb\xbf"
+
+
+def decode(*chunks: bytes, flush: bool = True) -> list[E]:
+    decoder = SSEDecoder()
+    events = [event for chunk in chunks for event in decoder.feed(chunk)]
+    return events + decoder.flush() if flush else events
+
+
+def pieces(stream: bytes, size: int) -> list[bytes]:
+    return [stream[i:i + size] for i in range(0, len(stream), size)]
+
+
+# --- table: whole-stream input -> events (fed whole, then flushed) -------------------------------
+
+CASES = [
+    # WHATWG spec examples
+    ("spec stock ticker",
+     b"data: YHOO\ndata: +2\ndata: 10\n\n",
+     [E("YHOO\n+2\n10")]),
+    ("spec four blocks",
+     b": test stream\n\ndata: first event\nid: 1\n\ndata:second event\nid\n\ndata:  third event\n\n",
+     [E("first event", id="1"), E("second event", id=""), E(" third event", id="")]),
+    ("spec two events, trailing unterminated dropped-by-spec kept-by-flush",
+     b"data\n\ndata\ndata\n\ndata:",
+     [E(""), E("\n"), E("")]),
+    ("spec space after colon is optional",
+     b"data:test\n\ndata: test\n\n",
+     [E("test"), E("test")]),
+    ("only one space stripped", b"data:   x\n\n", [E("  x")]),
+    ("tab is not stripped", b"data:\tx\n\n", [E("\tx")]),
+    ("comment lines ignored", b": hi\n:\ndata: a\n: mid\ndata: b\n\n", [E("a\nb")]),
+    ("bare field name means empty value", b"data\n\n", [E("")]),
+    ("colon inside value kept", b"data: a: b:c\n\n", [E("a: b:c")]),
+    ("event type", b"event: add\ndata: 1\n\n", [E("1", event="add")]),
+    ("empty event type is message", b"event:\ndata: 1\n\n", [E("1")]),
+    ("event type resets after dispatch", b"event: add\ndata: 1\n\ndata: 2\n\n",
+     [E("1", event="add"), E("2")]),
+    ("event type resets even without dispatch", b"event: add\n\ndata: 2\n\n", [E("2")]),
+    ("no data, no dispatch", b"event: x\nid: 7\nretry: 10\n\n\n\n", []),
+    ("id persists across events", b"id: 1\ndata: a\n\ndata: b\n\nid: 2\ndata: c\n\n",
+     [E("a", id="1"), E("b", id="1"), E("c", id="2")]),
+    ("id set by a data-less block still applies", b"id: 5\n\ndata: a\n\n", [E("a", id="5")]),
+    ("id with NUL ignored", b"id: 1\ndata: a\n\nid: 2\x003\ndata: b\n\n",
+     [E("a", id="1"), E("b", id="1")]),
+    ("empty id resets", b"id: 1\ndata: a\n\nid\ndata: b\n\n", [E("a", id="1"), E("b", id="")]),
+    ("retry digits", b"retry: 1500\ndata: a\n\n", [E("a", retry=1500)]),
+    ("retry only for its event", b"retry: 1500\ndata: a\n\ndata: b\n\n",
+     [E("a", retry=1500), E("b")]),
+    ("retry non-digits ignored", b"retry: 15x\ndata: a\n\nretry: -1\ndata: b\n\nretry: 1.5\ndata: c\n\n",
+     [E("a"), E("b"), E("c")]),
+    ("retry empty ignored", b"retry:\ndata: a\n\n", [E("a")]),
+    ("retry unicode digits ignored", "retry: \u00b2\u0661\ndata: a\n\n".encode(), [E("a")]),
+    ("unknown fields ignored", b"foo: bar\nDATA: no\ndata : no\ndata: yes\n\n", [E("yes")]),
+    ("multi-line data", b"data: one\ndata:\ndata: three\n\n", [E("one\n\nthree")]),
+    ("empty data line dispatches empty string", b"data:\n\n", [E("")]),
+    ("two empty data lines", b"data:\ndata:\n\n", [E("\n")]),
+    ("BOM at start dropped", BOM + b"data: a\n\n", [E("a")]),
+    ("BOM only once", BOM + BOM + b"data: a\n\n", []),  # 2nd BOM makes the field name unknown
+    ("BOM later kept", b"data: a\n\ndata: " + BOM + b"b\n\n", [E("a"), E("\ufeffb")]),
+    ("invalid UTF-8 replaced", b"data: \xff\xfe ok\n\n", [E("\ufffd\ufffd ok")]),
+    ("truncated UTF-8 before line end", b"data: \xe2\x82\ndata: x\n\n", [E("\ufffd\nx")]),
+    ("CR line endings", b"data: a\rdata: b\r\r", [E("a\nb")]),
+    ("CRLF line endings", b"data: a\r\ndata: b\r\n\r\n", [E("a\nb")]),
+    ("LF CR is two endings", b"data: a\n\rdata: b\n\n", [E("a"), E("b")]),
+    ("CR CR LF is two endings", b"data: a\r\r\ndata: b\n\n", [E("a"), E("b")]),
+    ("non-ASCII", "data: café 日本 😀\n\n".encode(), [E("café 日本 😀")]),
+    ("flush: unterminated final line", b"data: a\n\ndata: b", [E("a"), E("b")]),
+    ("flush: event whose blank line never came", b"data: [DONE]\n", [E("[DONE]")]),
+    ("flush: trailing comment only", b"data: a\n\n: bye", [E("a")]),
+    ("empty stream", b"", []),
+    ("only a BOM", BOM, []),
+]
+
+
+@pytest.mark.parametrize("stream, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_table(stream: bytes, expected: list[E]) -> None:
+    assert decode(stream) == expected
+
+
+@pytest.mark.parametrize("stream, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_table_one_byte_at_a_time(stream: bytes, expected: list[E]) -> None:
+    assert decode(*pieces(stream, 1)) == expected
+
+
+def test_feed_returns_events_as_soon_as_blank_line_arrives() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a\n") == []
+    assert decoder.feed(b"\n") == [E("a")]
+    assert decoder.feed(b"data: b\n\ndata: c") == [E("b")]
+    assert decoder.flush() == [E("c")]
+
+
+def test_without_flush_unterminated_event_is_not_dispatched() -> None:
+    assert decode(b"data: a\n\ndata: b\n", flush=False) == [E("a")]
+
+
+def test_cr_at_end_of_read_then_lf_is_one_line_ending() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a\r") == []
+    assert decoder.feed(b"\n") == []  # the LF completes "\r\n": no blank line yet
+    assert decoder.feed(b"\r") == [E("a")]
+    assert decoder.feed(b"\n") == []  # the LF completes "\r\n" of the blank line
+    assert decoder.feed(b"data: b\n\n") == [E("b")]
+
+
+def test_cr_at_end_then_empty_read_then_lf() -> None:
+    assert decode(b"data: a\r", b"", b"\n", b"\r\n") == [E("a")]
+
+
+def test_cr_alone_at_end_of_read_then_data() -> None:
+    assert decode(b"data: a\r", b"\rdata: b\r", b"\r") == [E("a"), E("b")]
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_bom_split_across_reads(split: int) -> None:
+    stream = BOM + b"data: a\n\n"
+    assert decode(stream[:split], stream[split:]) == [E("a")]
+    assert decode(*pieces(stream, 1)) == [E("a")]
+
+
+def test_bom_prefix_that_is_not_a_bom() -> None:
+    assert decode(b"\xef", b"\xbb", b"Adata: a\n\n") == []  # field "\ufffd\ufffdAdata" unknown
+    assert decode(b"\xef\xbb") == []
+
+
+def test_state_properties() -> None:
+    decoder = SSEDecoder()
+    decoder.feed(b"id: 9\nretry: 300\n\n")
+    assert decoder.last_event_id == "9"
+    assert decoder.reconnection_time == 300
+
+
+# --- UTF-8 across reads --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["é", "日本語", "😀🚀", "aéb€c😀"])
+def test_multibyte_split_everywhere(text: str) -> None:
+    stream = f"data: {text}\n\n".encode()
+    for cut in range(len(stream) + 1):
+        assert decode(stream[:cut], stream[cut:]) == [E(text)], cut
+
+
+# --- long lines ----------------------------------------------------------------------------------
+
+LONG_VALUE = "".join(random.Random(7).choices("abcdefghij{}\":, \u00e9\u65e5", k=200_000))
+LONG_STREAM = f"data: {LONG_VALUE}\n\ndata: after\n\n".encode()
+
+
+@pytest.mark.parametrize("size", [len(LONG_STREAM), 1, 997, 65536])
+def test_200kb_line(size: int) -> None:
+    assert decode(*pieces(LONG_STREAM, size)) == [E(LONG_VALUE), E("after")]
+
+
+# --- byte-level split: every offset, every line-ending style -------------------------------------
+
+def build_stream(ending: str | list[str]) -> bytes:
+    """Several events exercising every feature; ``ending`` is one style or a cycle of styles."""
+    lines = [
+        ": keep-alive comment",
+        "",
+        "event: progress",
+        "id: 41",
+        "data: {\"a\": 1}",
+        "",
+        "data: multi",
+        "data:line \u00e9\u65e5\U0001f600",
+        "data",
+        ": a comment inside an event",
+        "retry: 2500",
+        "",
+        "",
+        "data:  two spaces",
+        "id: 42",
+        "",
+        "data: [DONE]",
+        "",
+    ]
+    endings = [ending] if isinstance(ending, str) else ending
+    return "".join(line + endings[i % len(endings)] for i, line in enumerate(lines)).encode()
+
+
+EXPECTED = [
+    E("{\"a\": 1}", event="progress", id="41"),
+    E("multi\nline \u00e9\u65e5\U0001f600\n", id="41", retry=2500),
+    E(" two spaces", id="42"),
+    E("[DONE]", id="42"),
+]
+STYLES = {"LF": "\n", "CR": "\r", "CRLF": "\r\n", "mixed": ["\r\n", "\n", "\r", "\r\n", "\r"]}
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_every_two_way_split(style: str) -> None:
+    stream = build_stream(STYLES[style])
+    assert decode(stream) == EXPECTED
+    assert decode(stream, flush=False) == EXPECTED
+    for cut in range(len(stream) + 1):
+        assert decode(stream[:cut], stream[cut:]) == EXPECTED, f"cut at {cut}"
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_one_byte_at_a_time(style: str) -> None:
+    assert decode(*pieces(build_stream(STYLES[style]), 1)) == EXPECTED
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_three_way_splits(style: str) -> None:
+    stream = build_stream(STYLES[style])
+    rng = random.Random(style)
+    pairs = [sorted(rng.sample(range(len(stream) + 1), 2)) for _ in range(1500)]
+    pairs += [[a, a + 1] for a in range(len(stream))]  # every pair of neighbours
+    for a, b in pairs:
+        assert decode(stream[:a], stream[a:b], stream[b:]) == EXPECTED, (a, b)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_split_with_bom(style: str) -> None:
+    stream = BOM + build_stream(STYLES[style])
+    for cut in range(len(stream) + 1):
+        assert decode(stream[:cut], stream[cut:]) == EXPECTED, f"cut at {cut}"
