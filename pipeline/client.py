@@ -110,7 +110,7 @@ class _StreamReader:
         start = loop.time()
         deadline = start + self.timeouts.total
         ttft: float | None = None
-        async with asyncio.timeout(min(start + self.timeouts.first_byte, deadline)) as timer:
+        async with asyncio.timeout_at(min(start + self.timeouts.first_byte, deadline)) as timer:
             async with session.post(url, data=payload) as response:
                 if response.status != 200:
                     raise await _error_from_response(response)

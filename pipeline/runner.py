@@ -109,6 +109,7 @@ class Runner:
         started = time.monotonic()
         info = await asyncio.to_thread(self.check)
         self.progress.total = self.summary.rows_total = info.rows
+        self._notify()
         spool = ResultSpool(_spool_dir(self.config.output.path), result_schema(info.carried))
         spool.open()
         try:
@@ -262,8 +263,11 @@ class Runner:
             progress.failed += 1
             summary.rows_failed += 1
             summary.errors[first.error_type or "error"] += 1
+        self._notify()
+
+    def _notify(self) -> None:
         if self.on_progress is not None:
-            self.on_progress(progress)
+            self.on_progress(self.progress)
 
 
 def _spool_dir(output: Path) -> Path:

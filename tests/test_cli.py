@@ -1,0 +1,119 @@
+"""The CLI as a user runs it: real subprocesses, real files, exit codes, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from .helpers import make_manifest, read_rows
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pipeline(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def write_config(path: Path, manifest: Path, output: str, **overrides) -> Path:
+    document = {
+        "endpoint": {"base_url": "local", "api_key": "${TEST_KEY:-}"},
+        "request": {"model": "gpt-4o", "prompt": "Describe this image in one sentence."},
+        "input": {"manifest": str(manifest)},
+        "run": {"concurrency": 4, "max_attempts": 3, "backoff_base": 0.01},
+        "output": {"path": output},
+    }
+    for section, values in overrides.items():
+        document[section] = {**document.get(section, {}), **values}
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def test_run_demo_style_job(tmp_path):
+    manifest = make_manifest(tmp_path / "data", 5)
+    config = write_config(tmp_path / "job.yaml", manifest, "out/captions.parquet")
+    result = pipeline("run", str(config), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "5 rows, 5 ok, 0 failed" in result.stdout
+    rows = read_rows(tmp_path / "out/captions.parquet")
+    assert len(rows) == 5 and all(r["status"] == "ok" and r["content"] for r in rows)
+
+
+def test_some_rows_failed_exits_1(tmp_path):
+    manifest = make_manifest(tmp_path / "data", 3, missing={0})
+    config = write_config(tmp_path / "job.yaml", manifest, "out.csv")
+    result = pipeline("run", str(config), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "failed with image_missing: 1" in result.stdout
+    assert "row 1 (id=row-0) failed: image_missing" in result.stderr
+
+
+def test_bad_config_exits_2_with_key_path(tmp_path):
+    manifest = make_manifest(tmp_path / "data", 1)
+    config = write_config(tmp_path / "job.yaml", manifest, "out.csv", request={"temperature": 3.5, "colour": "x"})
+    for command in ("run", "validate"):
+        result = pipeline(command, str(config), cwd=tmp_path)
+        assert result.returncode == 2
+        assert f"{config}: request.temperature: must be <= 2, got 3.5" in result.stderr
+        assert "request.colour: unknown key" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_validate_reports_ok_and_manifest_errors(tmp_path):
+    manifest = make_manifest(tmp_path / "data", 4)
+    config = write_config(tmp_path / "job.yaml", manifest, "out.parquet")
+    result = pipeline("validate", str(config), cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("ok:") and "4 rows" in result.stdout
+    manifest.write_text(manifest.read_text() + "row-1,img_001.png,dup\n")
+    result = pipeline("validate", str(config), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "duplicate id 'row-1' at rows 2 and 5" in result.stderr
+
+
+def test_sigint_stops_cleanly_and_exits_4(tmp_path):
+    manifest = make_manifest(tmp_path / "data", 60)
+    config = write_config(tmp_path / "job.yaml", manifest, "out/captions.parquet",
+                          endpoint={"local": {"chunk_delay": 0.03}}, run={"concurrency": 2})
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--log-level", "INFO", "run", str(config)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # wait for real progress: the bar reports finished rows on stderr
+    seen = ""
+    while proc.poll() is None and max(map(int, re.findall(r"(\d+)/60", seen)), default=0) < 4:
+        seen += proc.stderr.read(1)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 4, stdout
+    assert "interrupted" in stdout
+    rows = read_rows(tmp_path / "out/captions.parquet")
+    assert 4 <= len(rows) < 60 and all(r["status"] == "ok" for r in rows)
+
+
+def test_serve_answers_openai_requests(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", "0"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving on http://127.0.0.1:")
+        base = line.split()[-1]
+        with urllib.request.urlopen(f"{base}/models", timeout=10) as response:
+            models = json.load(response)
+        assert models["object"] == "list" and models["data"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+
+
+def test_help_lists_commands():
+    result = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("run", "validate", "serve"):
+        assert command in result.stdout
