@@ -163,6 +163,8 @@ def _serve(args: argparse.Namespace) -> int:
                    chunk_delay=args.chunk_delay, first_byte_delay=args.first_byte_delay)
     except ValueError as exc:
         raise ConfigError(f"--fault: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     return EXIT_OK
 
 

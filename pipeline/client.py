@@ -114,9 +114,12 @@ class _StreamReader:
             async with session.post(url, data=payload) as response:
                 if response.status != 200:
                     raise await _error_from_response(response)
-                if not _is_event_stream(response):
+                kind = _body_kind(response)
+                if kind == "json":
                     completion = await _read_plain_json(response)
                     return StreamOutcome(completion, None, (loop.time() - start) * 1000)
+                if kind != "sse":
+                    raise await _unexpected_body(response, kind)
                 decoder = SSEDecoder()
                 accumulator = ChoiceAccumulator()
                 content = response.content
@@ -172,9 +175,20 @@ def _feed(events: list[Any], accumulator: ChoiceAccumulator) -> bool:
     return False
 
 
-def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
-    ctype = response.headers.get("Content-Type", "")
-    return "json" not in ctype.lower()
+def _body_kind(response: aiohttp.ClientResponse) -> str:
+    """``sse`` (also for a missing or text/plain type: some servers mislabel), ``json``, or the type."""
+    ctype = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if ctype in ("", "text/event-stream", "text/plain", "application/octet-stream"):
+        return "sse"
+    return "json" if ctype.endswith("json") else ctype
+
+
+async def _unexpected_body(response: aiohttp.ClientResponse, ctype: str) -> MalformedChunk:
+    raw = await response.content.read(200)
+    return MalformedChunk(
+        f"endpoint answered 200 with Content-Type {ctype}, not an event stream "
+        f"(a proxy or a wrong base_url? it usually ends in /v1): {raw[:200]!r}"
+    )
 
 
 async def _read_plain_json(response: aiohttp.ClientResponse) -> Completion:

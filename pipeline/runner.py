@@ -97,6 +97,7 @@ class Runner:
     def check(self) -> ManifestInfo:
         """Everything that can be checked before a request is sent (raises ManifestError/ConfigError)."""
         info = self.reader.check([self.config.request.prompt])
+        self._local_faults()
         output = self.config.output
         if output.if_exists == "error" and output.path.exists():
             raise ConfigError(
@@ -114,9 +115,11 @@ class Runner:
         spool.open()
         try:
             async with self._endpoint() as base_url:
-                pool = max(self.config.run.concurrency, 1)
+                pool = self.config.run.concurrency
                 async with ChatClient(self.config.endpoint, base_url=base_url, pool_size=pool) as client:
                     await self._run_pool(client, spool)
+        except ExceptionGroup as group:
+            raise _first_pipeline_error(group) from None
         finally:
             spool.close()
         self.summary.output_rows = await asyncio.to_thread(
@@ -133,18 +136,31 @@ class Runner:
         if not endpoint.is_local:
             yield None
             return
-        from .server import FaultPlan, LocalEndpoint, parse_fault_spec
+        from .server import FaultPlan, LocalEndpoint
 
         local = endpoint.local
-        faults = FaultPlan([parse_fault_spec(spec) for spec in local.faults])
         key = endpoint.api_key.get_secret_value() if endpoint.api_key else None
-        server = LocalEndpoint(faults, api_key=key, chunk_delay=local.chunk_delay,
+        server = LocalEndpoint(FaultPlan(self._local_faults()), api_key=key, chunk_delay=local.chunk_delay,
                                first_byte_delay=local.first_byte_delay)
         base_url = await server.start()
         try:
             yield base_url
         finally:
             await server.stop()
+
+    def _local_faults(self) -> list[Any]:
+        """The embedded endpoint's fault rules, parsed (a bad spec is a config error, caught up front)."""
+        if not self.config.endpoint.is_local:
+            return []
+        from .server import parse_fault_spec
+
+        rules = []
+        for index, spec in enumerate(self.config.endpoint.local.faults):
+            try:
+                rules.append(parse_fault_spec(spec))
+            except ValueError as exc:
+                raise ConfigError(f"endpoint.local.faults[{index}]: {exc}") from None
+        return rules
 
     async def _run_pool(self, client: ChatClient, spool: ResultSpool) -> None:
         size = self.config.run.concurrency
@@ -268,6 +284,16 @@ class Runner:
     def _notify(self) -> None:
         if self.on_progress is not None:
             self.on_progress(self.progress)
+
+
+def _first_pipeline_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """A job-level failure inside the task groups (say, an unreadable manifest block) as itself."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_pipeline_error(exc)
+        if isinstance(exc, PipelineError):
+            return exc
+    return group
 
 
 def _spool_dir(output: Path) -> Path:

@@ -117,3 +117,30 @@ def test_help_lists_commands():
     assert result.returncode == 0
     for command in ("run", "validate", "serve"):
         assert command in result.stdout
+
+
+def test_shipped_demo_job_captions_every_sample_image(tmp_path):
+    """The README's demo: configs/demo.yaml over data/sample/, run from a copy of the repository root."""
+    import shutil
+
+    shutil.copytree(REPO / "data" / "sample", tmp_path / "data" / "sample")
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    result = pipeline("run", "configs/demo.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    images = [p for p in (tmp_path / "data" / "sample").iterdir() if p.suffix != ".csv"]
+    rows = read_rows(tmp_path / "out" / "demo" / "captions.parquet")
+    assert len(rows) == len(images) >= 24
+    assert all(r["status"] == "ok" and len(r["content"]) > 20 for r in rows)
+    assert sorted(r["path"] for r in rows) == sorted(p.name for p in images)
+
+
+def test_bad_fault_spec_and_empty_manifest_exit_2(tmp_path):
+    manifest = make_manifest(tmp_path / "data", 1)
+    config = write_config(tmp_path / "job.yaml", manifest, "out.csv", endpoint={"local": {"faults": ["explode:now"]}})
+    result = pipeline("validate", str(config), cwd=tmp_path)
+    assert result.returncode == 2 and "endpoint.local.faults[0]: bad fault spec 'explode:now': unknown kind 'explode'" in result.stderr
+    manifest.write_text("id,path,label\n")
+    config = write_config(tmp_path / "job.yaml", manifest, "out.csv")
+    result = pipeline("run", str(config), cwd=tmp_path)
+    assert result.returncode == 2 and "the manifest has no rows" in result.stderr
+    assert not (tmp_path / "out.csv").exists()

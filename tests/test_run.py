@@ -222,3 +222,38 @@ async def test_embedded_endpoint_from_config(tmp_path):
     summary = await run_job(config)
     assert summary.rows_ok == 3
     assert {r["attempts"] for r in read_rows(out)} == {2}
+
+
+async def test_reading_stops_at_done_even_if_the_connection_stays_open(tmp_path, endpoint):
+    add_faults(endpoint, "linger:seconds=60")
+    manifest = make_manifest(tmp_path / "in", 3)
+    out = tmp_path / "captions.parquet"
+    # idle timeout far below the linger: had the client waited for the connection to close, rows would fail
+    await run_job(job_config(manifest, out, endpoint.base_url, endpoint={"timeout": {"idle": 2, "total": 5}}))
+    rows = read_rows(out)
+    assert [(r["status"], r["attempts"]) for r in rows] == [("ok", 1)] * 3
+    assert max(r["latency_ms"] for r in rows) < 2000
+
+
+async def test_html_instead_of_a_stream_is_a_clear_error(tmp_path, endpoint):
+    add_faults(endpoint, "html")
+    manifest = make_manifest(tmp_path / "in", 1)
+    out = tmp_path / "captions.parquet"
+    await run_job(job_config(manifest, out, endpoint.base_url, run={"max_attempts": 2}))
+    row = read_rows(out)[0]
+    assert row["status"] == "failed" and row["attempts"] == 2
+    assert row["error_type"] == "malformed_chunk"
+    assert "Content-Type text/html, not an event stream" in row["error_message"]
+
+
+async def test_per_row_prompt_column_reaches_the_wire(tmp_path, endpoint):
+    prompts = ["What colour is it?", "", "Count the shapes, please."]
+    manifest = make_manifest(tmp_path / "in", 3, extra={"question": prompts})
+    add_faults(endpoint, "status:code=400,message=saw the per-row prompt,match=Count the shapes")
+    out = tmp_path / "captions.parquet"
+    await run_job(job_config(manifest, out, endpoint.base_url,
+                             input={"manifest": str(manifest), "prompt_column": "question"}))
+    rows = read_rows(out)
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed"]  # row 1's empty prompt falls back to the template
+    assert rows[2]["error_message"] == "HTTP 400: saw the per-row prompt"
+    assert rows[0]["question"] == "What colour is it?"

@@ -21,6 +21,7 @@ from typing import Any
 #: Every fault kind, in the order the docs list them.
 FAULT_KINDS: tuple[str, ...] = (
     "status", "drop", "truncate", "stall", "stall_first_byte", "slow", "error_event", "malformed", "down",
+    "linger", "html",
 )
 
 #: Options every kind accepts: how often and to which requests a rule applies.
@@ -37,6 +38,8 @@ KIND_OPTIONS: dict[str, tuple[str, ...]] = {
     "slow": ("delay",),
     "error_event": ("after", "message", "type", "error_code", "style"),
     "malformed": ("after",),
+    "linger": ("seconds",),
+    "html": (),
     "down": ("seconds", "mode", "code"),
 }
 

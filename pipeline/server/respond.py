@@ -22,6 +22,7 @@ from pipeline.server.stats import EndpointStats
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MALFORMED_FRAME = b'data: {"choices": [\n\n'
 MALFORMED_BODY = b'{"choices": ['
+HTML_PAGE = "<html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1></body></html>"
 
 #: Faults that happen at a position inside the stream (``after=N`` frames).
 MID_STREAM_KINDS = frozenset({"truncate", "stall", "error_event", "malformed"})
@@ -86,6 +87,8 @@ async def answer_before_headers(ex: Exchange) -> web.StreamResponse | None:
                        code="service_unavailable")
     if rule.kind == "status":
         raise _status_error(rule)
+    if rule.kind == "html":  # a proxy or captive portal answering in place of the API
+        return web.Response(text=HTML_PAGE, content_type="text/html")
     return None
 
 
@@ -132,8 +135,10 @@ async def send_stream(ex: Exchange, chunks: list[dict[str, Any]]) -> web.StreamR
             return response
         await pause(ex.closing, ex.frame_delay())
         await response.write(frame)
-    await response.write_eof()
     ex.stats.answer_completed(ex.image_keys, streamed=True)
+    if ex.kind == "linger":  # [DONE] sent, connection held open: clients must stop reading at [DONE]
+        await pause(ex.closing, ex.rule.seconds if ex.rule else 0.0)
+    await response.write_eof()
     return response
 
 
