@@ -39,6 +39,16 @@ TAIL_FIELDS: list[pa.Field] = [
     pa.field("error_message", pa.string()),
     pa.field("started_at", _TIMESTAMP),
     pa.field("finished_at", _TIMESTAMP),
+    # image pre-flight report: what the file was, what was sent, and how
+    pa.field("image_format", pa.string()),
+    pa.field("image_width", pa.int32()),
+    pa.field("image_height", pa.int32()),
+    pa.field("image_bytes", pa.int64()),
+    pa.field("sent_format", pa.string()),
+    pa.field("sent_width", pa.int32()),
+    pa.field("sent_height", pa.int32()),
+    pa.field("sent_bytes", pa.int64()),
+    pa.field("image_action", pa.string()),
 ]
 RESULT_COLUMNS = frozenset(f.name for f in HEAD_FIELDS + TAIL_FIELDS)
 SEQ_COLUMN = "_seq"
@@ -73,6 +83,15 @@ class ResultRow:
     error_message: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    image_format: str | None = None
+    image_width: int | None = None
+    image_height: int | None = None
+    image_bytes: int | None = None
+    sent_format: str | None = None
+    sent_width: int | None = None
+    sent_height: int | None = None
+    sent_bytes: int | None = None
+    image_action: str | None = None
 
     def record(self, seq: int, row_id: str, path: str, carried: dict[str, Any]) -> dict[str, Any]:
         """A flat record for Arrow, manifest columns included, plus the manifest position."""
