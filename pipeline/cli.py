@@ -1,11 +1,13 @@
 """The command line: parse arguments, load the config, call the runner, print, map outcomes to exit codes.
 
-Exit codes: 0 every row ok; 1 some rows failed; 2 bad config or manifest; 4 interrupted (re-run to finish).
+Exit codes: 0 every row ok; 1 some rows failed; 2 bad config or manifest; 3 another run of the job holds
+its lock; 4 interrupted (run again to finish).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import asyncio
 import logging
 import signal
@@ -17,10 +19,12 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import Config, load_config
-from .errors import ConfigError, ManifestError, PipelineError
+from .errors import ConfigError, PipelineError
+from .ledger import LockHeld
+from .jobs import export_job, job_status, run_history
 from .runner import Progress, Runner, RunSummary
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 4
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 
 log = logging.getLogger("pipeline")
 
@@ -29,17 +33,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pipeline",
         description="Caption image collections through any OpenAI-compatible streaming vision endpoint.",
-        epilog="Exit codes: 0 all rows ok, 1 some rows failed, 2 bad config or manifest, 4 interrupted.",
+        epilog="Exit codes: 0 all rows ok, 1 some rows failed, 2 bad config or manifest, "
+        "3 another run of the job is in progress, 4 interrupted (run again to resume).",
     )
     parser.add_argument("--version", action="version", version=f"pipeline {__version__}")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level for messages on stderr (default: WARNING)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run a job: caption every row of the manifest",
-                              description="Run a job described by a config file and write the output file.")
+    run = commands.add_parser("run", help="run a job: caption every row not yet done",
+                              description="Run a job described by a config file. Rows already done (same "
+                              "image, prompt and parameters) are skipped; a stopped run resumes where it "
+                              "stopped. The output file is rebuilt from the job's ledger at the end.")
     run.add_argument("config", type=Path, help="YAML or TOML job config")
     run.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
+    run.add_argument("--fresh", action="store_true",
+                     help="start over: keep the old ledger as a timestamped backup and send every row")
+
+    retry = commands.add_parser("retry", help="re-send the rows whose last outcome was failed",
+                                description="Put failed rows back in the queue and run the job.")
+    retry.add_argument("config", type=Path, help="YAML or TOML job config")
+    retry.add_argument("--error-type", metavar="TYPE", help="only rows that failed with this error type")
+    retry.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
+
+    status = commands.add_parser("status", help="counts by status, oldest pending row, error breakdown",
+                                 description="Show where the job stands, from its ledger.")
+    status.add_argument("config", type=Path, help="YAML or TOML job config")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    runs = commands.add_parser("runs", help="the history of runs with their summaries",
+                               description="List the job's runs, from its ledger.")
+    runs.add_argument("config", type=Path, help="YAML or TOML job config")
+    runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    export = commands.add_parser("export", help="rebuild the output file from the ledger",
+                                 description="Write output.path from the ledger (safe while a run is going on).")
+    export.add_argument("config", type=Path, help="YAML or TOML job config")
 
     validate = commands.add_parser("validate", help="check a config and its manifest without sending anything",
                                    description="Check a config file and the manifest's columns and ids; "
@@ -63,13 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handlers = {"run": _run, "retry": _run, "validate": _validate, "serve": _serve, "status": _status,
+                "runs": _runs, "export": _export}
     try:
-        if args.command == "run":
-            return _run(args)
-        if args.command == "validate":
-            return _validate(args)
-        return _serve(args)
-    except (ConfigError, ManifestError) as exc:
+        return handlers[args.command](args)
+    except LockHeld as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
@@ -84,14 +114,15 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    summary = asyncio.run(_run_async(config, progress=not args.no_progress))
+    bar = None if args.no_progress else _ProgressBar()
+    runner = Runner(config, on_progress=bar.update if bar else None, command=args.command,
+                    fresh=getattr(args, "fresh", False), error_type=getattr(args, "error_type", None))
+    summary = asyncio.run(_run_async(runner, bar))
     _print_summary(summary)
     return summary.exit_code
 
 
-async def _run_async(config: Config, *, progress: bool) -> RunSummary:
-    bar = _ProgressBar() if progress else None
-    runner = Runner(config, on_progress=bar.update if bar else None)
+async def _run_async(runner: Runner, bar: _ProgressBar | None) -> RunSummary:
     _install_stop_handlers(runner)
     try:
         return await runner.run()
@@ -125,6 +156,8 @@ class _ProgressBar:
         if self.bar is None:
             self.bar = tqdm(total=progress.total, unit="img", dynamic_ncols=True, mininterval=0.25,
                             file=sys.stderr)
+        if self.bar.total != progress.total:
+            self.bar.total = progress.total
         self.bar.n = progress.done
         self.bar.set_postfix(ok=progress.ok, failed=progress.failed, in_flight=progress.in_flight,
                              refresh=False)
@@ -137,15 +170,78 @@ class _ProgressBar:
 
 def _print_summary(summary: RunSummary) -> None:
     state = "interrupted" if summary.interrupted else "finished"
-    print(f"run {state} in {summary.elapsed_s:.1f}s: {summary.rows_total} rows, {summary.rows_ok} ok, "
-          f"{summary.rows_failed} failed" + (f", {summary.rows_not_run} not run" if summary.rows_not_run else ""))
-    print(f"tokens: {summary.prompt_tokens} prompt, {summary.completion_tokens} completion; "
-          f"attempts: {summary.attempts}")
+    print(f"{summary.command} #{summary.run_id} {state} in {summary.elapsed_s:.1f}s")
+    requeued = f" · re-queued failed {summary.requeued}" if summary.command == "retry" else ""
+    print(f"  manifest   {summary.rows_total} rows: new {summary.rows_new} · changed {summary.rows_changed} · "
+          f"resumed {summary.rows_resumed} · retried {summary.rows_retried} · "
+          f"skipped (already done) {summary.rows_skipped}{requeued}")
+    print(f"  this run   ok {summary.rows_ok} · failed {summary.rows_failed} · "
+          f"answered from identical requests {summary.rows_deduplicated} · requests sent {summary.attempts}"
+          + (f" · not run {summary.rows_not_run}" if summary.rows_not_run else ""))
     for error_type, count in summary.errors.most_common():
-        print(f"  failed with {error_type}: {count}")
-    print(f"output: {summary.output} ({summary.output_rows} rows)")
+        print(f"    failed with {error_type}: {count}")
+    print(f"  tokens     {summary.prompt_tokens} prompt · {summary.completion_tokens} completion")
+    print(f"  output     {summary.output}: {summary.output_rows} rows "
+          f"({summary.output_ok} ok, {summary.output_failed} failed)")
     if summary.interrupted:
-        print("interrupted: run the same command again to finish the remaining rows")
+        print("interrupted: run the same command again to resume")
+    elif summary.output_failed and summary.rows_failed < summary.output_failed:
+        print("earlier failures are kept; 'pipeline retry CONFIG' re-sends them")
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    report = job_status(config)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    counts = report["rows"]
+    print(f"job {args.config} · ledger {report['ledger']}")
+    print(f"manifest rows: {report['manifest_rows']}")
+    for status in ("ok", "failed", "pending", "in_flight", "not_run_yet"):
+        print(f"  {status:<12}{counts.get(status, 0):>8}")
+    if report["oldest_pending"]:
+        pending = report["oldest_pending"]
+        print(f"oldest pending row: {pending['id']} (since {pending['since']})")
+    if report["errors"]:
+        print("failures by error type:")
+        for entry in report["errors"]:
+            example = entry["examples"][0] if entry["examples"] else None
+            hint = f"   e.g. {example['id']}: {example['message']}" if example else ""
+            print(f"  {entry['error_type']:<20}{entry['count']:>6}{hint}")
+    if report["last_run"]:
+        run = report["last_run"]
+        print(f"last run: #{run['run_id']} {run['command']} {run['status']} at {run['started_at']}")
+    return EXIT_OK
+
+
+def _runs(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    history = run_history(config)
+    if args.json:
+        print(json.dumps(history, indent=2))
+        return EXIT_OK
+    header = f"{'run':>4}  {'command':<7}  {'status':<11}  {'started (UTC)':<19}  {'took':>7}  " \
+             f"{'new':>6}  {'skipped':>7}  {'ok':>6}  {'failed':>6}  {'sent':>6}"
+    print(header)
+    for run in history:
+        s = run["summary"]
+        took = f"{s.get('elapsed_s', 0):.1f}s" if s.get("elapsed_s") else "-"
+        started = run["started_at"][:19].replace("T", " ")
+        print(f"{run['run_id']:>4}  {run['command']:<7}  {run['status']:<11}  {started:<19}  {took:>7}  "
+              f"{s.get('rows_new', 0):>6}  {s.get('rows_skipped', 0):>7}  {s.get('rows_ok', 0):>6}  "
+              f"{s.get('rows_failed', 0):>6}  {s.get('attempts', 0):>6}")
+    if not history:
+        print("(no runs yet)")
+    return EXIT_OK
+
+
+def _export(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    report = export_job(config)
+    print(f"wrote {config.output.path}: {report.rows} rows ({report.ok} ok, {report.failed} failed, "
+          f"{report.manifest_rows_done} manifest rows with an outcome)")
+    return EXIT_OK
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -147,7 +147,41 @@ class RequestConfig(_Model):
 
 
 class ImagesConfig(_Model):
+    """Image pre-flight policy: validate, orient, resize and re-encode before an image costs tokens.
+
+    Sizes only ever shrink. ``fit``, ``max_side`` and ``max_pixels`` combine: the smallest result wins.
+    """
+
     detail: Literal["auto", "low", "high"] | None = None
+    fit: Literal["none", "openai-high", "openai-low"] = "none"
+    max_side: Annotated[int, Field(ge=16)] | None = None
+    max_pixels: Annotated[int, Field(ge=256)] | None = None
+    format: Literal["keep", "jpeg", "png", "webp"] = "keep"
+    quality: Annotated[int, Field(ge=1, le=100)] = 85
+    max_bytes: Annotated[int, Field(ge=1024)] | None = 20_000_000
+    background: str = "#ffffff"
+    # Pillow refuses more than 2 x its own 89.5 MP warning level at open time, whatever we allow.
+    max_image_pixels: Annotated[int, Field(ge=1, le=178_956_970)] = 100_000_000
+    max_source_bytes: Annotated[int, Field(ge=1)] = 100_000_000
+    remote: Literal["inline", "pass_through"] = "inline"
+    allow_schemes: tuple[Literal["http", "https", "file"], ...] = ("http", "https")
+    download_timeout: Annotated[float, Field(gt=0)] = 30.0
+    download_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+
+    @field_validator("background")
+    @classmethod
+    def _hex_colour(cls, value: str) -> str:
+        if not re.fullmatch(r"#(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})", value.strip()):
+            raise ValueError("must be a hex colour such as '#ffffff' or '#fff'")
+        return value.strip().lower()
+
+    @property
+    def background_rgb(self) -> tuple[int, int, int]:
+        """The flattening colour for transparent pixels when the target format has no alpha."""
+        digits = self.background[1:]
+        if len(digits) == 3:
+            digits = "".join(d * 2 for d in digits)
+        return int(digits[0:2], 16), int(digits[2:4], 16), int(digits[4:6], 16)
 
 
 class InputConfig(_Model):
@@ -160,6 +194,8 @@ class InputConfig(_Model):
     prompt_column: str | None = None
     carry_columns: list[str] | None = None
     chunk_size: Annotated[int, Field(ge=1)] = 10_000
+    # when set, every local image must resolve (symlinks followed) inside this folder
+    root: Path | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> InputConfig:
@@ -195,6 +231,14 @@ class RunConfig(_Model):
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
     backoff_base: Annotated[float, Field(ge=0)] = 0.5
     backoff_max: Annotated[float, Field(ge=0)] = 30.0
+    stop_grace: Annotated[float, Field(ge=0)] = 30.0
+
+
+class LedgerConfig(_Model):
+    """Where the job's durable state lives; by default beside the output (``captions.ledger.sqlite``)."""
+
+    path: Path | None = None
+    synchronous: Literal["normal", "full"] = "normal"
 
 
 class OutputConfig(_Model):
@@ -218,6 +262,50 @@ class OutputConfig(_Model):
         return _FORMAT_BY_SUFFIX.get(self.path.suffix.lower())  # type: ignore[return-value]
 
 
+class PriceConfig(_Model):
+    """Price of one model, per 1M tokens (any currency, as long as ``max_cost`` uses the same)."""
+
+    input: Annotated[float, Field(ge=0)]
+    output: Annotated[float, Field(ge=0)]
+
+
+class LimitsConfig(_Model):
+    """Rate limits, adaptive concurrency, circuit breaker and budgets (see ``limits.py``); all optional.
+
+    ``run.concurrency`` stays the ceiling; with ``adaptive`` the in-flight limit moves between
+    ``min_concurrency`` and it (a ``min_concurrency`` above it is clamped to it).
+    """
+
+    requests_per_minute: Annotated[float, Field(gt=0)] | None = None
+    tokens_per_minute: Annotated[float, Field(gt=0)] | None = None
+    adaptive: bool = True
+    min_concurrency: Annotated[int, Field(ge=1)] = 1
+    circuit_breaker: bool = True
+    breaker_window: Annotated[int, Field(ge=1, le=10_000)] = 20
+    breaker_min_calls: Annotated[int, Field(ge=1)] = 10
+    breaker_failure_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
+    breaker_cooldown: Annotated[float, Field(gt=0)] = 5.0
+    breaker_max_cooldown: Annotated[float, Field(gt=0)] = 60.0
+    breaker_give_up_after: Annotated[float, Field(gt=0)] | None = 600.0
+    max_retry_wait: Annotated[float, Field(ge=0)] | None = 120.0
+    max_requests: Annotated[int, Field(ge=1)] | None = None
+    max_total_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_cost: Annotated[float, Field(gt=0)] | None = None
+    prices: dict[str, PriceConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LimitsConfig:
+        if self.breaker_min_calls > self.breaker_window:
+            raise ValueError(f"breaker_min_calls ({self.breaker_min_calls}) must be <= "
+                             f"breaker_window ({self.breaker_window})")
+        if self.breaker_max_cooldown < self.breaker_cooldown:
+            raise ValueError(f"breaker_max_cooldown ({self.breaker_max_cooldown:g}) must be >= "
+                             f"breaker_cooldown ({self.breaker_cooldown:g})")
+        if self.max_cost is not None and not self.prices:
+            raise ValueError("max_cost needs prices: {model: {input: ..., output: ...}} per 1M tokens")
+        return self
+
+
 class Config(_Model):
     endpoint: EndpointConfig = EndpointConfig()
     request: RequestConfig
@@ -225,6 +313,15 @@ class Config(_Model):
     run: RunConfig = RunConfig()
     output: OutputConfig
     images: ImagesConfig = ImagesConfig()
+    ledger: LedgerConfig = LedgerConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+    @property
+    def ledger_path(self) -> Path:
+        if self.ledger.path is not None:
+            return self.ledger.path
+        out = self.output.path
+        return out.with_name(f"{out.stem}.ledger.sqlite")
 
 
 # ---------------------------------------------------------------------------------------------

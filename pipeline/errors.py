@@ -10,6 +10,7 @@ message. Nothing here imports I/O libraries: aiohttp/asyncio errors are translat
     ├── ConfigError                  bad config file / key / value            (never retried)
     ├── ManifestError                missing column, duplicate id, empty      (never retried)
     ├── ImageError                   per-row: missing / empty / unsupported   (never retried)
+    ├── BudgetExceeded               max_requests / max_total_tokens / max_cost reached: stop cleanly
     ├── EndpointError                HTTP-level answer or transport failure
     │   ├── TransientEndpointError   connect, timeouts, 408/409/429/5xx       (retryable)
     │   │   ├── ConnectError
@@ -37,6 +38,9 @@ class PipelineError(Exception):
 
     error_type: ClassVar[str] = "error"
     retryable: bool = False
+    #: The row itself is at fault (its image, its request): sending it again as-is would fail the same way,
+    #: so a later ``pipeline run`` leaves it failed until its inputs change or ``pipeline retry`` is used.
+    row_specific: bool = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -62,11 +66,25 @@ class ImageError(PipelineError):
     """One row's image cannot be sent; only that row fails."""
 
     error_type = "image_error"
+    row_specific = True
 
     def __init__(self, message: str, *, error_type: str | None = None) -> None:
         super().__init__(message)
         if error_type:
             self.error_type = error_type  # type: ignore[misc]
+
+
+class BudgetExceeded(PipelineError):
+    """The next request would pass a configured budget (``limit`` names which one).
+
+    Not a row failure: the runner stops starting rows and finishes cleanly; rows not sent stay to do.
+    """
+
+    error_type = "budget_exceeded"
+
+    def __init__(self, message: str, *, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 class EndpointError(PipelineError):
@@ -117,14 +135,21 @@ class ServerError(TransientEndpointError):
 
 class PermanentEndpointError(EndpointError):
     error_type = "bad_request"
+    row_specific = True
 
 
 class AuthError(PermanentEndpointError):
+    """A job-level problem (the key), not the row's: the next run tries the row again."""
+
     error_type = "auth_error"
+    row_specific = False
 
 
 class NotFound(PermanentEndpointError):
+    """Usually a wrong model name or base_url: job-level, so the next run tries the row again."""
+
     error_type = "not_found"
+    row_specific = False
 
 
 class StreamError(PipelineError):
@@ -156,6 +181,7 @@ class StreamErrorEvent(StreamError):
     def __init__(self, message: str, *, retryable: bool = True, code: str | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.row_specific = not retryable
         self.code = code
 
 

@@ -6,6 +6,8 @@ each row only adds its messages. Parameters reach the wire exactly as written in
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,3 +74,32 @@ class RequestBuilder:
     def build(self, prompt: str, image_url: str) -> dict[str, Any]:
         """One request body; the caller's ``prompt`` is already rendered for its row."""
         return {**self._head, "messages": self.messages(prompt, image_url), **self._tail}
+
+
+# -- identities for the ledger ------------------------------------------------------------------
+
+
+def answer_params_digest(request: RequestConfig, images: ImagesConfig | None = None) -> str:
+    """Digest of everything in the config that changes an answer (model, sampling, tools, image policy).
+
+    The prompt template is left out: the rendered prompt is part of each row's own key instead.
+    """
+    material = {
+        "request": request.model_dump(mode="json", exclude={"prompt"}),
+        "images": images.model_dump(mode="json") if images else None,
+    }
+    return _sha256(json.dumps(material, sort_keys=True, separators=(",", ":")))
+
+
+def request_key(params_digest: str, image_sha256: str, prompt: str) -> str:
+    """Same image bytes + same prompt + same parameters = same request, sent once."""
+    return _sha256(f"{params_digest}\0{image_sha256}\0{prompt}")
+
+
+def input_digest(params_digest: str, fingerprint: str, prompt: str) -> str:
+    """A row's inputs as seen without reading the image (file identity from stat), for cheap resume."""
+    return _sha256(f"{params_digest}\0{fingerprint}\0{prompt}")
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

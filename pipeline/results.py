@@ -51,7 +51,7 @@ TAIL_FIELDS: list[pa.Field] = [
     pa.field("image_action", pa.string()),
 ]
 RESULT_COLUMNS = frozenset(f.name for f in HEAD_FIELDS + TAIL_FIELDS)
-SEQ_COLUMN = "_seq"
+_TIME_FIELDS = ("started_at", "finished_at")
 
 
 def result_schema(carried: pa.Schema | None = None) -> pa.Schema:
@@ -93,11 +93,13 @@ class ResultRow:
     sent_bytes: int | None = None
     image_action: str | None = None
 
-    def record(self, seq: int, row_id: str, path: str, carried: dict[str, Any]) -> dict[str, Any]:
-        """A flat record for Arrow, manifest columns included, plus the manifest position."""
-        out: dict[str, Any] = {SEQ_COLUMN: seq, "id": row_id, "path": path, **carried}
-        for f in _ROW_FIELDS:
-            out[f] = getattr(self, f)
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe dict for the ledger; times as epoch microseconds (Arrow reads them as timestamps)."""
+        out = {name: getattr(self, name) for name in _ROW_FIELDS}
+        for name in _TIME_FIELDS:
+            value = out[name]
+            if isinstance(value, datetime):
+                out[name] = int(value.timestamp() * 1_000_000)
         return out
 
 
@@ -107,11 +109,12 @@ assert _ROW_FIELDS == [f.name for f in TAIL_FIELDS], "ResultRow and TAIL_FIELDS 
 
 def rows_from_completion(
     completion: Completion, *, attempts: int, ttft_ms: float | None, latency_ms: float,
-    started_at: datetime, finished_at: datetime,
+    started_at: datetime, finished_at: datetime, image: dict[str, Any] | None = None,
 ) -> list[ResultRow]:
     """One ``ok`` row per choice; usage (which covers all choices) is repeated on each."""
     usage = completion.usage
     common = dict(
+        **(image or {}),
         model=completion.model,
         response_id=completion.id,
         system_fingerprint=completion.system_fingerprint,
@@ -150,10 +153,6 @@ def tool_calls_json(choice: Choice) -> str | None:
     return json.dumps(calls, ensure_ascii=False)
 
 
-def with_seq(schema: pa.Schema) -> pa.Schema:
-    """The schema of spooled results: the output schema plus the manifest position."""
-    return schema.append(pa.field(SEQ_COLUMN, pa.int64(), nullable=False))
-
-
 def to_table(records: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Output records (result fields plus id, path and manifest columns) under the explicit schema."""
     return pa.Table.from_pylist(records, schema=schema)

@@ -1,7 +1,16 @@
 """Retry policy: which failures get another attempt, and how long to wait before it.
 
 tenacity drives the loop; this module supplies the predicate (``error.retryable``) and a wait that is
-exponential with full jitter but defers to the server's own ``Retry-After`` when it sent one.
+exponential with full jitter but defers to the server's own delay when it sent one:
+
+* ``retry-after-ms`` (milliseconds), else ``Retry-After`` (seconds or an HTTP date), on any status;
+* else, on a 429 only, OpenAI's ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens`` (durations
+  such as ``1s``, ``6m0s``, ``250ms``): the longest of those whose ``x-ratelimit-remaining-*`` says that
+  budget is spent (or is not given). On other statuses these headers describe the account, not the
+  failure, so they are not a reason to wait.
+
+A server may ask for an hour. ``max_server_wait`` caps that: a longer request stops the row's retries at
+once with :class:`ServerWaitTooLong` (the endpoint's message plus why), instead of parking a worker.
 """
 
 from __future__ import annotations
@@ -10,12 +19,15 @@ import email.utils
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NoReturn
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_random_exponential
 
 from .config import RunConfig
-from .errors import PipelineError
+from .errors import EndpointError, PipelineError
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -57,29 +69,160 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     return max(0.0, when.timestamp() - now)
 
 
+def _lowered(headers: Mapping[str, str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}
+
+
+def _int_header(lowered: Mapping[str, str], name: str) -> int | None:
+    try:
+        return int(float(lowered[name]))
+    except (KeyError, ValueError):
+        return None
+
+
+def _duration_header(lowered: Mapping[str, str], name: str) -> float | None:
+    value = lowered.get(name)
+    return parse_duration(value) if value is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitHeaders:
+    """OpenAI-style ``x-ratelimit-*`` headers of one response (``None`` where absent or unreadable)."""
+
+    limit_requests: int | None = None
+    limit_tokens: int | None = None
+    remaining_requests: int | None = None
+    remaining_tokens: int | None = None
+    reset_requests: float | None = None  # seconds
+    reset_tokens: float | None = None  # seconds
+
+    @property
+    def present(self) -> bool:
+        return any(value is not None for value in (self.limit_requests, self.limit_tokens,
+                                                   self.remaining_requests, self.remaining_tokens,
+                                                   self.reset_requests, self.reset_tokens))
+
+
+def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitHeaders:
+    """Read ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``; vLLM/Ollama send none of them."""
+    lowered = _lowered(headers)
+    return RateLimitHeaders(
+        limit_requests=_int_header(lowered, "x-ratelimit-limit-requests"),
+        limit_tokens=_int_header(lowered, "x-ratelimit-limit-tokens"),
+        remaining_requests=_int_header(lowered, "x-ratelimit-remaining-requests"),
+        remaining_tokens=_int_header(lowered, "x-ratelimit-remaining-tokens"),
+        reset_requests=_duration_header(lowered, "x-ratelimit-reset-requests"),
+        reset_tokens=_duration_header(lowered, "x-ratelimit-reset-tokens"),
+    )
+
+
+def server_wait(headers: Mapping[str, str], status: int | None = None, now: float | None = None) -> float | None:
+    """Seconds the server asked us to wait before the next attempt, or None (use computed backoff).
+
+    Explicit ``retry-after-ms`` / ``Retry-After`` win on any status. On a 429 without them, the reset
+    duration of each spent budget counts (a budget whose ``remaining`` header is absent counts as
+    possibly spent); the longest wins, since the request needs both budgets.
+    """
+    explicit = parse_retry_after(headers, now)
+    if explicit is not None or status != 429:
+        return explicit
+    info = parse_rate_limit_headers(headers)
+    candidates = [
+        reset for reset, remaining in ((info.reset_requests, info.remaining_requests),
+                                       (info.reset_tokens, info.remaining_tokens))
+        if reset is not None and (remaining is None or remaining <= 0)
+    ]
+    if not candidates:  # both budgets claim room left: some other limit; take the longest reset given
+        candidates = [r for r in (info.reset_requests, info.reset_tokens) if r is not None]
+    return max(candidates) if candidates else None
+
+
+class ServerWaitTooLong(EndpointError):
+    """The endpoint asked to wait longer than ``max_server_wait``: the row fails now, not in an hour.
+
+    Keeps the original error's ``error_type`` (e.g. ``rate_limited``) and message, and says why it was
+    not retried; the original is the ``__cause__``. Not retryable by construction.
+    """
+
+    retryable = False
+
+    def __init__(self, original: PipelineError, wait: float, limit: float) -> None:
+        super().__init__(
+            f"{original.message} (the endpoint asked to wait {wait:g}s, more than "
+            f"max_retry_wait={limit:g}s; not retried)",
+            status=getattr(original, "status", None), retry_after=wait, code=getattr(original, "code", None),
+        )
+        self.error_type = original.error_type  # type: ignore[misc]
+        self.original = original
+
+
+def _hinted_wait(retry_state: RetryCallState) -> float | None:
+    exc = retry_state.outcome.exception() if retry_state.outcome else None
+    hinted = getattr(exc, "retry_after", None)
+    return float(hinted) if hinted is not None else None
+
+
 def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, PipelineError) and exc.retryable
 
 
 class wait_retry_after(wait_base):
-    """Full-jitter exponential backoff, unless the last error carried a server-given delay."""
+    """Full-jitter exponential backoff, unless the last error carried a server-given delay.
 
-    def __init__(self, base: float, maximum: float) -> None:
+    A server delay above ``max_server_wait`` is never slept: :func:`retry_policy` stops before that
+    (:class:`stop_if_server_wait_exceeds`); used on its own, this wait falls back to the backoff.
+    """
+
+    def __init__(self, base: float, maximum: float, max_server_wait: float | None = None) -> None:
         self.backoff = wait_random_exponential(multiplier=base, max=maximum)
+        self.max_server_wait = max_server_wait
 
     def __call__(self, retry_state: RetryCallState) -> float:
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        hinted = getattr(exc, "retry_after", None)
-        if hinted is not None:
-            return float(hinted)
+        hinted = _hinted_wait(retry_state)
+        if hinted is not None and (self.max_server_wait is None or hinted <= self.max_server_wait):
+            return hinted
         return self.backoff(retry_state)
 
 
-def retry_policy(run: RunConfig) -> AsyncRetrying:
-    """A fresh tenacity controller for one row's attempts."""
+class stop_if_server_wait_exceeds(stop_base):
+    """Stop retrying when the last error carries a server delay longer than ``limit`` seconds."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        hinted = _hinted_wait(retry_state)
+        return hinted is not None and hinted > self.limit
+
+
+def _give_up(max_attempts: int, max_server_wait: float | None):  # noqa: ANN202 - tenacity callback
+    """tenacity's final step: re-raise the last error, or wrap it when the server's wait was too long."""
+
+    def raise_last(retry_state: RetryCallState) -> NoReturn:
+        assert retry_state.outcome is not None
+        exc = retry_state.outcome.exception()
+        assert exc is not None
+        hinted = _hinted_wait(retry_state)
+        if (max_server_wait is not None and hinted is not None and hinted > max_server_wait
+                and retry_state.attempt_number < max_attempts and isinstance(exc, PipelineError)):
+            raise ServerWaitTooLong(exc, hinted, max_server_wait) from exc
+        raise exc
+
+    return raise_last
+
+
+def retry_policy(run: RunConfig, *, max_server_wait: float | None = None) -> AsyncRetrying:
+    """A fresh tenacity controller for one row's attempts.
+
+    ``max_server_wait`` (``limits.max_retry_wait``): a server delay longer than this ends the row's
+    retries with :class:`ServerWaitTooLong`; ``None`` honours any delay.
+    """
+    stop = stop_after_attempt(run.max_attempts)
+    if max_server_wait is not None:
+        stop = stop | stop_if_server_wait_exceeds(max_server_wait)
     return AsyncRetrying(
-        stop=stop_after_attempt(run.max_attempts),
-        wait=wait_retry_after(run.backoff_base, run.backoff_max),
+        stop=stop,
+        wait=wait_retry_after(run.backoff_base, run.backoff_max, max_server_wait),
         retry=retry_if_exception(is_retryable),
-        reraise=True,
+        retry_error_callback=_give_up(run.max_attempts, max_server_wait),
     )

@@ -1,98 +1,141 @@
-"""The runner: one reader task fills a bounded queue, N workers turn rows into results, one writer
-task spools them. It owns the concurrency and nothing else prints; progress goes through a callback.
+"""The runner: one feeder fills a bounded queue with rows that still need work, N workers turn them
+into ledger writes, one writer task group-commits those writes. Nothing here prints; progress goes
+through a callback.
 
-Per row: load + encode the image, build the body, then ``stream_chat`` under the retry policy. Every
-row ends as ``ok`` rows (one per choice) or one ``failed`` row that says why.
+Durability: a worker hands its finished answer to the writer and waits until it is committed before it
+takes the next row, and the writer commits everything queued since its last commit in one transaction.
+So a crash (even SIGKILL) loses at most the requests in flight; an answer the worker moved on from is
+never paid for twice. The output file is rebuilt from the ledger at the end of every run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import shutil
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .client import ChatClient, StreamOutcome
 from .config import Config
 from .errors import ConfigError, EmptyResponse, ImageError, PipelineError
-from .images import load_image
+from .export import export_output
+from .images import ImageLoader, ImagePayload
+from .ledger import JobLock, StateStore, Write
 from .manifest import ManifestInfo, ManifestReader, Row
-from .request import RequestBuilder, render_prompt
-from .results import RESULT_COLUMNS, ResultRow, result_schema, rows_from_completion, to_table
+from .request import RequestBuilder, answer_params_digest, input_digest, render_prompt, request_key
+from .results import RESULT_COLUMNS, ResultRow, rows_from_completion
 from .retry import retry_policy
-from .sinks import ResultSpool
 
 log = logging.getLogger("pipeline")
 
-_END = None  # queue sentinel
-_WRITE_BATCH = 1000
+Command = Literal["run", "retry"]
+_END: Any = None  # queue sentinel
 
 
 @dataclass
 class Progress:
     """Live counters the CLI's progress bar reads; updated by the runner only."""
 
-    total: int = 0
+    total: int = 0  # rows this run has to do (known once the feeder has seen the whole manifest)
     done: int = 0
     ok: int = 0
     failed: int = 0
     in_flight: int = 0
-    retries: int = 0
+    skipped: int = 0
 
 
 @dataclass
 class RunSummary:
     output: Path
-    rows_total: int = 0
-    rows_ok: int = 0
-    rows_failed: int = 0
-    rows_not_run: int = 0
-    output_rows: int = 0
-    attempts: int = 0
+    run_id: int = 0
+    command: str = "run"
+    rows_total: int = 0  # rows in the manifest
+    rows_new: int = 0  # never seen by the ledger
+    rows_changed: int = 0  # image, prompt or parameters changed since their last outcome
+    rows_resumed: int = 0  # pending from an earlier run that stopped (or re-queued by retry)
+    rows_retried: int = 0  # failed earlier for a reason that may pass now (timeouts, 5xx, auth...)
+    rows_skipped: int = 0  # unchanged and already finished (ok or failed)
+    rows_ok: int = 0  # finished ok in this run
+    rows_failed: int = 0  # finished failed in this run
+    rows_deduplicated: int = 0  # answered from an identical request instead of sending again
+    rows_not_run: int = 0  # still pending when the run stopped
+    requeued: int = 0  # failed rows put back in the queue by retry
+    attempts: int = 0  # requests sent
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    output_rows: int = 0
+    output_ok: int = 0
+    output_failed: int = 0
     elapsed_s: float = 0.0
     interrupted: bool = False
     errors: Counter[str] = field(default_factory=Counter)
 
     @property
     def exit_code(self) -> int:
-        """0 all ok, 1 some rows failed, 4 interrupted (re-run to finish)."""
+        """0 every output row ok, 1 some rows failed, 4 interrupted (run again to finish)."""
         if self.interrupted:
             return 4
-        return 1 if self.rows_failed else 0
+        return 1 if self.output_failed else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["output"] = str(self.output)
+        data["errors"] = dict(self.errors)
+        return data
 
 
 ProgressCallback = Callable[[Progress], None]
 
 
-@dataclass
-class _RowOutcome:
+@dataclass(slots=True)
+class _Task:
     row: Row
-    results: list[ResultRow]
+    prompt: str
+    digest: str  # input digest: unchanged inputs => unchanged digest
+
+
+@dataclass(slots=True)
+class _Commit:
+    """A write for the writer; ``done`` is resolved once it is committed (None: nobody waits)."""
+
+    write: Write
+    done: asyncio.Future[None] | None
+    counted: bool = True  # a finished row (not just an in-flight mark)
 
 
 class Runner:
-    """Runs one job described by a validated ``Config``."""
+    """Runs one job described by a validated ``Config``, resuming from its ledger."""
 
-    def __init__(self, config: Config, *, on_progress: ProgressCallback | None = None) -> None:
+    def __init__(self, config: Config, *, on_progress: ProgressCallback | None = None, command: Command = "run",
+                 fresh: bool = False, error_type: str | None = None) -> None:
         self.config = config
         self.on_progress = on_progress
+        self.command = command
+        self.fresh = fresh
+        self.error_type = error_type
         self.progress = Progress()
         self.reader = ManifestReader(config.input, reserved=RESULT_COLUMNS)
         self.builder = RequestBuilder(config.request, config.images)
-        self.summary = RunSummary(output=config.output.path)
+        self.images = ImageLoader(config.images, root=config.input.root)
+        self.params = answer_params_digest(config.request, config.images)
+        self.summary = RunSummary(output=config.output.path, command=command)
         self._stop = asyncio.Event()
+        self._single_flight: dict[str, asyncio.Future[Write]] = {}
+        self._run_id = 0
 
     def stop(self) -> None:
-        """Stop taking rows; in-flight requests are cancelled and finished results are kept."""
+        """Stop taking rows; in-flight requests get ``run.stop_grace`` seconds to finish."""
         self._stop.set()
+
+    # -- checks --------------------------------------------------------------------------------
 
     def check(self) -> ManifestInfo:
         """Everything that can be checked before a request is sent (raises ManifestError/ConfigError)."""
@@ -106,28 +149,70 @@ class Runner:
             )
         return info
 
+    def _local_faults(self) -> list[Any]:
+        """The embedded endpoint's fault rules, parsed (a bad spec is a config error, caught up front)."""
+        if not self.config.endpoint.is_local:
+            return []
+        from .server import parse_fault_spec
+
+        rules = []
+        for index, spec in enumerate(self.config.endpoint.local.faults):
+            try:
+                rules.append(parse_fault_spec(spec))
+            except ValueError as exc:
+                raise ConfigError(f"endpoint.local.faults[{index}]: {exc}") from None
+        return rules
+
+    # -- the run -------------------------------------------------------------------------------
+
     async def run(self) -> RunSummary:
         started = time.monotonic()
         info = await asyncio.to_thread(self.check)
-        self.progress.total = self.summary.rows_total = info.rows
-        self._notify()
-        spool = ResultSpool(_spool_dir(self.config.output.path), result_schema(info.carried))
-        spool.open()
-        try:
-            async with self._endpoint() as base_url:
-                pool = self.config.run.concurrency
-                async with ChatClient(self.config.endpoint, base_url=base_url, pool_size=pool) as client:
-                    await self._run_pool(client, spool)
-        except ExceptionGroup as group:
-            raise _first_pipeline_error(group) from None
-        finally:
-            spool.close()
-        self.summary.output_rows = await asyncio.to_thread(
-            spool.finalize, self.config.output.path, self.config.output.output_format or "parquet"
-        )
-        self.summary.rows_not_run = self.summary.rows_total - self.progress.done
-        self.summary.elapsed_s = time.monotonic() - started
+        self.summary.rows_total = self.progress.total = info.rows  # narrowed once skipped rows are known
+        ledger = self.config.ledger_path
+        with JobLock(ledger.with_name(ledger.name + ".lock")):
+            if self.fresh:
+                _backup(ledger)
+            synchronous = self.config.ledger.synchronous.upper()
+            with StateStore(ledger, synchronous=synchronous) as store, \
+                 StateStore(ledger, synchronous=synchronous) as lookups:
+                self._run_id = self.summary.run_id = store.start_run(self.command, _config_digest(self.config))
+                store.reset_in_flight()
+                if self.command == "retry":
+                    self.summary.requeued = store.requeue_failed(self.error_type)
+                self._notify()
+                try:
+                    await self._run_pool(store, lookups, info)
+                except ExceptionGroup as group:
+                    store.finish_run(self._run_id, "failed", self.summary.to_dict())
+                    raise _first_pipeline_error(group) from None
+                await self._export(lookups, info)
+                self.summary.elapsed_s = time.monotonic() - started
+                status = "interrupted" if self.summary.interrupted else "finished"
+                store.finish_run(self._run_id, status, self.summary.to_dict())
         return self.summary
+
+    async def _export(self, store: StateStore, info: ManifestInfo) -> None:
+        report = await asyncio.to_thread(export_output, self.config, self.reader, store, info.carried)
+        summary = self.summary
+        summary.output_rows, summary.output_ok, summary.output_failed = report.rows, report.ok, report.failed
+        summary.rows_not_run = summary.rows_total - report.manifest_rows_done
+
+    async def _run_pool(self, store: StateStore, lookups: StateStore, info: ManifestInfo) -> None:
+        size = self.config.run.concurrency
+        rows: asyncio.Queue[_Task | None] = asyncio.Queue(maxsize=size * 2)
+        commits: asyncio.Queue[_Commit | None] = asyncio.Queue()  # bounded by the workers: each waits
+        async with self._endpoint() as base_url, self.images, \
+                ChatClient(self.config.endpoint, base_url=base_url, pool_size=size) as client:
+            async with asyncio.TaskGroup() as group:
+                writer = group.create_task(self._write(commits, store))
+                feeder = group.create_task(self._feed(rows, size, info))
+                workers = [group.create_task(self._work(client, lookups, rows, commits)) for _ in range(size)]
+                watcher = group.create_task(self._watch_stop(feeder, rows, workers))
+                await asyncio.wait(workers)
+                watcher.cancel()
+                await commits.put(_END)
+                await writer
 
     @contextlib.asynccontextmanager
     async def _endpoint(self) -> AsyncIterator[str | None]:
@@ -148,137 +233,181 @@ class Runner:
         finally:
             await server.stop()
 
-    def _local_faults(self) -> list[Any]:
-        """The embedded endpoint's fault rules, parsed (a bad spec is a config error, caught up front)."""
-        if not self.config.endpoint.is_local:
-            return []
-        from .server import parse_fault_spec
-
-        rules = []
-        for index, spec in enumerate(self.config.endpoint.local.faults):
-            try:
-                rules.append(parse_fault_spec(spec))
-            except ValueError as exc:
-                raise ConfigError(f"endpoint.local.faults[{index}]: {exc}") from None
-        return rules
-
-    async def _run_pool(self, client: ChatClient, spool: ResultSpool) -> None:
-        size = self.config.run.concurrency
-        rows: asyncio.Queue[Row | None] = asyncio.Queue(maxsize=size * 2)
-        results: asyncio.Queue[_RowOutcome | None] = asyncio.Queue(maxsize=size * 2)
-
-        async def work() -> None:
-            try:
-                async with asyncio.TaskGroup() as group:
-                    group.create_task(self._feed(rows, size))
-                    for _ in range(size):
-                        group.create_task(self._work(client, rows, results))
-            finally:
-                await results.put(_END)
-
-        async with asyncio.TaskGroup() as outer:
-            outer.create_task(self._write(results, spool))
-            workers = outer.create_task(work())
-            watcher = outer.create_task(self._watch_stop(workers))
-            workers.add_done_callback(lambda _: watcher.cancel())
-
-    async def _watch_stop(self, workers: asyncio.Task[None]) -> None:
+    async def _watch_stop(self, feeder: asyncio.Task[None], rows: asyncio.Queue[_Task | None],
+                          workers: list[asyncio.Task[None]]) -> None:
+        """On stop: no new rows; in-flight rows get the grace period, then are cancelled."""
         await self._stop.wait()
         self.summary.interrupted = True
-        workers.cancel()
+        feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeder
+        while not rows.empty():
+            rows.get_nowait()
+        for _ in workers:
+            rows.put_nowait(_END)
+        _, late = await asyncio.wait(workers, timeout=self.config.run.stop_grace)
+        for task in late:
+            task.cancel()
 
-    async def _feed(self, rows: asyncio.Queue[Row | None], workers: int) -> None:
-        batches = self.reader.batches()
-        while True:
-            batch = await asyncio.to_thread(next, batches, None)
-            if batch is None:
-                break
-            for row in batch:
-                await rows.put(row)
+    # -- feeding -------------------------------------------------------------------------------
+
+    async def _feed(self, rows: asyncio.Queue[_Task | None], workers: int, info: ManifestInfo) -> None:
+        """Walk the manifest; queue rows whose inputs changed or that have no finished outcome."""
+        synchronous = self.config.ledger.synchronous.upper()
+        with StateStore(self.config.ledger_path, synchronous=synchronous) as store:
+            batches = self.reader.batches()
+            while True:
+                batch = await asyncio.to_thread(next, batches, None)
+                if batch is None:
+                    break
+                tasks = await asyncio.to_thread(self._triage, batch, store)
+                for task in tasks:
+                    await rows.put(task)
+        self.progress.total = info.rows - self.summary.rows_skipped
+        self._notify()
         for _ in range(workers):
             await rows.put(_END)
 
-    async def _work(self, client: ChatClient, rows: asyncio.Queue[Row | None],
-                    results: asyncio.Queue[_RowOutcome | None]) -> None:
-        while (row := await rows.get()) is not _END:
+    def _triage(self, batch: list[Row], store: StateStore) -> list[_Task]:
+        """Runs in a thread: one ledger query and one stat per row, no image reads."""
+        states = store.item_states([row.id for row in batch])
+        fingerprint = self.images.fingerprint
+        template, summary = self.config.request.prompt, self.summary
+        tasks = []
+        for row in batch:
+            prompt = row.prompt or render_prompt(template, row.columns)
+            digest = input_digest(self.params, fingerprint(row.path, row.base_dir), prompt)
+            state = states.get(row.id)
+            if state is None:
+                summary.rows_new += 1
+            elif state.input_digest != digest:
+                summary.rows_changed += 1
+            elif state.settled:
+                summary.rows_skipped += 1
+                continue
+            elif state.status == "failed":
+                summary.rows_retried += 1
+            else:
+                summary.rows_resumed += 1
+            tasks.append(_Task(row, prompt, digest))
+        self.progress.skipped = summary.rows_skipped
+        return tasks
+
+    # -- working -------------------------------------------------------------------------------
+
+    async def _work(self, client: ChatClient, lookups: StateStore, rows: asyncio.Queue[_Task | None], commits: asyncio.Queue[_Commit | None]) -> None:
+        loop = asyncio.get_running_loop()
+        while (task := await rows.get()) is not _END:
             self.progress.in_flight += 1
             try:
-                outcome = await self._process(client, row)
+                write = await self._process(task, client, lookups, commits)
             finally:
                 self.progress.in_flight -= 1
-            await results.put(outcome)
+            done = loop.create_future()
+            await commits.put(_Commit(write, done))
+            await done  # write-ahead: the answer is durable before this worker takes another row
 
-    async def _process(self, client: ChatClient, row: Row) -> _RowOutcome:
+    async def _process(self, task: _Task, client: ChatClient, lookups: StateStore, commits: asyncio.Queue[_Commit | None]) -> Write:
+        row, items = task.row, ((task.row.id, task.digest),)
         started = _now()
-        attempts = 0
         try:
             if not row.path:
                 raise ImageError("the path column is empty for this row", error_type="image_missing")
-            image = await load_image(row.image_path())
-            prompt = row.prompt or render_prompt(self.config.request.prompt, row.columns)
-            body = self.builder.build(prompt, image.data_uri)
-            retrying = retry_policy(self.config.run)
-            async for attempt in retrying:
+            image = await self.images.load(row.path, row.base_dir)
+        except ImageError as exc:
+            return self._failure(f"image:{task.digest}", row, exc, 0, started, items)
+        key = request_key(self.params, image.sha256, task.prompt)
+        if lookups.finished(key) is not None:
+            self.summary.rows_deduplicated += 1
+            return Write(key, None, items=items)
+        if (twin := self._single_flight.get(key)) is not None:
+            first = await twin
+            self.summary.rows_deduplicated += 1
+            return Write(key, None, error_type=first.error_type, items=items)
+        future: asyncio.Future[Write] = asyncio.get_running_loop().create_future()
+        self._single_flight[key] = future
+        try:
+            commits.put_nowait(_Commit(Write(key, "in_flight", items=items), None, counted=False))
+            write = await self._send(client, key, row, image, task.prompt, started, items)
+            future.set_result(write)
+            return write
+        finally:
+            if not future.done():
+                future.cancel()
+            del self._single_flight[key]
+
+    async def _send(self, client: ChatClient, key: str, row: Row, image: ImagePayload, prompt: str, started: datetime,
+                    items: tuple[tuple[str, str], ...]) -> Write:
+        body = self.builder.build(prompt, image.url)
+        attempts = 0
+        try:
+            async for attempt in retry_policy(self.config.run):
                 with attempt:
                     attempts = attempt.retry_state.attempt_number
                     outcome: StreamOutcome = await client.stream_chat(body)
                     if not outcome.completion.choices:
                         raise EmptyResponse("the endpoint finished the stream without any choice")
-            self.progress.retries += attempts - 1
-            results = rows_from_completion(
-                outcome.completion, attempts=attempts, ttft_ms=outcome.ttft_ms,
-                latency_ms=outcome.latency_ms, started_at=started, finished_at=_now(),
-            )
-            return _RowOutcome(row, results)
         except PipelineError as exc:
-            self.progress.retries += max(attempts - 1, 0)
-            return _RowOutcome(row, [self._failed(row, exc, attempts, started)])
+            return self._failure(key, row, exc, attempts, started, items, image.report)
         except Exception as exc:  # a bug must not lose the row: record it and say so loudly
             log.exception("%s: internal error", row.label)
             failure = PipelineError(f"internal error: {type(exc).__name__}: {exc}")
-            return _RowOutcome(row, [self._failed(row, failure, attempts, started)])
+            return self._failure(key, row, failure, attempts, started, items, image.report)
+        results = rows_from_completion(
+            outcome.completion, attempts=attempts, ttft_ms=outcome.ttft_ms, latency_ms=outcome.latency_ms,
+            started_at=started, finished_at=_now(), image=image.report,
+        )
+        return Write(key, "ok", attempts, results=[r.to_json() for r in results], items=items)
 
-    def _failed(self, row: Row, exc: PipelineError, attempts: int, started: datetime) -> ResultRow:
+    def _failure(self, key: str, row: Row, exc: PipelineError, attempts: int, started: datetime,
+                 items: tuple[tuple[str, str], ...], image: dict[str, Any] | None = None) -> Write:
         tries = f" after {attempts} attempt(s)" if attempts else ""
         log.warning("%s failed%s: %s: %s", row.label, tries, exc.error_type, exc.message)
-        return ResultRow(status="failed", attempts=attempts, error_type=exc.error_type,
-                         error_message=exc.message, started_at=started, finished_at=_now())
+        result = ResultRow(status="failed", attempts=attempts, error_type=exc.error_type, error_message=exc.message,
+                           started_at=started, finished_at=_now(), **(image or {}))
+        return Write(key, "failed", attempts, exc.error_type, exc.message, [result.to_json()], items,
+                     final=exc.row_specific)
 
-    async def _write(self, results: asyncio.Queue[_RowOutcome | None], spool: ResultSpool) -> None:
-        """Group whatever has queued up into one spool write; flush at the end or every batch."""
-        carried = self.reader.carried_columns
-        pending: list[dict[str, Any]] = []
+    # -- writing -------------------------------------------------------------------------------
+
+    async def _write(self, commits: asyncio.Queue[_Commit | None], store: StateStore) -> None:
+        """Group commit: everything queued since the last commit goes in one transaction."""
         finished = False
         while not finished:
-            item = await results.get()
-            while True:
-                if item is _END:
-                    finished = True
-                    break
-                self._count(item)
-                values = {name: item.row.columns.get(name) for name in carried}
-                pending.extend(r.record(item.row.seq, item.row.id, item.row.path, values) for r in item.results)
-                if results.empty():
-                    break
-                item = results.get_nowait()
-            if pending and (finished or len(pending) >= _WRITE_BATCH):
-                spool.write(to_table(pending, spool.schema))
-                pending.clear()
+            group = [await commits.get()]
+            while not commits.empty():
+                group.append(commits.get_nowait())
+            finished = _END in group
+            pending = [c for c in group if c is not None]
+            if not pending:
+                continue
+            try:
+                await asyncio.to_thread(store.commit, [c.write for c in pending], self._run_id)
+            except BaseException as exc:
+                for c in pending:
+                    if c.done is not None and not c.done.done():
+                        c.done.set_exception(exc)
+                raise
+            for c in pending:
+                if c.counted:
+                    self._count(c.write)
+                if c.done is not None and not c.done.done():
+                    c.done.set_result(None)
 
-    def _count(self, outcome: _RowOutcome) -> None:
+    def _count(self, write: Write) -> None:
         summary, progress = self.summary, self.progress
-        first = outcome.results[0]
         progress.done += 1
-        summary.attempts += first.attempts
-        if first.status == "ok":
-            progress.ok += 1
-            summary.rows_ok += 1
-            summary.prompt_tokens += first.prompt_tokens or 0
-            summary.completion_tokens += first.completion_tokens or 0
-        else:
+        summary.attempts += write.attempts if write.status else 0
+        if write.status == "failed" or (write.status is None and write.error_type):
             progress.failed += 1
             summary.rows_failed += 1
-            summary.errors[first.error_type or "error"] += 1
+            summary.errors[write.error_type or "error"] += 1
+        else:
+            progress.ok += 1
+            summary.rows_ok += 1
+            first = write.results[0] if write.results else {}
+            summary.prompt_tokens += first.get("prompt_tokens") or 0
+            summary.completion_tokens += first.get("completion_tokens") or 0
         self._notify()
 
     def _notify(self) -> None:
@@ -296,8 +425,20 @@ def _first_pipeline_error(group: BaseExceptionGroup[Any]) -> BaseException:
     return group
 
 
-def _spool_dir(output: Path) -> Path:
-    return output.with_name(f".{output.name}.parts")
+def _backup(ledger: Path) -> None:
+    """``--fresh``: keep the old ledger (and its WAL files) under a timestamped name."""
+    if not ledger.exists():
+        return
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    for suffix in ("", "-wal", "-shm"):
+        source = ledger.with_name(ledger.name + suffix)
+        if source.exists():
+            shutil.move(source, ledger.with_name(f"{ledger.name}.bak-{stamp}{suffix}"))
+
+
+def _config_digest(config: Config) -> str:
+    """Identifies the job's settings in the run history (secrets are masked by the dump)."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
 
 
 def _now() -> datetime:
@@ -305,5 +446,5 @@ def _now() -> datetime:
 
 
 async def run_job(config: Config, *, on_progress: ProgressCallback | None = None) -> RunSummary:
-    """Run a job to the end and return its summary."""
+    """Run a job to the end (resuming from its ledger) and return its summary."""
     return await Runner(config, on_progress=on_progress).run()

@@ -42,7 +42,7 @@ def test_run_demo_style_job(tmp_path):
     config = write_config(tmp_path / "job.yaml", manifest, "out/captions.parquet")
     result = pipeline("run", str(config), "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "5 rows, 5 ok, 0 failed" in result.stdout
+    assert "out/captions.parquet: 5 rows (5 ok, 0 failed)" in result.stdout
     rows = read_rows(tmp_path / "out/captions.parquet")
     assert len(rows) == 5 and all(r["status"] == "ok" and r["content"] for r in rows)
 
@@ -91,7 +91,7 @@ def test_sigint_stops_cleanly_and_exits_4(tmp_path):
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=30)
     assert proc.returncode == 4, stdout
-    assert "interrupted" in stdout
+    assert "interrupted: run the same command again to resume" in stdout
     rows = read_rows(tmp_path / "out/captions.parquet")
     assert 4 <= len(rows) < 60 and all(r["status"] == "ok" for r in rows)
 

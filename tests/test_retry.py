@@ -16,7 +16,18 @@ from pipeline.errors import (
     TruncatedStream,
     error_for_status,
 )
-from pipeline.retry import is_retryable, parse_duration, parse_retry_after, retry_policy, wait_retry_after
+from pipeline.retry import (
+    RateLimitHeaders,
+    ServerWaitTooLong,
+    is_retryable,
+    parse_duration,
+    parse_rate_limit_headers,
+    parse_retry_after,
+    retry_policy,
+    server_wait,
+    stop_if_server_wait_exceeds,
+    wait_retry_after,
+)
 
 
 @pytest.mark.parametrize(
@@ -72,3 +83,103 @@ def test_wait_prefers_retry_after():
     for attempt in range(1, 8):
         state.attempt_number = attempt
         assert 0 <= wait(state) <= 4
+
+
+# --- server waits from rate-limit headers, and the cap on them ----------------------------------------
+
+@pytest.mark.parametrize(
+    "headers, status, expected",
+    [
+        ({"Retry-After": "2"}, 503, 2.0),                                         # explicit: any status
+        ({"retry-after-ms": "250", "x-ratelimit-reset-requests": "9s"}, 429, 0.25),  # explicit wins
+        ({"x-ratelimit-reset-requests": "1s"}, 429, 1.0),
+        ({"x-ratelimit-reset-tokens": "250ms"}, 429, 0.25),
+        ({"x-ratelimit-reset-requests": "1s", "x-ratelimit-reset-tokens": "6m0s"}, 429, 360.0),  # longest
+        ({"x-ratelimit-reset-requests": "2s", "x-ratelimit-remaining-requests": "0",
+          "x-ratelimit-reset-tokens": "6m0s", "x-ratelimit-remaining-tokens": "5000"}, 429, 2.0),  # spent one
+        ({"x-ratelimit-reset-requests": "2s", "x-ratelimit-remaining-requests": "3",
+          "x-ratelimit-reset-tokens": "20ms", "x-ratelimit-remaining-tokens": "0"}, 429, 0.02),
+        ({"x-ratelimit-reset-requests": "2s", "x-ratelimit-remaining-requests": "3",
+          "x-ratelimit-reset-tokens": "5s", "x-ratelimit-remaining-tokens": "9"}, 429, 5.0),  # neither: longest
+        ({"x-ratelimit-reset-requests": "1s"}, 503, None),                         # not a 429: no wait
+        ({"x-ratelimit-reset-requests": "1s"}, None, None),
+        ({"x-ratelimit-reset-requests": "soon"}, 429, None),
+        ({}, 429, None),
+    ],
+)
+def test_server_wait(headers, status, expected):
+    assert server_wait(headers, status) == expected
+
+
+def test_parse_rate_limit_headers():
+    info = parse_rate_limit_headers({
+        "X-RateLimit-Limit-Requests": "500", "x-ratelimit-limit-tokens": "30000",
+        "x-ratelimit-remaining-requests": "499", "x-ratelimit-remaining-tokens": "29000",
+        "x-ratelimit-reset-requests": "120ms", "x-ratelimit-reset-tokens": "2s", "x-other": "1",
+    })
+    assert info == RateLimitHeaders(500, 30000, 499, 29000, 0.12, 2.0) and info.present
+    assert not parse_rate_limit_headers({"content-type": "text/event-stream"}).present
+    assert parse_rate_limit_headers({"x-ratelimit-remaining-requests": "lots"}).remaining_requests is None
+
+
+def _state_with(exc):
+    state = RetryCallState(retry_object=retry_policy(RunConfig()), fn=None, args=(), kwargs={})
+    state.set_exception((type(exc), exc, None))
+    return state
+
+
+def test_wait_never_sleeps_past_max_server_wait():
+    wait = wait_retry_after(base=0.5, maximum=4, max_server_wait=10)
+    assert wait(_state_with(RateLimited("x", status=429, retry_after=9))) == 9
+    assert 0 <= wait(_state_with(RateLimited("x", status=429, retry_after=3600))) <= 4  # falls back
+    stop = stop_if_server_wait_exceeds(10)
+    assert stop(_state_with(RateLimited("x", status=429, retry_after=3600)))
+    assert not stop(_state_with(RateLimited("x", status=429, retry_after=10)))
+    assert not stop(_state_with(ServerError("x", status=500)))
+
+
+async def _run(policy, failures):
+    """Drive a policy over a list of exceptions (then success); returns (attempts, result or error)."""
+    attempts = 0
+    try:
+        async for attempt in policy:
+            with attempt:
+                attempts += 1
+                if attempts <= len(failures):
+                    raise failures[attempts - 1]
+        return attempts, "ok"
+    except Exception as exc:  # noqa: BLE001 - the test looks at what came out
+        return attempts, exc
+
+
+FAST = RunConfig(max_attempts=3, backoff_base=0, backoff_max=0)
+
+
+@pytest.mark.parametrize(
+    "failures, max_wait, attempts, outcome",
+    [
+        ([RateLimited("HTTP 429: slow down", status=429, retry_after=0)], 10, 2, "ok"),
+        ([RateLimited("HTTP 429: quota", status=429, retry_after=3600)], 10, 1, ServerWaitTooLong),
+        ([RateLimited("HTTP 429: quota", status=429, retry_after=3600)], None, 1, "sleeps"),  # not run
+        ([ServerError("HTTP 500: a", status=500)] * 3, 10, 3, ServerError),   # attempts used up: original
+        ([PermanentEndpointError("HTTP 400: bad", status=400)], 10, 1, PermanentEndpointError),
+    ],
+)
+async def test_policy_stops_instead_of_sleeping_too_long(failures, max_wait, attempts, outcome):
+    if outcome == "sleeps":
+        policy = retry_policy(FAST, max_server_wait=max_wait)
+        assert policy.wait(_state_with(failures[0])) == 3600  # no cap: the server's hour is honoured
+        return
+    got_attempts, result = await _run(retry_policy(FAST, max_server_wait=max_wait), failures)
+    assert got_attempts == attempts
+    if outcome == "ok":
+        assert result == "ok"
+        return
+    assert type(result) is outcome
+    if outcome is ServerWaitTooLong:
+        assert result.error_type == "rate_limited" and not result.retryable and result.status == 429
+        assert str(result).startswith("HTTP 429: quota (the endpoint asked to wait 3600s")
+        assert "max_retry_wait=10s" in str(result) and result.original is failures[0]
+        assert result.__cause__ is failures[0]
+    else:
+        assert result is failures[-1]

@@ -22,6 +22,7 @@ from PIL import Image
 from pipeline.server import FaultPlan, LocalEndpoint, caption, describe_image, parse_fault_spec
 from pipeline.server.answer import image_tokens, split_pieces
 from pipeline.server.describe import UnreadableImage
+from pipeline.server.faults import format_duration
 
 QUICK = aiohttp.ClientTimeout(total=5)
 SHORT_READ = aiohttp.ClientTimeout(total=5, sock_read=0.3)
@@ -713,3 +714,88 @@ def test_sample_data_is_deterministic(tmp_path: Path) -> None:
     assert {f.format for f in facts} == {"JPEG", "PNG", "GIF", "WEBP"}
     assert {"portrait", "square", "landscape"} <= {f.orientation for f in facts}
     assert any(f.has_transparency for f in facts)
+
+
+# --- limit knobs: concurrency_limit and rpm_limit ---------------------------------------------------
+
+@pytest.mark.parametrize(("spec", "fragment"), [
+    ("concurrency_limit", "concurrency_limit needs max=N"),
+    ("concurrency_limit:max=0", "option max='0' must be a whole number >= 1"),
+    ("rpm_limit", "rpm_limit needs rpm=N"),
+    ("rpm_limit:rpm=0", "option rpm='0' must be a number > 0"),
+    ("rpm_limit:rpm=60,headers=yes", "option headers='yes' must be 0 or 1"),
+    ("rpm_limit:rpm=60,max=3", "option 'max' is not valid for 'rpm_limit'"),
+])
+def test_limit_specs_are_checked(spec: str, fragment: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        parse_fault_spec(spec)
+    assert fragment in str(caught.value)
+
+
+def test_limit_specs_read_options() -> None:
+    rule = parse_fault_spec("rpm_limit:rpm=600,headers=1")
+    assert (rule.rpm, rule.burst, rule.rate_headers) == (600, 10, True)  # burst: one second's worth
+    assert parse_fault_spec("rpm_limit:rpm=30").burst == 1
+    assert parse_fault_spec("concurrency_limit:max=8").max_in_flight == 8
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0, "0ms"), (0.25, "250ms"), (1, "1s"), (1.5, "1.5s"),
+                                               (59.9996, "60s"), (360, "6m0s"), (61.25, "1m1.25s")])
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+async def test_concurrency_limit_turns_away_requests_beyond_max(local_endpoint: LocalEndpoint,
+                                                                session: aiohttp.ClientSession) -> None:
+    local_endpoint.faults.add("concurrency_limit:max=2", "stall:after=1,match=hold")
+    held = []
+    for _ in range(2):
+        response = await session.post(f"{local_endpoint.base_url}/chat/completions",
+                                      json=chat_body(RED_JPEG, text="hold this", stream=True))
+        await response.content.readuntil(b"\n\n")
+        held.append(response)
+    status, headers, text = await post(session, local_endpoint, chat_body(RED_JPEG))
+    assert status == 429 and json.loads(text)["error"]["code"] == "rate_limit_exceeded"
+    assert not [name for name in headers if name.lower().startswith(("x-ratelimit", "retry-after"))]
+    held.pop().close()
+    await local_endpoint.stats.wait_until(lambda s: s.in_flight == 1)
+    assert (await post(session, local_endpoint, chat_body(RED_JPEG)))[0] == 200  # room again
+    for response in held:
+        response.close()
+    stats = local_endpoint.stats.snapshot()
+    assert stats["faults_injected"] == {"stall": 2, "concurrency_limit": 1}
+
+
+async def test_rpm_limit_is_a_bucket_with_openai_headers(session: aiohttp.ClientSession) -> None:
+    now = [100.0]
+    plan = FaultPlan(["rpm_limit:rpm=60,burst=2,headers=1"], clock=lambda: now[0])
+    async with LocalEndpoint(plan) as endpoint:
+        answers = [await post(session, endpoint, chat_body(RED_JPEG, stream=True)) for _ in range(3)]
+        assert [status for status, _, _ in answers] == [200, 200, 429]
+        assert [h["x-ratelimit-remaining-requests"] for _, h, _ in answers] == ["1", "0", "0"]
+        assert answers[0][1]["x-ratelimit-limit-requests"] == "60"
+        assert answers[0][1]["x-ratelimit-reset-requests"] == "1s"  # one request to refill at 1/s
+        assert answers[2][1]["x-ratelimit-reset-requests"] == "2s"  # empty: 2 s until full again
+        assert chunk_objects(answers[1][2])  # a full stream still comes with the headers
+        now[0] += 1.0
+        status, headers, _ = await post(session, endpoint, chat_body(RED_JPEG))
+        assert status == 200 and headers["x-ratelimit-remaining-requests"] == "0"
+        assert endpoint.stats.snapshot()["faults_injected"] == {"rpm_limit": 1}
+
+
+async def test_rpm_limit_without_headers_is_undisclosed(session: aiohttp.ClientSession) -> None:
+    now = [0.0]
+    plan = FaultPlan(["rpm_limit:rpm=60"], clock=lambda: now[0])
+    async with LocalEndpoint(plan) as endpoint:
+        first, second = [await post(session, endpoint, chat_body(RED_JPEG)) for _ in range(2)]
+        assert (first[0], second[0]) == (200, 429)
+        for _, headers, _ in (first, second):
+            assert not [name for name in headers if name.lower().startswith(("x-ratelimit", "retry-after"))]
+
+
+async def test_limit_rules_are_checked_before_other_faults(session: aiohttp.ClientSession) -> None:
+    now = [0.0]
+    plan = FaultPlan(["status:code=500", "rpm_limit:rpm=60,burst=1"], clock=lambda: now[0])
+    async with LocalEndpoint(plan) as endpoint:
+        statuses = [(await post(session, endpoint, chat_body(RED_JPEG)))[0] for _ in range(2)]
+        assert statuses == [500, 429]  # the first request used the limit's token, then met the fault

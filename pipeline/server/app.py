@@ -19,7 +19,7 @@ from aiohttp import web
 from pipeline.server.answer import plan_answer
 from pipeline.server.chunks import CompletionHeader, completion_body, stream_chunks
 from pipeline.server.describe import FactsCache, ImageFacts, UnreadableImage
-from pipeline.server.faults import FaultPlan, FaultRule, RequestTraits, parse_fault_spec
+from pipeline.server.faults import LIMIT_KINDS, FaultPlan, FaultRule, RequestTraits, parse_fault_spec
 from pipeline.server.protocol import (
     ApiError,
     ChatRequest,
@@ -58,6 +58,8 @@ class EndpointState:
     model_id: str = DEFAULT_MODEL_ID
     cache: FactsCache = field(default_factory=FactsCache)
     closing: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Requests being answered now, not counting those a limit rule turned away (for concurrency_limit).
+    answering: int = 0
 
 
 STATE = web.AppKey("endpoint_state", EndpointState)
@@ -121,18 +123,24 @@ async def _answer_chat(request: web.Request, state: EndpointState) -> web.Stream
     header_rule = _header_fault(request)
     chat = await _read_chat_request(request)
     facts = await _describe_images(state.cache, chat.images)
-    rule = state.faults.pick(RequestTraits(chat.text, chat.image_keys), header_rule)
+    rule = state.faults.pick(RequestTraits(chat.text, chat.image_keys, state.answering), header_rule)
     if rule is not None:
         state.stats.fault_injected(rule.kind)
-    exchange = Exchange(request, state.faults, state.stats, state.closing, rule, chat.image_keys)
-    early = await answer_before_headers(exchange)
-    if early is not None:
-        return early
-    answer = plan_answer(chat, facts)
-    header = CompletionHeader.new(chat.model, int(time.time()))
-    if chat.stream:
-        return await send_stream(exchange, stream_chunks(answer, header, include_usage=chat.include_usage))
-    return await send_json(exchange, completion_body(answer, header))
+    exchange = Exchange(request, state.faults, state.stats, state.closing, rule, chat.image_keys,
+                        state.faults.rate_limit_headers())
+    admitted = rule is None or rule.kind not in LIMIT_KINDS
+    state.answering += admitted
+    try:
+        early = await answer_before_headers(exchange)
+        if early is not None:
+            return early
+        answer = plan_answer(chat, facts)
+        header = CompletionHeader.new(chat.model, int(time.time()))
+        if chat.stream:
+            return await send_stream(exchange, stream_chunks(answer, header, include_usage=chat.include_usage))
+        return await send_json(exchange, completion_body(answer, header))
+    finally:
+        state.answering -= admitted
 
 
 def _header_fault(request: web.Request) -> FaultRule | None:

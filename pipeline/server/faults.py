@@ -2,7 +2,15 @@
 
 Tests (and people with curl) describe misbehaviour as ``KIND[:key=value,...]``, e.g. ``status:code=429,
 retry_after=1,times=2`` or ``truncate:after=3,per_image=1``, so retry and timeout handling can be
-exercised over real HTTP. Rules are plain synchronous objects: mutating a plan from a test running in the
+exercised over real HTTP.
+
+Two kinds are *limits* rather than faults: ``concurrency_limit:max=N`` answers 429 (with no rate-limit
+headers, as a proxy in front of vLLM would) while N requests are already being answered, and
+``rpm_limit:rpm=N`` answers 429 when a token bucket of ``burst`` requests (default one second's worth),
+refilled at N per minute, is empty; with ``headers=1`` it also sends OpenAI's ``x-ratelimit-*-requests``
+headers, on the 429 and on every answer it lets through. A bucket, not a 60 s window, because that is how
+providers enforce per-minute limits (over short slices) and because a 60 s window could not tell pacing
+from bursting in a test that lasts seconds. Limit rules are checked before every other rule. Rules are plain synchronous objects: mutating a plan from a test running in the
 server's event loop is safe because nothing here awaits.
 """
 
@@ -21,8 +29,11 @@ from typing import Any
 #: Every fault kind, in the order the docs list them.
 FAULT_KINDS: tuple[str, ...] = (
     "status", "drop", "truncate", "stall", "stall_first_byte", "slow", "error_event", "malformed", "down",
-    "linger", "html",
+    "linger", "html", "concurrency_limit", "rpm_limit",
 )
+
+#: Kinds that limit load rather than misbehave; checked before the other rules.
+LIMIT_KINDS = frozenset({"concurrency_limit", "rpm_limit"})
 
 #: Options every kind accepts: how often and to which requests a rule applies.
 COMMON_OPTIONS: tuple[str, ...] = ("times", "p", "seed", "match", "per_image")
@@ -41,6 +52,8 @@ KIND_OPTIONS: dict[str, tuple[str, ...]] = {
     "linger": ("seconds",),
     "html": (),
     "down": ("seconds", "mode", "code"),
+    "concurrency_limit": ("max",),
+    "rpm_limit": ("rpm", "burst", "headers"),
 }
 
 #: Allowed ``mode=`` values (first is the default) for the kinds that have one.
@@ -55,6 +68,7 @@ class RequestTraits:
 
     text: str = ""
     image_keys: tuple[str, ...] = ()
+    in_flight: int = 0  # requests the endpoint is already answering (for concurrency_limit)
 
 
 @dataclass(eq=False)
@@ -78,6 +92,10 @@ class FaultRule:
     delay: float = 0.1
     style: str = "data"
     mode: str | None = None
+    max_in_flight: int | None = None
+    rpm: float | None = None
+    burst: float | None = None
+    rate_headers: bool = False
     # common options
     times: int | None = None
     p: float | None = None
@@ -89,6 +107,8 @@ class FaultRule:
     _image_hits: Counter[str] = field(default_factory=Counter, init=False, repr=False)
     _rng: random.Random = field(init=False, repr=False)
     _window_end: float | None = field(default=None, init=False, repr=False)
+    _bucket: float | None = field(default=None, init=False, repr=False)
+    _bucket_stamp: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -100,6 +120,13 @@ class FaultRule:
             raise ValueError(f"mode={self.mode!r} is not valid for {self.kind!r} (allowed: {', '.join(modes)})")
         if self.style not in ("data", "event"):
             raise ValueError(f"style={self.style!r} is not valid (allowed: data, event)")
+        if self.kind == "concurrency_limit" and self.max_in_flight is None:
+            raise ValueError("concurrency_limit needs max=N (requests answered at once)")
+        if self.kind == "rpm_limit":
+            if self.rpm is None:
+                raise ValueError("rpm_limit needs rpm=N (requests per minute)")
+            if self.burst is None:
+                self.burst = max(1.0, self.rpm / 60.0)
         if not self.spec:
             self.spec = self.kind
         self._rng = random.Random(self.seed)
@@ -131,12 +158,46 @@ class FaultRule:
             return True
         return self._window_end is not None and now >= self._window_end
 
+    def _bucket_level(self, now: float) -> float:
+        """Requests the ``rpm_limit`` bucket holds at ``now`` (full when first used)."""
+        assert self.rpm is not None and self.burst is not None
+        if self._bucket is None:
+            self._bucket, self._bucket_stamp = self.burst, now
+        elif now > self._bucket_stamp:
+            self._bucket = min(self.burst, self._bucket + (now - self._bucket_stamp) * self.rpm / 60.0)
+            self._bucket_stamp = now
+        return self._bucket
+
+    def _within_limit(self, traits: RequestTraits, now: float) -> bool:
+        """For limit kinds: True (and the request is counted) when it may be answered."""
+        if self.kind == "concurrency_limit":
+            assert self.max_in_flight is not None
+            return traits.in_flight < self.max_in_flight
+        if self._bucket_level(now) >= 1.0 - 1e-9:
+            self._bucket = (self._bucket or 0.0) - 1.0
+            return True
+        return False
+
+    def rate_limit_headers(self, now: float) -> dict[str, str]:
+        """OpenAI's request-limit headers for an ``rpm_limit`` rule with ``headers=1`` (else empty)."""
+        if self.kind != "rpm_limit" or not self.rate_headers:
+            return {}
+        assert self.rpm is not None and self.burst is not None
+        level = max(0.0, self._bucket_level(now))
+        return {
+            "x-ratelimit-limit-requests": f"{self.rpm:g}",
+            "x-ratelimit-remaining-requests": str(math.floor(level + 1e-9)),
+            "x-ratelimit-reset-requests": format_duration((self.burst - level) * 60.0 / self.rpm),
+        }
+
     def claim(self, traits: RequestTraits, now: float) -> bool:
         """Decide whether this rule fires for a request; if it does, record the firing."""
         self.activate(now)
         if self.spent(now):
             return False
         if self.match is not None and self.match not in traits.text:
+            return False
+        if self.kind in LIMIT_KINDS and self._within_limit(traits, now):
             return False
         fresh = [key for key in traits.image_keys
                  if self.per_image is None or self._image_hits[key] < self.per_image]
@@ -192,10 +253,22 @@ class FaultPlan:
         self._rules.clear()
 
     def pick(self, traits: RequestTraits, extra: FaultRule | None = None) -> FaultRule | None:
-        """The first rule that fires for this request (``extra``, from the X-Fault header, goes first)."""
+        """The first rule that fires for this request: ``extra`` (the X-Fault header's) first, then the
+        limit rules (a rate limiter sits in front of the model), then the others in order."""
         now = self._clock()
-        candidates = ([extra] if extra is not None else []) + self._rules
+        limits = [rule for rule in self._rules if rule.kind in LIMIT_KINDS]
+        others = [rule for rule in self._rules if rule.kind not in LIMIT_KINDS]
+        candidates = ([extra] if extra is not None else []) + limits + others
         return next((rule for rule in candidates if rule.claim(traits, now)), None)
+
+    def rate_limit_headers(self) -> dict[str, str]:
+        """Headers every answer carries now: those of ``rpm_limit`` rules with ``headers=1``."""
+        now = self._clock()
+        headers: dict[str, str] = {}
+        for rule in self._rules:
+            if not rule.spent(now):
+                headers.update(rule.rate_limit_headers(now))
+        return headers
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-ready view of the rules and latency knobs."""
@@ -265,6 +338,30 @@ def _retry_after(raw: str) -> str:
     return raw
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds as OpenAI writes reset durations: ``250ms``, ``1.5s``, ``6m0s``."""
+    seconds = max(0.0, seconds)
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m" + (f"{rest:.3f}".rstrip("0").rstrip(".") or "0") + "s"
+
+
+def _positive_number(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a number > 0")
+    return value
+
+
+def _flag(raw: str) -> bool:
+    if raw not in ("0", "1"):
+        raise ValueError("must be 0 or 1")
+    return raw == "1"
+
+
 def _duration(raw: str) -> str:
     """OpenAI-style reset durations such as ``1s``, ``20ms``, ``6m0s``."""
     if not _DURATION.match(raw):
@@ -278,10 +375,11 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "retry_after": _retry_after, "retry_after_ms": _non_negative_int,
     "reset_requests": _duration, "reset_tokens": _duration, "remaining_requests": _non_negative_int,
     "after": _non_negative_int, "seconds": _seconds, "delay": _seconds, "style": _text, "mode": _text,
+    "max": _positive_int, "rpm": _positive_number, "burst": _positive_number, "headers": _flag,
 }
 
 #: Option names that differ from the FaultRule field they fill.
-_FIELD_FOR_OPTION = {"type": "error_type"}
+_FIELD_FOR_OPTION = {"type": "error_type", "max": "max_in_flight", "headers": "rate_headers"}
 
 
 def _split_options(text: str) -> list[tuple[str, str]]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from pipeline.server.chunks import DONE_FRAME, first_finish_position, sse_frame
-from pipeline.server.faults import FaultPlan, FaultRule
+from pipeline.server.faults import LIMIT_KINDS, FaultPlan, FaultRule
 from pipeline.server.protocol import ApiError, error_type_for_status
 from pipeline.server.stats import EndpointStats
 
@@ -42,6 +42,8 @@ class Exchange:
     closing: asyncio.Event
     rule: FaultRule | None
     image_keys: tuple[str, ...]
+    #: Rate-limit headers computed when the rule was picked (``rpm_limit`` with ``headers=1``).
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def kind(self) -> str | None:
@@ -87,6 +89,8 @@ async def answer_before_headers(ex: Exchange) -> web.StreamResponse | None:
                        code="service_unavailable")
     if rule.kind == "status":
         raise _status_error(rule)
+    if rule.kind in LIMIT_KINDS:
+        raise _limit_error(ex)
     if rule.kind == "html":  # a proxy or captive portal answering in place of the API
         return web.Response(text=HTML_PAGE, content_type="text/html")
     return None
@@ -101,6 +105,15 @@ def _status_error(rule: FaultRule) -> ApiError:
     )
     return ApiError(status, message, code=rule.error_code or default_code,
                     error_type=rule.error_type or error_type_for_status(status), headers=rule.headers())
+
+
+def _limit_error(ex: Exchange) -> ApiError:
+    """429 from a ``concurrency_limit`` / ``rpm_limit`` rule; headers only where the rule discloses them."""
+    assert ex.rule is not None
+    what = ("too many requests in flight" if ex.rule.kind == "concurrency_limit"
+            else "requests per minute limit reached")
+    return ApiError(429, f"Rate limit reached: {what} (local endpoint).", code="rate_limit_exceeded",
+                    error_type="rate_limit_error", headers=ex.headers or None)
 
 
 def _error_object(rule: FaultRule) -> dict[str, Any]:
@@ -125,7 +138,7 @@ def _fault_position(ex: Exchange, chunks: list[dict[str, Any]]) -> int | None:
 
 async def send_stream(ex: Exchange, chunks: list[dict[str, Any]]) -> web.StreamResponse:
     """Stream ``chunks`` as SSE and ``[DONE]``, with any mid-stream fault applied."""
-    response = web.StreamResponse(headers=SSE_HEADERS)
+    response = web.StreamResponse(headers={**SSE_HEADERS, **ex.headers})
     await response.prepare(ex.request)
     ex.stats.responded(200)
     frames = [sse_frame(chunk) for chunk in chunks] + [DONE_FRAME]
@@ -169,7 +182,7 @@ async def _mid_stream_fault(ex: Exchange, response: web.StreamResponse) -> bool:
 async def send_json(ex: Exchange, body: dict[str, Any]) -> web.StreamResponse:
     """Send the ``chat.completion`` body; stream-style faults map onto the single body."""
     payload = _json_payload(ex, body)
-    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response = web.StreamResponse(headers={"Content-Type": "application/json", **ex.headers})
     response.content_length = len(payload)
     await response.prepare(ex.request)
     ex.stats.responded(200)

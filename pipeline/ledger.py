@@ -1,0 +1,383 @@
+"""The durable request ledger: one SQLite file (WAL) per job, the source of truth for what is done.
+
+A manifest row maps to a *request key* (image content + rendered prompt + every answer-changing
+parameter). A finished answer counts as done only once it is committed here, so a crash loses at most
+the requests that were in flight. Output files are derived from the ledger, never the other way round.
+
+Tables: ``requests`` (one row per request key: status, attempts, last error, result JSON), ``items``
+(manifest row id -> its input digest and request key), ``runs`` (history), ``meta`` (schema version).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import PipelineError
+
+SCHEMA_VERSION = 1
+
+#: Versioned migrations: MIGRATIONS[v] brings a version v-1 database to version v.
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE runs (
+        run_id INTEGER PRIMARY KEY AUTOINCREMENT,
+        command TEXT NOT NULL,
+        status TEXT NOT NULL,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        config_digest TEXT NOT NULL,
+        pid INTEGER,
+        summary TEXT
+    );
+    CREATE TABLE requests (
+        key TEXT PRIMARY KEY,
+        status TEXT NOT NULL CHECK (status IN ('pending', 'in_flight', 'ok', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        error_type TEXT,
+        error_message TEXT,
+        final INTEGER NOT NULL DEFAULT 0,
+        run_id INTEGER,
+        updated_at TEXT NOT NULL,
+        result TEXT
+    );
+    CREATE INDEX requests_by_status ON requests (status);
+    CREATE TABLE items (
+        row_id TEXT PRIMARY KEY,
+        input_digest TEXT NOT NULL,
+        request_key TEXT NOT NULL,
+        run_id INTEGER,
+        seen_at TEXT NOT NULL
+    );
+    CREATE INDEX items_by_key ON items (request_key);
+    """,
+}
+
+#: SQLite's default limit on bound parameters is 999 in old builds; stay below it.
+_IN_CHUNK = 900
+
+
+class LockHeld(PipelineError):
+    """Another run of the same job holds the ledger lock."""
+
+    error_type = "lock_held"
+
+
+class LedgerError(PipelineError):
+    """The ledger file is unusable (corrupt, or written by a newer pipeline)."""
+
+    error_type = "ledger_error"
+
+
+@dataclass(frozen=True, slots=True)
+class ItemState:
+    """What the ledger knows about one manifest row."""
+
+    input_digest: str
+    request_key: str
+    status: str | None  # of its request; None if the request row is gone
+    final: bool = False  # failed for a reason of its own: a plain run leaves it failed
+
+    @property
+    def settled(self) -> bool:
+        """Nothing a plain ``run`` should do: ok, or failed in a way that would fail again."""
+        return self.status == "ok" or (self.status == "failed" and self.final)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A finished request: its status and the result rows (one per choice, or one failure)."""
+
+    status: str
+    attempts: int
+    results: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One change the writer commits: a request's new state and the manifest rows that map to it."""
+
+    key: str
+    status: str | None  # None: only map the items to an already finished request
+    attempts: int = 0
+    error_type: str | None = None
+    error_message: str | None = None
+    results: list[dict[str, Any]] | None = None
+    items: tuple[tuple[str, str], ...] = ()  # (row_id, input_digest)
+    final: bool = False
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class StateStore:
+    """SQLite ledger for one job. Use one instance per thread (SQLite connections are not shared)."""
+
+    def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self._db: sqlite3.Connection | None = None
+
+    def __repr__(self) -> str:
+        return f"StateStore({str(self.path)!r})"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def open(self) -> StateStore:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._db = db
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{self.path}: not a usable ledger ({exc}); move it away or run with --fresh") from None
+        return self
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def __enter__(self) -> StateStore:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("StateStore is not open")
+        return self._db
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"{self.path}: ledger schema v{version} is newer than this pipeline understands "
+                f"(v{SCHEMA_VERSION}); upgrade pipeline"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self.transaction() as db:
+                for statement in MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version={target}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    def start_run(self, command: str, config_digest: str) -> int:
+        """Record a new run; any run still marked running died without closing (we hold the lock)."""
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET status = 'crashed' WHERE status = 'running'")
+            cursor = db.execute(
+                "INSERT INTO runs (command, status, started_at, config_digest, pid) VALUES (?, 'running', ?, ?, ?)",
+                (command, utc_now(), config_digest, os.getpid()),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def finish_run(self, run_id: int, status: str, summary: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, summary = ? WHERE run_id = ?",
+                (status, utc_now(), json.dumps(summary), run_id),
+            )
+
+    def runs(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT run_id, command, status, started_at, finished_at, summary FROM runs ORDER BY run_id"
+        ).fetchall()
+        return [
+            {"run_id": r[0], "command": r[1], "status": r[2], "started_at": r[3], "finished_at": r[4],
+             "summary": json.loads(r[5]) if r[5] else {}}
+            for r in rows
+        ]
+
+    # -- resume --------------------------------------------------------------------------------
+
+    def reset_in_flight(self) -> int:
+        """Requests left in flight by a run that died are simply pending again."""
+        with self.transaction() as db:
+            return db.execute(
+                "UPDATE requests SET status = 'pending', updated_at = ? WHERE status = 'in_flight'", (utc_now(),)
+            ).rowcount
+
+    def requeue_failed(self, error_type: str | None = None) -> int:
+        """Mark failed requests pending again (all, or those of one error type) for ``retry``."""
+        sql = "UPDATE requests SET status = 'pending', updated_at = ? WHERE status = 'failed'"
+        params: tuple[Any, ...] = (utc_now(),)
+        if error_type:
+            sql += " AND error_type = ?"
+            params += (error_type,)
+        with self.transaction() as db:
+            return db.execute(sql, params).rowcount
+
+    def item_states(self, row_ids: Sequence[str]) -> dict[str, ItemState]:
+        """Ledger state of many manifest rows in a few queries."""
+        found: dict[str, ItemState] = {}
+        for chunk in _chunks(row_ids):
+            marks = ",".join("?" * len(chunk))
+            for row_id, digest, key, status, final in self.db.execute(
+                "SELECT i.row_id, i.input_digest, i.request_key, r.status, r.final FROM items i "
+                f"LEFT JOIN requests r ON r.key = i.request_key WHERE i.row_id IN ({marks})",
+                chunk,
+            ):
+                found[row_id] = ItemState(digest, key, status, bool(final))
+        return found
+
+    def finished(self, key: str) -> Outcome | None:
+        """The stored outcome of a request key if it is ok (a duplicate image need not be sent again)."""
+        row = self.db.execute(
+            "SELECT status, attempts, result FROM requests WHERE key = ? AND status = 'ok'", (key,)
+        ).fetchone()
+        return Outcome(row[0], row[1], json.loads(row[2])) if row else None
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def commit(self, writes: Iterable[Write], run_id: int | None) -> None:
+        """Apply a group of writes in one transaction (the writer's group commit)."""
+        now = utc_now()
+        requests, items = [], []
+        for w in writes:
+            if w.status is not None:
+                result = json.dumps(w.results, separators=(",", ":")) if w.results is not None else None
+                requests.append(
+                    (w.key, w.status, w.attempts, w.error_type, w.error_message, int(w.final), run_id, now, result)
+                )
+            items.extend((row_id, digest, w.key, run_id, now) for row_id, digest in w.items)
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO requests (key, status, attempts, error_type, error_message, final, run_id, updated_at, "
+                "result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET status = excluded.status, "
+                "attempts = excluded.attempts, error_type = excluded.error_type, "
+                "error_message = excluded.error_message, final = excluded.final, run_id = excluded.run_id, "
+                "updated_at = excluded.updated_at, result = COALESCE(excluded.result, requests.result)",
+                requests,
+            )
+            if items:
+                db.executemany(
+                    "INSERT INTO items (row_id, input_digest, request_key, run_id, seen_at) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (row_id) DO UPDATE SET input_digest = excluded.input_digest, "
+                    "request_key = excluded.request_key, run_id = excluded.run_id, seen_at = excluded.seen_at",
+                    items,
+                )
+
+    # -- reading results -----------------------------------------------------------------------
+
+    def outcomes(self, row_ids: Sequence[str]) -> dict[str, Outcome]:
+        """Finished outcomes (ok or failed) of manifest rows, for rebuilding the output."""
+        found: dict[str, Outcome] = {}
+        for chunk in _chunks(row_ids):
+            marks = ",".join("?" * len(chunk))
+            for row_id, status, attempts, result in self.db.execute(
+                "SELECT i.row_id, r.status, r.attempts, r.result FROM items i JOIN requests r "
+                f"ON r.key = i.request_key WHERE i.row_id IN ({marks}) AND r.status IN ('ok', 'failed')",
+                chunk,
+            ):
+                found[row_id] = Outcome(status, attempts, json.loads(result) if result else [])
+        return found
+
+    def status_counts(self) -> dict[str, int]:
+        """Manifest rows known to the ledger, by the status of their request."""
+        rows = self.db.execute(
+            "SELECT COALESCE(r.status, 'pending'), COUNT(*) FROM items i "
+            "LEFT JOIN requests r ON r.key = i.request_key GROUP BY 1"
+        ).fetchall()
+        return {status: count for status, count in rows}
+
+    def error_breakdown(self, examples: int = 3) -> list[dict[str, Any]]:
+        """Failed rows by error type, most common first, with a few example rows and messages."""
+        rows = self.db.execute(
+            "SELECT r.error_type, COUNT(*) FROM items i JOIN requests r ON r.key = i.request_key "
+            "WHERE r.status = 'failed' GROUP BY r.error_type ORDER BY COUNT(*) DESC, r.error_type"
+        ).fetchall()
+        out = []
+        for error_type, count in rows:
+            sample = self.db.execute(
+                "SELECT i.row_id, r.error_message FROM items i JOIN requests r ON r.key = i.request_key "
+                "WHERE r.status = 'failed' AND r.error_type IS ? ORDER BY i.row_id LIMIT ?",
+                (error_type, examples),
+            ).fetchall()
+            out.append({"error_type": error_type, "count": count,
+                        "examples": [{"id": s[0], "message": s[1]} for s in sample]})
+        return out
+
+    def oldest_pending(self) -> dict[str, Any] | None:
+        row = self.db.execute(
+            "SELECT i.row_id, r.updated_at FROM items i JOIN requests r ON r.key = i.request_key "
+            "WHERE r.status IN ('pending', 'in_flight') ORDER BY r.updated_at LIMIT 1"
+        ).fetchone()
+        return {"id": row[0], "since": row[1]} if row else None
+
+
+def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(values), _IN_CHUNK):
+        yield values[start : start + _IN_CHUNK]
+
+
+class JobLock:
+    """One run at a time per job: an exclusive ``flock`` on a file beside the ledger.
+
+    The kernel drops the lock when its holder dies, so a lock left by a killed run is taken over
+    without any clean-up; the file holds the holder's pid only to say who is running.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockHeld(
+                f"another run of this job is in progress (pid {holder}, lock {self.path}); "
+                "wait for it to finish or stop it"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> JobLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
