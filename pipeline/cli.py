@@ -1,7 +1,7 @@
 """The command line: parse arguments, load the config, call the runner, print, map outcomes to exit codes.
 
 Exit codes: 0 every row ok; 1 some rows failed; 2 bad config or manifest; 3 another run of the job holds
-its lock; 4 interrupted (run again to finish).
+its lock; 4 interrupted (run again to finish); 5 a budget guard stopped the run.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .ledger import LockHeld
 from .jobs import export_job, job_status, run_history
 from .runner import Progress, Runner, RunSummary
 
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED, EXIT_BUDGET = 0, 1, 2, 3, 4, 5
 
 log = logging.getLogger("pipeline")
 
@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pipeline",
         description="Caption image collections through any OpenAI-compatible streaming vision endpoint.",
         epilog="Exit codes: 0 all rows ok, 1 some rows failed, 2 bad config or manifest, "
-        "3 another run of the job is in progress, 4 interrupted (run again to resume).",
+        "3 another run of the job is in progress, 4 interrupted (run again to resume), "
+        "5 a budget guard (limits.max_requests / max_total_tokens / max_cost) stopped the run.",
     )
     parser.add_argument("--version", action="version", version=f"pipeline {__version__}")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -183,7 +184,9 @@ def _print_summary(summary: RunSummary) -> None:
     print(f"  tokens     {summary.prompt_tokens} prompt · {summary.completion_tokens} completion")
     print(f"  output     {summary.output}: {summary.output_rows} rows "
           f"({summary.output_ok} ok, {summary.output_failed} failed)")
-    if summary.interrupted:
+    if summary.stop_reason == "budget":
+        print(f"stopped: {summary.budget_message}\nraise the limit in limits: and run again to continue")
+    elif summary.interrupted:
         print("interrupted: run the same command again to resume")
     elif summary.output_failed and summary.rows_failed < summary.output_failed:
         print("earlier failures are kept; 'pipeline retry CONFIG' re-sends them")

@@ -27,7 +27,7 @@ from .errors import (
     TruncatedStream,
     error_for_status,
 )
-from .retry import parse_retry_after
+from .retry import RateLimitHeaders, parse_rate_limit_headers, server_wait
 from .sse import SSEDecoder
 
 _ERROR_BODY_LIMIT = 64 * 1024
@@ -39,6 +39,7 @@ class StreamOutcome:
     completion: Completion
     ttft_ms: float | None  # request sent -> first streamed chunk
     latency_ms: float  # request sent -> [DONE]
+    rate_limits: RateLimitHeaders = RateLimitHeaders()  # x-ratelimit-* of the answer, to steer concurrency
 
 
 class ChatClient:
@@ -114,10 +115,11 @@ class _StreamReader:
             async with session.post(url, data=payload) as response:
                 if response.status != 200:
                     raise await _error_from_response(response)
+                limits = parse_rate_limit_headers(response.headers)
                 kind = _body_kind(response)
                 if kind == "json":
                     completion = await _read_plain_json(response)
-                    return StreamOutcome(completion, None, (loop.time() - start) * 1000)
+                    return StreamOutcome(completion, None, (loop.time() - start) * 1000, limits)
                 if kind != "sse":
                     raise await _unexpected_body(response, kind)
                 decoder = SSEDecoder()
@@ -138,7 +140,7 @@ class _StreamReader:
                 if not accumulator.done:
                     _feed(decoder.flush(), accumulator)
                 completion = accumulator.close()
-                return StreamOutcome(completion, ttft, (loop.time() - start) * 1000)
+                return StreamOutcome(completion, ttft, (loop.time() - start) * 1000, limits)
 
     def translate(self, exc: BaseException) -> PipelineError | None:
         """aiohttp / asyncio failures -> the pipeline's error tree (None: not ours to translate)."""
@@ -218,7 +220,7 @@ async def _error_from_response(response: aiohttp.ClientResponse) -> EndpointErro
     raw = await response.content.read(_ERROR_BODY_LIMIT)
     message, code = _error_message(raw, response.reason or "")
     return error_for_status(
-        response.status, message, retry_after=parse_retry_after(response.headers), code=code
+        response.status, message, retry_after=server_wait(response.headers, response.status), code=code
     )
 
 

@@ -98,6 +98,9 @@ class ImageLoader:
         if not source:
             raise ImageError("the image path is empty for this row; fill in the path column",
                              error_type="image_missing")
+        if "\0" in source:
+            raise ImageError(f"{source!r}: the image path contains a NUL byte; fix the manifest row",
+                             error_type="image_unreadable")
         scheme = _scheme(source)
         if scheme is None:
             return await self._load_local(Path(base_dir) / source, source)
@@ -122,7 +125,10 @@ class ImageLoader:
         scheme = _scheme(source)
         if scheme is not None and scheme != "file":
             return source
-        path = file_url_path(source) if scheme == "file" else Path(base_dir) / source
+        try:
+            path = file_url_path(source) if scheme == "file" else Path(base_dir) / source
+        except ImageError:  # a file:// URL naming another host: load() will say so
+            return source
         absolute = os.path.abspath(path)
         try:
             info = os.stat(absolute)
@@ -135,7 +141,8 @@ class ImageLoader:
     async def _load_local(self, path: Path, source: str) -> ImagePayload:
         if self._root is not None:
             path = self._inside_root(path, source)
-        data = read_image_file(path, source, self._policy.max_source_bytes, only_up_to=self._inline_bytes)
+        data = read_image_file(path, source, self._policy.max_source_bytes, only_up_to=self._inline_bytes,
+                               no_follow=self._root is not None)
         if data is None:
             return await self._in_pool(self._read_and_prepare, path, source)
         return self._quick_payload(data, source) or await self._in_pool(self._payload, data, source)
@@ -144,7 +151,7 @@ class ImageLoader:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def _read_and_prepare(self, path: Path, source: str) -> ImagePayload:
-        data = read_image_file(path, source, self._policy.max_source_bytes)
+        data = read_image_file(path, source, self._policy.max_source_bytes, no_follow=self._root is not None)
         assert data is not None  # no only_up_to: always read
         return self._payload(data, source)
 
@@ -279,15 +286,18 @@ def file_url_path(url: str) -> Path:
     return Path(urllib.parse.unquote(parts.path))
 
 
-def read_image_file(path: Path, source: str, max_bytes: int, *, only_up_to: int | None = None) -> bytes | None:
+def read_image_file(path: Path, source: str, max_bytes: int, *, only_up_to: int | None = None,
+                    no_follow: bool = False) -> bytes | None:
     """Read a local image; every OS failure becomes a precise per-row ``ImageError``.
 
     Opened non-blocking and checked with ``fstat``: a FIFO or device named in a manifest fails at once
     instead of hanging a worker, and the size is checked before anything is read. Returns None, reading
-    nothing, when the file is larger than ``only_up_to``.
+    nothing, when the file is larger than ``only_up_to``. ``no_follow`` opens an already-resolved path so
+    that a symlink swapped in after the ``input.root`` check is refused, not followed.
     """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if no_follow else 0)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise ImageError(f"{source}: image file not found (looked at {path})", error_type="image_missing") from None
     except NotADirectoryError:

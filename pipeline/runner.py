@@ -25,8 +25,9 @@ from typing import Any, Literal
 
 from .client import ChatClient, StreamOutcome
 from .config import Config
-from .errors import ConfigError, EmptyResponse, ImageError, PipelineError
+from .errors import BudgetExceeded, ConfigError, EmptyResponse, ImageError, PipelineError
 from .export import export_output
+from .gate import RequestGate
 from .images import ImageLoader, ImagePayload
 from .ledger import JobLock, StateStore, Write
 from .manifest import ManifestInfo, ManifestReader, Row
@@ -76,11 +77,15 @@ class RunSummary:
     output_failed: int = 0
     elapsed_s: float = 0.0
     interrupted: bool = False
+    stop_reason: str | None = None  # "signal" (Ctrl-C / SIGTERM) or "budget"
+    budget_message: str | None = None
     errors: Counter[str] = field(default_factory=Counter)
 
     @property
     def exit_code(self) -> int:
-        """0 every output row ok, 1 some rows failed, 4 interrupted (run again to finish)."""
+        """0 every output row ok, 1 some rows failed, 4 interrupted (run again to finish), 5 budget reached."""
+        if self.stop_reason == "budget":
+            return 5
         if self.interrupted:
             return 4
         return 1 if self.output_failed else 0
@@ -128,7 +133,8 @@ class Runner:
         self.params = answer_params_digest(config.request, config.images)
         self.summary = RunSummary(output=config.output.path, command=command)
         self._stop = asyncio.Event()
-        self._single_flight: dict[str, asyncio.Future[Write]] = {}
+        self._single_flight: dict[str, asyncio.Future[Write | None]] = {}
+        self.gate = RequestGate.from_config(config)
         self._run_id = 0
 
     def stop(self) -> None:
@@ -238,6 +244,7 @@ class Runner:
         """On stop: no new rows; in-flight rows get the grace period, then are cancelled."""
         await self._stop.wait()
         self.summary.interrupted = True
+        self.summary.stop_reason = self.summary.stop_reason or "signal"
         feeder.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await feeder
@@ -303,11 +310,14 @@ class Runner:
                 write = await self._process(task, client, lookups, commits)
             finally:
                 self.progress.in_flight -= 1
+            if write is None:  # not finished (the budget stopped the run): stays to do
+                continue
             done = loop.create_future()
             await commits.put(_Commit(write, done))
             await done  # write-ahead: the answer is durable before this worker takes another row
 
-    async def _process(self, task: _Task, client: ChatClient, lookups: StateStore, commits: asyncio.Queue[_Commit | None]) -> Write:
+    async def _process(self, task: _Task, client: ChatClient, lookups: StateStore,
+                       commits: asyncio.Queue[_Commit | None]) -> Write | None:
         row, items = task.row, ((task.row.id, task.digest),)
         started = _now()
         try:
@@ -322,9 +332,11 @@ class Runner:
             return Write(key, None, items=items)
         if (twin := self._single_flight.get(key)) is not None:
             first = await twin
+            if first is None:
+                return None
             self.summary.rows_deduplicated += 1
             return Write(key, None, error_type=first.error_type, items=items)
-        future: asyncio.Future[Write] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Write | None] = asyncio.get_running_loop().create_future()
         self._single_flight[key] = future
         try:
             commits.put_nowait(_Commit(Write(key, "in_flight", items=items), None, counted=False))
@@ -337,27 +349,46 @@ class Runner:
             del self._single_flight[key]
 
     async def _send(self, client: ChatClient, key: str, row: Row, image: ImagePayload, prompt: str, started: datetime,
-                    items: tuple[tuple[str, str], ...]) -> Write:
+                    items: tuple[tuple[str, str], ...]) -> Write | None:
+        """Send under the gate and the retry policy; None when the budget stopped the run first."""
         body = self.builder.build(prompt, image.url)
-        attempts = 0
+        size = (image.report.get("sent_width"), image.report.get("sent_height"))
+        estimate = self.gate.estimate(body, size if None not in size else None)  # type: ignore[arg-type]
+        sent = 0
+
+        async def send_once(payload: dict[str, Any]) -> StreamOutcome:
+            nonlocal sent
+            sent += 1
+            outcome = await client.stream_chat(payload)
+            if not outcome.completion.choices:
+                raise EmptyResponse("the endpoint finished the stream without any choice")
+            return outcome
+
         try:
-            async for attempt in retry_policy(self.config.run):
+            async for attempt in retry_policy(self.config.run, max_server_wait=self.config.limits.max_retry_wait):
                 with attempt:
-                    attempts = attempt.retry_state.attempt_number
-                    outcome: StreamOutcome = await client.stream_chat(body)
-                    if not outcome.completion.choices:
-                        raise EmptyResponse("the endpoint finished the stream without any choice")
+                    outcome = await self.gate.send(send_once, body, estimate)
+        except BudgetExceeded as exc:
+            self._stop_for_budget(exc)
+            return None
         except PipelineError as exc:
-            return self._failure(key, row, exc, attempts, started, items, image.report)
+            return self._failure(key, row, exc, sent, started, items, image.report)
         except Exception as exc:  # a bug must not lose the row: record it and say so loudly
             log.exception("%s: internal error", row.label)
             failure = PipelineError(f"internal error: {type(exc).__name__}: {exc}")
-            return self._failure(key, row, failure, attempts, started, items, image.report)
+            return self._failure(key, row, failure, sent, started, items, image.report)
         results = rows_from_completion(
-            outcome.completion, attempts=attempts, ttft_ms=outcome.ttft_ms, latency_ms=outcome.latency_ms,
+            outcome.completion, attempts=sent, ttft_ms=outcome.ttft_ms, latency_ms=outcome.latency_ms,
             started_at=started, finished_at=_now(), image=image.report,
         )
-        return Write(key, "ok", attempts, results=[r.to_json() for r in results], items=items)
+        return Write(key, "ok", sent, results=[r.to_json() for r in results], items=items)
+
+    def _stop_for_budget(self, exc: BudgetExceeded) -> None:
+        if self.summary.stop_reason is None:
+            log.warning("%s", exc.message)
+            self.summary.stop_reason = "budget"
+            self.summary.budget_message = exc.message
+        self.stop()
 
     def _failure(self, key: str, row: Row, exc: PipelineError, attempts: int, started: datetime,
                  items: tuple[tuple[str, str], ...], image: dict[str, Any] | None = None) -> Write:

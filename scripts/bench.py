@@ -278,8 +278,15 @@ def reap(proc: subprocess.Popen[bytes]) -> tuple[int, float, float]:
     return proc.returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
+def fresh_output(work: Path, scenario: str, label: str) -> Path:
+    """An empty folder per run (so no ledger or output of an earlier run is ever resumed)."""
+    folder = work / scenario / label
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder / "output.parquet"
+
+
 def run_client(client: str, endpoint: Endpoint, manifest: Path, rows: int, concurrency: int, out: Path) -> Run:
-    out.parent.mkdir(parents=True, exist_ok=True)
     before = _reset_window(endpoint)
     started = time.monotonic()
     proc = spawn(client_command(client, manifest, endpoint.base_url, concurrency, out), out.with_suffix(".log"))
@@ -377,10 +384,11 @@ def scenario_a(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
     table, cpu_ex, rate, all_ok = [], {}, {}, True
     with Endpoint(work, chunks=sizes.chunks) as endpoint:
         for client in clients:
-            t = run_client(client, endpoint, small, tiny, conc, work / "a" / f"{client}-tiny.parquet")
-            verify(t, work / "a" / f"{client}-tiny.parquet", small, expected)
-            r = run_client(client, endpoint, big, rows, conc, work / "a" / f"{client}-big.parquet")
-            verify(r, work / "a" / f"{client}-big.parquet", big, expected)
+            out_tiny, out_big = fresh_output(work, "a", f"{client}-{tiny}"), fresh_output(work, "a", f"{client}-{rows}")
+            t = run_client(client, endpoint, small, tiny, conc, out_tiny)
+            verify(t, out_tiny, small, expected)
+            r = run_client(client, endpoint, big, rows, conc, out_big)
+            verify(r, out_big, big, expected)
             excl = (r.cpu_s - t.cpu_s) / (rows - tiny) * 1000
             steady = (rows - tiny) / (r.wall_s - t.wall_s) if r.wall_s > t.wall_s else None
             cpu_ex[client], rate[client] = excl, rows / r.wall_s
@@ -415,7 +423,7 @@ def scenario_b(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
     table, served, all_ok = [], {}, True
     with Endpoint(work, chunks=sizes.chunks, first_token=sizes.first_token, chunk_delay=sizes.chunk_delay) as endpoint:
         for client in clients:
-            out = work / "b" / f"{client}.parquet"
+            out = fresh_output(work, "b", client)
             r = run_client(client, endpoint, manifest, rows, conc, out)
             verify(r, out, manifest, expected)
             all_ok &= r.verified == "ok"
@@ -452,7 +460,7 @@ def scenario_c(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
                 if n == large and client not in large_clients:
                     continue
                 manifest = write_manifest(data, f"manifest-c-{n}.csv", paths, n)
-                out = work / "c" / f"{client}-{n}.parquet"
+                out = fresh_output(work, "c", f"{client}-{n}")
                 results[n] = r = run_client(client, endpoint, manifest, n, conc, out)
                 verify(r, out, manifest, expected)
                 all_ok &= r.verified == "ok"
@@ -477,9 +485,7 @@ def scenario_d(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
     data = work / "tiny"
     paths = make_images(data, rows, "tiny")
     manifest = write_manifest(data, f"manifest-d-{rows}.csv", paths, rows)
-    out = work / "d" / "pipeline.parquet"
-    shutil.rmtree(out.parent, ignore_errors=True)
-    out.parent.mkdir(parents=True)
+    out = fresh_output(work, "d", "pipeline")
     with Endpoint(work, chunks=1) as endpoint:  # the first, unmeasured run: one chunk per answer
         first = run_client("pipeline", endpoint, manifest, rows, conc, out)
         verify(first, out, manifest, expected_by_path(data, paths, 1))

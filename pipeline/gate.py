@@ -1,0 +1,100 @@
+"""The request gate: every limit of ``limits.py`` around one attempt, in the order that wastes nothing.
+
+Breaker outermost (a worker waiting out an outage holds no slot and no tokens), then the adaptive
+concurrency slot, the budget check, and the rate buckets last, right before the request leaves. Failures
+that belong to an outage the breaker recognised are repeated here and never reach the retry policy, so
+rows keep their retry budget while the endpoint is down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .client import StreamOutcome
+from .config import Config
+from .errors import PipelineError
+from .limits import AdaptiveConcurrency, BreakerTicket, BudgetGuard, CircuitBreaker, RateLimiter, is_overload
+from .tokens import TokenEstimate, TokenEstimator
+
+Send = Callable[[dict[str, Any]], Awaitable[StreamOutcome]]
+
+
+@dataclass
+class RequestGate:
+    concurrency: AdaptiveConcurrency
+    limiter: RateLimiter
+    budget: BudgetGuard
+    breaker: CircuitBreaker | None
+    estimator: TokenEstimator
+    adaptive: bool
+    n_choices: int = 1
+
+    @classmethod
+    def from_config(cls, config: Config) -> RequestGate:
+        limits, run = config.limits, config.run
+        breaker = None
+        if limits.circuit_breaker:
+            breaker = CircuitBreaker(
+                window=limits.breaker_window, failure_ratio=limits.breaker_failure_ratio,
+                min_calls=limits.breaker_min_calls, cooldown=limits.breaker_cooldown,
+                max_cooldown=limits.breaker_max_cooldown, give_up_after=limits.breaker_give_up_after,
+            )
+        prices = {model: (price.input, price.output) for model, price in limits.prices.items()}
+        return cls(
+            concurrency=AdaptiveConcurrency(run.concurrency, min(limits.min_concurrency, run.concurrency),
+                                            run.concurrency),
+            limiter=RateLimiter(limits.requests_per_minute, limits.tokens_per_minute),
+            budget=BudgetGuard(limits.max_requests, limits.max_total_tokens, limits.max_cost, prices,
+                               default_model=config.request.model),
+            breaker=breaker,
+            estimator=TokenEstimator(config.images.detail),
+            adaptive=limits.adaptive,
+            n_choices=config.request.n_choices,
+        )
+
+    def estimate(self, body: dict[str, Any], size: tuple[int, int] | None) -> TokenEstimate:
+        return self.estimator.estimate(body, [size] if size else None)
+
+    async def send(self, send: Send, body: dict[str, Any], estimate: TokenEstimate) -> StreamOutcome:
+        """One charged attempt (outage failures are waited out and repeated, uncharged)."""
+        while True:
+            ticket: BreakerTicket | None = None
+            try:
+                async with self._guard() as ticket:
+                    return await self._attempt(send, body, estimate)
+            except PipelineError:
+                if ticket is None or not ticket.outage:
+                    raise
+            # the breaker absorbed this failure: go round; the guard waits out the open period
+
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[BreakerTicket]:
+        if self.breaker is None:
+            yield BreakerTicket()
+            return
+        async with self.breaker.guard() as ticket:
+            yield ticket
+
+    async def _attempt(self, send: Send, body: dict[str, Any], estimate: TokenEstimate) -> StreamOutcome:
+        async with self.concurrency as permit:
+            with self.budget.request(estimate) as spend:
+                async with self.limiter.reserve(estimate.total) as reservation:
+                    try:
+                        outcome = await send(body)
+                    except PipelineError as exc:
+                        if self.adaptive and is_overload(exc):
+                            self.concurrency.on_overload(permit)
+                        raise
+                    usage = outcome.completion.usage
+                    reservation.settle(usage.total_tokens if usage else None)
+                    if usage and usage.prompt_tokens is not None:
+                        spend.record(usage.prompt_tokens, usage.completion_tokens or 0, outcome.completion.model)
+                        self.estimator.observe(estimate, usage.prompt_tokens, usage.completion_tokens,
+                                               self.n_choices)
+                    if self.adaptive:
+                        self.concurrency.on_success()
+                        self.concurrency.observe(outcome.rate_limits)
+                    return outcome
