@@ -306,6 +306,40 @@ class LimitsConfig(_Model):
         return self
 
 
+class NotifyConfig(_Model):
+    """Where to send the run report when a run ends (``pipeline.report.post_webhook``).
+
+    The URL is a secret (a Slack webhook's path is its credential): it is masked in dumps and logs.
+    """
+
+    webhook_url: SecretStr | None = None
+    when: Literal["always", "failure"] = "always"  # failure: only when the run did not succeed
+    timeout: Annotated[float, Field(gt=0)] = 10.0
+
+    @field_validator("webhook_url", mode="before")
+    @classmethod
+    def _empty_url_is_none(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value.get_secret_value()):
+            raise ValueError("must be an http(s):// URL")
+        return value
+
+
+class MetricsConfig(_Model):
+    """Prometheus textfile-collector output (``pipeline.report.render_prometheus``), written after a run.
+
+    ``prometheus``: a ``.prom`` file, or a folder (node_exporter's ``--collector.textfile.directory``) in
+    which ``<job>.prom`` is written. ``job``: the ``job`` label; default the output file's stem.
+    """
+
+    prometheus: Path | None = None
+    job: Annotated[str, Field(min_length=1)] | None = None
+
+
 class Config(_Model):
     endpoint: EndpointConfig = EndpointConfig()
     request: RequestConfig
@@ -315,6 +349,8 @@ class Config(_Model):
     images: ImagesConfig = ImagesConfig()
     ledger: LedgerConfig = LedgerConfig()
     limits: LimitsConfig = LimitsConfig()
+    notify: NotifyConfig = NotifyConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def ledger_path(self) -> Path:
@@ -432,7 +468,7 @@ def _most_specific(errors: list[Any]) -> list[Any]:
     return kept
 
 
-_SECRET_KEYS = ("api_key",)
+_SECRET_KEYS = ("api_key", "webhook_url")
 
 
 def describe_error(err: Mapping[str, Any]) -> str:

@@ -203,6 +203,8 @@ def build_report(store: StateStore, run_id: int, summary: Mapping[str, Any] | An
         "exit_code": exit_code,
         "success": success,
         "interrupted": interrupted,
+        "stop_reason": data.get("stop_reason"),  # "signal" or "budget" when the run stopped early
+        "budget_message": data.get("budget_message"),
         "rows": {
             "total": data.get("rows_total", 0), "new": data.get("rows_new", 0),
             "changed": data.get("rows_changed", 0), "resumed": data.get("rows_resumed", 0),
@@ -285,10 +287,16 @@ def _cost_text(report: Mapping[str, Any]) -> str:
     return "–" if total is None else f"{total:.4f}"
 
 
+def _state(report: Mapping[str, Any]) -> str:
+    if report.get("stop_reason") == "budget":
+        return "stopped by its budget"
+    return "interrupted" if report["interrupted"] else str(report["status"])
+
+
 def summary_line(report: Mapping[str, Any]) -> str:
     """One line for chat (the webhook's ``text``) and for logs."""
     rows, tokens = report["rows"], report["tokens"]
-    state = "interrupted" if report["interrupted"] else report["status"]
+    state = _state(report)
     mark = "ok" if report["success"] else "FAILED"
     failed = ", ".join(f"{f['error_type']} {f['count']}" for f in report["failures"][:3])
     failed_text = f" ({failed})" if failed else ""
@@ -313,9 +321,10 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
 def render_markdown(report: Mapping[str, Any]) -> str:
     """A short human report: a header, then small tables (GitHub / GitLab / any Markdown viewer)."""
     rows, out, req, tokens = report["rows"], report["output_rows"], report["requests"], report["tokens"]
-    state = "interrupted" if report["interrupted"] else report["status"]
-    lines = [f"# pipeline {report['command']} #{report['run_id']}: {state}", "",
+    lines = [f"# pipeline {report['command']} #{report['run_id']}: {_state(report)}", "",
              summary_line(report), ""]
+    if report.get("budget_message"):
+        lines += [f"> {_md(report['budget_message'])}", ""]
     lines += _table(["", ""], [
         ("output", f"`{report['output']}`"), ("config digest", f"`{report['config_digest']}`"),
         ("started (UTC)", report["started_at"]), ("finished (UTC)", report["finished_at"]),
