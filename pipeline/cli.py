@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("config", type=Path, help="YAML or TOML job config")
     runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    estimate = commands.add_parser("estimate", help="what the next run would send and cost (sends nothing)",
+                                   description="Read the manifest, the ledger and image headers only, and "
+                                   "estimate rows to send, input/output tokens and cost (limits.prices).")
+    estimate.add_argument("config", type=Path, help="YAML or TOML job config")
+    estimate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     export = commands.add_parser("export", help="rebuild the output file from the ledger",
                                  description="Write output.path from the ledger (safe while a run is going on).")
     export.add_argument("config", type=Path, help="YAML or TOML job config")
@@ -94,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     handlers = {"run": _run, "retry": _run, "validate": _validate, "serve": _serve, "status": _status,
-                "runs": _runs, "export": _export}
+                "runs": _runs, "export": _export, "estimate": _estimate}
     try:
         return handlers[args.command](args)
     except LockHeld as exc:
@@ -236,6 +242,30 @@ def _runs(args: argparse.Namespace) -> int:
               f"{s.get('rows_failed', 0):>6}  {s.get('attempts', 0):>6}")
     if not history:
         print("(no runs yet)")
+    return EXIT_OK
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from .estimate import estimate_job
+
+    config = load_config(args.config)
+    report = estimate_job(config)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return EXIT_OK
+    detail = config.images.detail or "auto"
+    print(f"estimate for {args.config} (model {report.model}; nothing was sent)")
+    print(f"  manifest rows   {report.manifest_rows:>12,}")
+    print(f"  to send         {report.rows_to_send:>12,}  (new {report.rows_new} · changed {report.rows_changed} · "
+          f"pending from earlier runs {report.rows_pending})")
+    print(f"  already done    {report.rows_done:>12,}")
+    print(f"  invalid         {report.rows_invalid:>12,}" + ("  (would fail without a request)" if report.rows_invalid else ""))
+    for example in report.invalid_examples:
+        print(f"    {example['id']}: {example['problem']}")
+    print(f"  input tokens    {report.input_tokens:>12,}  (prompt text + images after the resize policy, detail={detail})")
+    print(f"  output tokens   {report.output_tokens:>12,}  ({report.output_basis})")
+    cost = f"{report.cost:>12.4f}" if report.cost is not None else f"{'unknown':>12}"
+    print(f"  cost            {cost}  ({report.cost_basis})")
     return EXIT_OK
 
 

@@ -329,6 +329,14 @@ class StateStore:
                         "examples": [{"id": s[0], "message": s[1]} for s in sample]})
         return out
 
+    def mean_usage(self) -> tuple[float | None, float | None]:
+        """Mean prompt and completion tokens per finished request so far (for estimates)."""
+        row = self.db.execute(
+            "SELECT AVG(json_extract(result, '$[0].prompt_tokens')), "
+            "AVG(json_extract(result, '$[0].completion_tokens')) FROM requests WHERE status = 'ok'"
+        ).fetchone()
+        return row[0], row[1]
+
     def oldest_pending(self) -> dict[str, Any] | None:
         row = self.db.execute(
             "SELECT i.row_id, r.updated_at FROM items i JOIN requests r ON r.key = i.request_key "

@@ -167,15 +167,9 @@ def _inspect(data: bytes, source: str, policy: ImagesConfig) -> _Header:
     if not data:
         raise ImageError(f"{source}: image file is empty (0 bytes); remove the row or fix the file",
                          error_type="image_empty")
-    image = _open(data, source)
+    image = _open(data, source, policy.max_image_pixels)
     width, height = image.size
-    if width * height > policy.max_image_pixels:
-        raise ImageError(
-            f"{source}: image is {width}x{height} ({width * height / 1e6:.1f} MP), over "
-            f"images.max_image_pixels={policy.max_image_pixels}; refused before decoding (possible "
-            "decompression bomb); raise images.max_image_pixels if the image is genuine",
-            error_type="image_too_large",
-        )
+    _check_pixels(width, height, policy.max_image_pixels, source)
     orientation = _orientation(image)
     upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     original = {"image_format": _format_name(image), "image_width": upright[0], "image_height": upright[1],
@@ -196,11 +190,22 @@ def _as_is(header: _Header, data: bytes) -> Prepared:
 # -- opening and checking ---------------------------------------------------------------------------
 
 
-def _open(data: bytes, source: str) -> Image.Image:
+def _check_pixels(width: int, height: int, limit: int, source: str) -> None:
+    """The decompression-bomb guard, applied to the header's size before any pixel is decoded."""
+    if width * height > limit:
+        raise ImageError(
+            f"{source}: image is {width}x{height} ({width * height / 1e6:.1f} MP), over "
+            f"images.max_image_pixels={limit}; refused before decoding (possible decompression bomb); "
+            "raise images.max_image_pixels if the image is genuine",
+            error_type="image_too_large",
+        )
+
+
+def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
     """Lazy open (header only); every failure becomes a precise per-row error."""
     mime = sniff_mime(data[:16])
     if mime == "image/heic":
-        return _open_heif(data, source, "HEIC/HEIF")
+        return _open_heif(data, source, "HEIC/HEIF", max_pixels)
     try:
         return Image.open(io.BytesIO(data), formats=_openable_formats())
     except Image.DecompressionBombError as exc:
@@ -209,7 +214,7 @@ def _open(data: bytes, source: str) -> Image.Image:
                          error_type="image_too_large") from None
     except Image.UnidentifiedImageError:
         if mime == "image/avif":
-            return _open_heif(data, source, "AVIF")
+            return _open_heif(data, source, "AVIF", max_pixels)
         if mime is not None:
             raise ImageError(f"{source}: looks like {mime} but its header cannot be parsed; the file is "
                              "truncated or corrupt; re-export it", error_type="image_corrupt") from None
@@ -229,7 +234,7 @@ def _openable_formats() -> list[str]:
     return [name for name in READABLE_FORMATS if name in Image.OPEN]
 
 
-def _open_heif(data: bytes, source: str, kind: str) -> Image.Image:
+def _open_heif(data: bytes, source: str, kind: str, max_pixels: int) -> Image.Image:
     """HEIC/HEIF (and AVIF where Pillow lacks it) through the optional ``pillow-heif`` package."""
     try:
         import pillow_heif  # type: ignore[import-not-found]
@@ -238,7 +243,10 @@ def _open_heif(data: bytes, source: str, kind: str) -> Image.Image:
                          error_type="image_needs_extra") from None
     try:
         heif = pillow_heif.open_heif(io.BytesIO(data), convert_hdr_to_8bit=True)
+        _check_pixels(*heif.size, max_pixels, source)  # to_pillow() decodes: check first
         image: Image.Image = heif.to_pillow()
+    except ImageError:
+        raise
     except Exception as exc:
         raise ImageError(f"{source}: {kind} data cannot be decoded ({type(exc).__name__}: {exc}); the file "
                          "is truncated or corrupt; re-export it", error_type="image_corrupt") from None

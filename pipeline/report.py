@@ -432,8 +432,10 @@ def render_prometheus(report: Mapping[str, Any], job: str) -> str:
     ``pipeline_last_run_success == 0`` or on ``time() - pipeline_last_run_timestamp_seconds`` growing.
     """
     prom = _PromText(job)
-    prom.gauges("pipeline_run_rows", "Manifest rows of the last run, by how the run treated them.", "status",
-                report["rows"])
+    prom.gauge("pipeline_manifest_rows", "Rows in the manifest at the last run.", report["rows"]["total"])
+    prom.gauges("pipeline_run_rows", "Manifest rows of the last run, by how the run treated them (new, changed, "
+                "resumed, retried and skipped add up to the manifest; ok, failed, deduplicated and not_run are "
+                "outcomes).", "status", {k: v for k, v in report["rows"].items() if k != "total"})
     prom.gauges("pipeline_output_rows", "Rows in the output file after the last run, by status.", "status",
                 {k: v for k, v in report["output_rows"].items() if k != "total"})
     prom.gauges("pipeline_run_requests", "Requests finished by the last run, by outcome; 'sent' counts "
@@ -491,6 +493,11 @@ def webhook_payload(report: Mapping[str, Any]) -> dict[str, Any]:
     """Slack-compatible: Slack (and Mattermost, Teams' Slack mode, Discord's /slack) show ``text``; other
     receivers get the whole report under ``summary``."""
     return {"text": summary_line(report), "summary": dict(report)}
+
+
+def notify_wanted(report: Mapping[str, Any], when: str = "always") -> bool:
+    """``notify.when``: ``always``, or ``failure`` (only runs that did not succeed)."""
+    return when == "always" or not report["success"]
 
 
 def _safe_url(url: str) -> str:

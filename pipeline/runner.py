@@ -101,7 +101,7 @@ ProgressCallback = Callable[[Progress], None]
 
 
 @dataclass(slots=True)
-class _Task:
+class RowTask:
     row: Row
     prompt: str
     digest: str  # input digest: unchanged inputs => unchanged digest
@@ -206,7 +206,7 @@ class Runner:
 
     async def _run_pool(self, store: StateStore, lookups: StateStore, info: ManifestInfo) -> None:
         size = self.config.run.concurrency
-        rows: asyncio.Queue[_Task | None] = asyncio.Queue(maxsize=size * 2)
+        rows: asyncio.Queue[RowTask | None] = asyncio.Queue(maxsize=size * 2)
         commits: asyncio.Queue[_Commit | None] = asyncio.Queue()  # bounded by the workers: each waits
         async with self._endpoint() as base_url, self.images, \
                 ChatClient(self.config.endpoint, base_url=base_url, pool_size=size) as client:
@@ -239,7 +239,7 @@ class Runner:
         finally:
             await server.stop()
 
-    async def _watch_stop(self, feeder: asyncio.Task[None], rows: asyncio.Queue[_Task | None],
+    async def _watch_stop(self, feeder: asyncio.Task[None], rows: asyncio.Queue[RowTask | None],
                           workers: list[asyncio.Task[None]]) -> None:
         """On stop: no new rows; in-flight rows get the grace period, then are cancelled."""
         await self._stop.wait()
@@ -258,7 +258,7 @@ class Runner:
 
     # -- feeding -------------------------------------------------------------------------------
 
-    async def _feed(self, rows: asyncio.Queue[_Task | None], workers: int, info: ManifestInfo) -> None:
+    async def _feed(self, rows: asyncio.Queue[RowTask | None], workers: int, info: ManifestInfo) -> None:
         """Walk the manifest; queue rows whose inputs changed or that have no finished outcome."""
         synchronous = self.config.ledger.synchronous.upper()
         with StateStore(self.config.ledger_path, synchronous=synchronous) as store:
@@ -267,7 +267,7 @@ class Runner:
                 batch = await asyncio.to_thread(next, batches, None)
                 if batch is None:
                     break
-                tasks = await asyncio.to_thread(self._triage, batch, store)
+                tasks = await asyncio.to_thread(self.triage, batch, store)
                 for task in tasks:
                     await rows.put(task)
         self.progress.total = info.rows - self.summary.rows_skipped
@@ -275,9 +275,12 @@ class Runner:
         for _ in range(workers):
             await rows.put(_END)
 
-    def _triage(self, batch: list[Row], store: StateStore) -> list[_Task]:
-        """Runs in a thread: one ledger query and one stat per row, no image reads."""
-        states = store.item_states([row.id for row in batch])
+    def triage(self, batch: list[Row], store: StateStore | None) -> list[RowTask]:
+        """The rows of ``batch`` that need work, counted into the summary by why (new, changed, ...).
+
+        Runs in a thread: one ledger query for the batch and one ``stat`` per row, no image reads.
+        """
+        states = store.item_states([row.id for row in batch]) if store is not None else {}
         fingerprint = self.images.fingerprint
         template, summary = self.config.request.prompt, self.summary
         tasks = []
@@ -296,13 +299,13 @@ class Runner:
                 summary.rows_retried += 1
             else:
                 summary.rows_resumed += 1
-            tasks.append(_Task(row, prompt, digest))
+            tasks.append(RowTask(row, prompt, digest))
         self.progress.skipped = summary.rows_skipped
         return tasks
 
     # -- working -------------------------------------------------------------------------------
 
-    async def _work(self, client: ChatClient, lookups: StateStore, rows: asyncio.Queue[_Task | None], commits: asyncio.Queue[_Commit | None]) -> None:
+    async def _work(self, client: ChatClient, lookups: StateStore, rows: asyncio.Queue[RowTask | None], commits: asyncio.Queue[_Commit | None]) -> None:
         loop = asyncio.get_running_loop()
         while (task := await rows.get()) is not _END:
             self.progress.in_flight += 1
@@ -316,7 +319,7 @@ class Runner:
             await commits.put(_Commit(write, done))
             await done  # write-ahead: the answer is durable before this worker takes another row
 
-    async def _process(self, task: _Task, client: ChatClient, lookups: StateStore,
+    async def _process(self, task: RowTask, client: ChatClient, lookups: StateStore,
                        commits: asyncio.Queue[_Commit | None]) -> Write | None:
         row, items = task.row, ((task.row.id, task.digest),)
         started = _now()

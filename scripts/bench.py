@@ -225,6 +225,7 @@ class Run:
     server_cpu_s: float
     requests: int
     window_s: float | None  # endpoint side: first request in -> last answer out
+    foreign_cpu_s: float | None = None  # CPU time used by other processes on the machine meanwhile
     verified: str = "?"
     ok_rows: int = 0
     notes: list[str] = field(default_factory=list)
@@ -288,19 +289,37 @@ def fresh_output(work: Path, scenario: str, label: str) -> Path:
 
 def run_client(client: str, endpoint: Endpoint, manifest: Path, rows: int, concurrency: int, out: Path) -> Run:
     before = _reset_window(endpoint)
+    busy_before = _machine_busy_s()
     started = time.monotonic()
     proc = spawn(client_command(client, manifest, endpoint.base_url, concurrency, out), out.with_suffix(".log"))
     code, cpu, rss = reap(proc)
     wall = time.monotonic() - started
+    busy_after = _machine_busy_s()
     after = endpoint.stats()
     window = None
     if after.get("first_at") is not None and after.get("last_at") is not None:
         window = after["last_at"] - after["first_at"]
     run = Run(client, rows, wall, cpu, rss, code, after["cpu_s"] - before["cpu_s"],
               after["requests"] - before["requests"], window)
+    if busy_before is not None and busy_after is not None:
+        run.foreign_cpu_s = max(0.0, busy_after - busy_before - cpu - run.server_cpu_s)
+        if run.foreign_cpu_s > 0.15 * wall:
+            run.notes.append(f"other processes used {run.foreign_cpu_s:.1f} CPU-s during this {wall:.1f} s run "
+                             "(a busy machine: timings are noisy, CPU-ms/img less so)")
     if code != 0:
         run.notes.append(f"exit {code}: see {out.with_suffix('.log')}")
     return run
+
+
+def _machine_busy_s() -> float | None:
+    """Busy CPU seconds of the whole machine so far (Linux /proc/stat), to spot other load."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = handle.readline().split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def _reset_window(endpoint: Endpoint) -> dict:
@@ -394,14 +413,14 @@ def scenario_a(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
             cpu_ex[client], rate[client] = excl, rows / r.wall_s
             ok = r.verified == "ok" and t.verified == "ok"
             all_ok &= ok
-            table.append([client, f"{rows / r.wall_s:,.0f}", _f(steady, 0), _f(r.cpu_s / rows * 1000),
+            table.append([client, f"{r.requests:,}", f"{rows / r.wall_s:,.0f}", _f(steady, 0), _f(r.cpu_s / rows * 1000),
                           _f(excl), _f(t.cpu_s, 2), _f(r.maxrss_mb, 0), _f(r.server_cpu_s / rows * 1000),
                           f"{r.server_cpu_s / r.wall_s:.0%}", "ok" if ok else f"{r.verified} / tiny {t.verified}"])
             notes += [f"{client}: {n}" for n in r.notes + t.notes]
     notes += _ratio_notes("CPU-ms/img excl. start-up", cpu_ex, "lower")
     notes += _ratio_notes("img/s", rate, "higher")
     print_table(f"(a) CPU-bound, {rows} rows, concurrency {conc}, {sizes.chunks} chunks/answer",
-                ["client", "img/s", "steady img/s", "CPU-ms/img", "CPU-ms/img excl start-up", "start-up CPU-s",
+                ["client", "requests", "img/s", "steady img/s", "CPU-ms/img", "CPU-ms/img excl start-up", "start-up CPU-s",
                  "peak RSS MB", "server CPU-ms/img", "server busy", "content verified"], table, notes)
     return all_ok
 
@@ -414,7 +433,7 @@ def scenario_b(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
     print(f"\n== (b) latency-bound: {rows} rows, {sizes.first_token * 1000:.0f} ms to first token + "
           f"{sizes.chunks} chunks {sizes.chunk_delay * 1000:.0f} ms apart, concurrency {conc}")
     data = work / "photos"
-    paths = make_images(data, min(rows, max(sizes.a_rows, 1)), "photo", sizes.photo_size)
+    paths = make_images(data, rows, "photo", sizes.photo_size)  # unique: identical requests may be deduplicated
     expected = expected_by_path(data, paths, sizes.chunks)
     manifest = write_manifest(data, f"manifest-b-{rows}.csv", paths, rows)
     notes: list[str] = [f"ideal = concurrency / latency = {conc} / {latency:.3f} s = {ideal:,.0f} img/s; "
@@ -429,13 +448,13 @@ def scenario_b(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
             all_ok &= r.verified == "ok"
             s = rows / r.window_s if r.window_s else None
             served[client] = s
-            table.append([client, f"{rows / r.wall_s:,.0f}", _f(s, 0), f"{s / ideal:.1%}" if s else "-",
+            table.append([client, f"{r.requests:,}", f"{rows / r.wall_s:,.0f}", _f(s, 0), f"{s / ideal:.1%}" if s else "-",
                           _f(r.cpu_s / rows * 1000), f"{r.cpu_s / r.wall_s:.0%}", _f(r.maxrss_mb, 0),
                           f"{r.server_cpu_s / r.wall_s:.0%}", r.verified])
             notes += [f"{client}: {n}" for n in r.notes]
     notes += _ratio_notes("served img/s", served, "higher")
     print_table(f"(b) latency-bound, {rows} rows, concurrency {conc}, ideal {ideal:,.0f} img/s",
-                ["client", "img/s (wall)", "served img/s", "of ideal", "CPU-ms/img", "client busy",
+                ["client", "requests", "img/s (wall)", "served img/s", "of ideal", "CPU-ms/img", "client busy",
                  "peak RSS MB", "server busy", "content verified"], table, notes)
     return all_ok
 

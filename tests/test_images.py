@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline.config import ImagesConfig, config_from_dict
 from pipeline.errors import ConfigError, ImageError
-from pipeline.images import ImageLoader, ImagePayload, load_image, redact_url, sniff_mime
+from pipeline.images import ImageLoader, ImagePayload, load_image, read_image_file, redact_url, sniff_mime
 from pipeline.preflight import prepare, target_size
 
 
@@ -186,6 +186,28 @@ async def test_without_draft_prepare_matches(tmp_path: Path) -> None:
     assert with_draft.report["sent_width"] == without.report["sent_width"] == 300
 
 
+async def test_pool_path_gives_the_same_answer_as_the_inline_path(tmp_path: Path) -> None:
+    data = encoded(Image.new("RGB", (64, 48), (200, 10, 10)), "JPEG")
+    (tmp_path / "a.jpg").write_bytes(data)
+    async with ImageLoader(ImagesConfig()) as inline, ImageLoader(ImagesConfig(), inline_bytes=0) as pooled:
+        assert await inline.load("a.jpg", tmp_path) == await pooled.load("a.jpg", tmp_path)
+
+
+async def test_odd_paths_fail_their_row(tmp_path: Path) -> None:
+    async with ImageLoader(ImagesConfig()) as loader:
+        with pytest.raises(ImageError) as info:
+            await loader.load("a\0b.jpg", tmp_path)
+        assert info.value.error_type == "image_unreadable" and "NUL" in str(info.value)
+        with pytest.raises(ImageError) as info:
+            await loader.load("", tmp_path)
+        assert info.value.error_type == "image_missing"
+    (tmp_path / "real.jpg").write_bytes(b"x")
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "real.jpg")
+    with pytest.raises(ImageError) as info:  # how a link swapped in after the root check is refused
+        read_image_file(tmp_path / "link.jpg", "link.jpg", 1000, no_follow=True)
+    assert info.value.error_type == "image_unreadable"
+
+
 async def test_old_load_image_entry_point(tmp_path: Path) -> None:
     data = encoded(Image.new("RGB", (8, 6)), "PNG")
     (tmp_path / "a.png").write_bytes(data)
@@ -207,6 +229,7 @@ async def test_fingerprint_is_cheap_identity(tmp_path: Path) -> None:
     assert loader.fingerprint("nope.png", tmp_path) == f"missing:{tmp_path / 'nope.png'}"
     assert loader.fingerprint("https://x.example/a.png", tmp_path) == "https://x.example/a.png"
     assert loader.fingerprint(f"file://{path}", tmp_path) == loader.fingerprint("a.png", tmp_path)
+    assert loader.fingerprint("file://otherhost/a.png", tmp_path) == "file://otherhost/a.png"
     await loader.aclose()
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib.util
 import io
 import os
 import struct
@@ -124,11 +125,7 @@ def write_avif(path: Path) -> None:
 
 
 def heif_readable() -> bool:
-    try:
-        import pillow_heif  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("pillow_heif") is not None
 
 
 Maker = Callable[[Path], None]
