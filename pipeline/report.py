@@ -274,7 +274,7 @@ def write_reports(report: Mapping[str, Any], output_path: Path) -> tuple[Path, P
 
 def _num(value: Any, digits: int = 1) -> str:
     if value is None:
-        return "–"
+        return "-"
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
     if isinstance(value, int):
@@ -284,7 +284,7 @@ def _num(value: Any, digits: int = 1) -> str:
 
 def _cost_text(report: Mapping[str, Any]) -> str:
     total = report["cost"]["total"]
-    return "–" if total is None else f"{total:.4f}"
+    return "-" if total is None else f"{total:.4f}"
 
 
 def _state(report: Mapping[str, Any]) -> str:
@@ -329,7 +329,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         ("output", f"`{report['output']}`"), ("config digest", f"`{report['config_digest']}`"),
         ("started (UTC)", report["started_at"]), ("finished (UTC)", report["finished_at"]),
         ("elapsed", f"{report['elapsed_s']:.1f} s"),
-        ("exit code", "–" if report["exit_code"] is None else report["exit_code"]),
+        ("exit code", "-" if report["exit_code"] is None else report["exit_code"]),
     ])
     lines += ["", "## Rows", ""]
     lines += _table(["manifest", "new", "changed", "resumed", "retried", "skipped", "ok", "failed",
@@ -522,7 +522,7 @@ async def post_webhook(url: str, report: Mapping[str, Any], *, timeout: float = 
                 return True
             body = _short(await response.text(errors="replace"))[:200]
             log.warning("webhook %s answered HTTP %d: %s", _safe_url(url), response.status, body)
-    except Exception as exc:  # noqa: BLE001 - any failure here is reported, never raised
+    except Exception as exc:  # any failure here is reported, never raised
         path = urlsplit(url).path
         detail = redact(str(exc), [url] + ([path] if len(path) > 1 else [])) or "no detail"
         log.warning("webhook %s failed: %s: %s", _safe_url(url), type(exc).__name__, detail)

@@ -457,7 +457,7 @@ class Scheduler:
         except asyncio.CancelledError:
             self._record(SchedulerEvent(job.config, due, "error", None, "cancelled: the scheduler is stopping"))
             raise
-        except Exception as exc:  # noqa: BLE001 - one job's failure to start must not stop the others
+        except Exception as exc:  # one job's failure to start must not stop the others
             self._record(SchedulerEvent(job.config, due, "error", None, f"{type(exc).__name__}: {exc}"))
             return
         if code == EXIT_LOCKED:
@@ -546,11 +546,3 @@ def default_log_file(config_path: Path, log_dir: Path | None = None) -> Path:
 ENVIRONMENT_NOTE = ("# cron and systemd do not see variables exported in your shell: put OPENAI_API_KEY=... "
                     "in a file only you can read (chmod 600) and pass it as the env file")
 
-
-__all__ = [
-    "EXIT_LOCKED", "ScheduleError", "ScheduledJob", "Scheduler", "SchedulerEvent", "cron_to_calendar",
-    "ENVIRONMENT_NOTE", "crontab_line", "crontab_marker", "default_log_file", "default_unit_dir",
-    "install_crontab", "install_systemd_units", "job_command", "merge_crontab", "normalize_cron",
-    "render_schedule", "run_job_subprocess", "scheduler_jobs", "systemd_enable_hint", "systemd_units",
-    "unit_name",
-]

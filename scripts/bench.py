@@ -287,7 +287,26 @@ def fresh_output(work: Path, scenario: str, label: str) -> Path:
     return folder / "output.parquet"
 
 
+#: ``--wait-idle``: before each measured run, wait up to this many seconds for other load to go away.
+WAIT_IDLE_S = 0.0
+
+
+def wait_idle(limit_s: float, *, threshold: float = 0.15, probe_s: float = 1.0) -> None:
+    """Wait (at most ``limit_s``) until the machine's busy CPU over ``probe_s`` is below ``threshold`` cores."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        before = _machine_busy_s()
+        if before is None:
+            return
+        time.sleep(probe_s)
+        if (_machine_busy_s() - before) / probe_s < threshold:
+            return
+    print(f"  (the machine did not go idle within {limit_s:.0f} s; measuring anyway)")
+
+
 def run_client(client: str, endpoint: Endpoint, manifest: Path, rows: int, concurrency: int, out: Path) -> Run:
+    if WAIT_IDLE_S > 0:
+        wait_idle(WAIT_IDLE_S)
     before = _reset_window(endpoint)
     busy_before = _machine_busy_s()
     started = time.monotonic()
@@ -575,9 +594,13 @@ def main(argv: list[str] | None = None) -> int:
                         f"{','.join(CLIENTS)} (default: all)")
     parser.add_argument("--pipeline-src", type=Path, help="import the pipeline package from this folder "
                         "(default: this checkout; e.g. a snapshot of a commit: git archive HEAD pipeline | tar -x -C DIR)")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                        help="before each measured run, wait up to S seconds for other processes' load to go away")
     parser.add_argument("--sdk-large", action="store_true", help="(c): also run the sdk baseline on the large manifest")
     args = parser.parse_args(argv)
     sizes = Sizes.quick() if args.quick else Sizes()
+    global WAIT_IDLE_S
+    WAIT_IDLE_S = args.wait_idle
     if args.pipeline_src is not None:
         global PIPELINE_SRC
         PIPELINE_SRC = args.pipeline_src.resolve()

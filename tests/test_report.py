@@ -19,7 +19,6 @@ from pipeline.report import (
     build_report,
     percentile,
     post_webhook,
-    render_markdown,
     render_prometheus,
     summary_line,
     write_prometheus,
@@ -133,7 +132,7 @@ async def test_report_of_later_runs(job):
     assert second["rows"]["retried"] == 1 and second["rows"]["skipped"] == 5  # 3 ok + 2 final failures
     assert second["requests"]["ok"] == 1 and second["latency_ms"]["count"] == 1
     assert second["failures"] == [] and second["retries"] == {"retried_then_ok": 0}
-    [(status, attempts, _, results)] = job["second"]["requests"]
+    [(status, _, _, results)] = job["second"]["requests"]
     assert status == "ok" and second["latency_ms"]["p99"] == results[0]["latency_ms"]
     assert second["tokens"]["prompt"] == results[0]["prompt_tokens"]
     # the output still holds row-3's and row-5's failures: the run did not fail, but the job is not all ok
