@@ -7,23 +7,28 @@ its lock; 4 interrupted (run again to finish); 5 a budget guard stopped the run.
 from __future__ import annotations
 
 import argparse
-import json
 import asyncio
+import functools
+import json
 import logging
 import signal
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from . import __version__
 from .config import Config, load_config
 from .errors import ConfigError, PipelineError
-from .ledger import LockHeld
 from .jobs import export_job, job_status, run_history
-from .runner import Progress, Runner, RunSummary
+from .ledger import LockHeld
+from .logs import configure_logging, run_log_path
+from .runner import Progress, Runner, RunSummary, job_secrets
 
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED, EXIT_BUDGET = 0, 1, 2, 3, 4, 5
 
 log = logging.getLogger("pipeline")
@@ -38,11 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
         "5 a budget guard (limits.max_requests / max_total_tokens / max_cost) stopped the run.",
     )
     parser.add_argument("--version", action="version", version=f"pipeline {__version__}")
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+    parser.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS,
                         help="log level for messages on stderr (default: WARNING)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    logging_options = argparse.ArgumentParser(add_help=False)
+    group = logging_options.add_argument_group("logging")
+    group.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
+                       help="log level for messages on stderr (default: WARNING)")
+    group.add_argument("--log-format", choices=["text", "json"], default="text",
+                       help="stderr and log file format: text, or one JSON object per line")
+    group.add_argument("--log-file", type=Path, metavar="PATH",
+                       help="log file for this run (default: <output folder>/logs/<stem>.<start time>.log)")
+    group.add_argument("--no-log-file", action="store_true", help="do not write a log file for the run")
 
-    run = commands.add_parser("run", help="run a job: caption every row not yet done",
+    run = commands.add_parser("run", help="run a job: caption every row not yet done", parents=[logging_options],
                               description="Run a job described by a config file. Rows already done (same "
                               "image, prompt and parameters) are skipped; a stopped run resumes where it "
                               "stopped. The output file is rebuilt from the job's ledger at the end.")
@@ -52,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="start over: keep the old ledger as a timestamped backup and send every row")
 
     retry = commands.add_parser("retry", help="re-send the rows whose last outcome was failed",
+                                parents=[logging_options],
                                 description="Put failed rows back in the queue and run the job.")
     retry.add_argument("config", type=Path, help="YAML or TOML job config")
     retry.add_argument("--error-type", metavar="TYPE", help="only rows that failed with this error type")
@@ -82,6 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prints 'ok' or one precise error.")
     validate.add_argument("config", type=Path, help="YAML or TOML job config")
 
+    schedule = commands.add_parser(
+        "schedule", help="print (or install) a crontab line and systemd units that run a job",
+        description="Print a crontab line and a systemd service + timer pair that run the job on a cron "
+        "schedule, logging to a file; --install writes one of them.")
+    schedule.add_argument("config", type=Path, help="YAML or TOML job config")
+    schedule.add_argument("--cron", required=True, metavar="EXPR", help="cron expression, e.g. '0 2 * * *'")
+    schedule.add_argument("--workdir", type=Path, help="folder the job runs in (default: the current one)")
+    schedule.add_argument("--log-file", type=Path, help="where the job's output goes (default: logs/<config>.log)")
+    schedule.add_argument("--env-file", type=Path, help="file of KEY=value lines (API keys) for the job")
+    schedule.add_argument("--name", help="systemd unit name (default: from the config file name)")
+    schedule.add_argument("--install", choices=["cron", "systemd"], help="install it (pick one, not both)")
+    schedule.add_argument("--unit-dir", type=Path, help="systemd unit folder (default: the user's)")
+
+    scheduler = commands.add_parser(
+        "scheduler", help="run jobs on their cron schedules in the foreground (for containers)",
+        parents=[logging_options],
+        description="Fire each job on its cron expression, each run in its own process; a tick is skipped "
+        "while the job's previous run still holds its lock. Stop with Ctrl-C / SIGTERM.")
+    scheduler.add_argument("jobs", nargs="+", metavar="CONFIG[=CRON]", help="job configs, each with its schedule")
+    scheduler.add_argument("--cron", metavar="EXPR", help="schedule for jobs given without one")
+
     serve = commands.add_parser("serve", help="run the embedded local endpoint on 127.0.0.1",
                                 description="Serve the embedded OpenAI-compatible vision endpoint (a "
                                 "deterministic Pillow-based describer, not a model) for other tools to use.")
@@ -98,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(args.log_level, getattr(args, "log_format", "text"))
     handlers = {"run": _run, "retry": _run, "validate": _validate, "serve": _serve, "status": _status,
-                "runs": _runs, "export": _export, "estimate": _estimate}
+                "runs": _runs, "export": _export, "estimate": _estimate, "schedule": _schedule,
+                "scheduler": _scheduler}
     try:
         return handlers[args.command](args)
     except LockHeld as exc:
@@ -121,11 +158,13 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    log_file = None if args.no_log_file else args.log_file or run_log_path(config.output.path, datetime.now(UTC))
+    configure_logging(args.log_level, args.log_format, log_file, secrets=job_secrets(config), file_level="INFO")
     bar = None if args.no_progress else _ProgressBar()
     runner = Runner(config, on_progress=bar.update if bar else None, command=args.command,
                     fresh=getattr(args, "fresh", False), error_type=getattr(args, "error_type", None))
     summary = asyncio.run(_run_async(runner, bar))
-    _print_summary(summary)
+    _print_summary(summary, runner.report)
     return summary.exit_code
 
 
@@ -175,7 +214,7 @@ class _ProgressBar:
             self.bar.close()
 
 
-def _print_summary(summary: RunSummary) -> None:
+def _print_summary(summary: RunSummary, report: dict[str, Any]) -> None:
     state = "interrupted" if summary.interrupted else "finished"
     print(f"{summary.command} #{summary.run_id} {state} in {summary.elapsed_s:.1f}s")
     requeued = f" · re-queued failed {summary.requeued}" if summary.command == "retry" else ""
@@ -187,7 +226,14 @@ def _print_summary(summary: RunSummary) -> None:
           + (f" · not run {summary.rows_not_run}" if summary.rows_not_run else ""))
     for error_type, count in summary.errors.most_common():
         print(f"    failed with {error_type}: {count}")
-    print(f"  tokens     {summary.prompt_tokens} prompt · {summary.completion_tokens} completion")
+    print(f"  tokens     {summary.prompt_tokens} prompt · {summary.completion_tokens} completion"
+          + (f" · cost {cost:.4f}" if (cost := report.get("cost", {}).get("total")) is not None else ""))
+    latency, ttft = report.get("latency_ms") or {}, report.get("ttft_ms") or {}
+    if latency.get("p50") is not None:
+        print(f"  latency    p50 {latency['p50']:.0f} ms · p95 {latency['p95']:.0f} ms · p99 {latency['p99']:.0f} ms"
+              + (f" · first chunk p50 {ttft['p50']:.0f} ms" if ttft.get("p50") is not None else ""))
+    if summary.bytes_saved:
+        print(f"  pre-flight {summary.bytes_saved / 1e6:.1f} MB not sent (images resized or re-encoded)")
     print(f"  output     {summary.output}: {summary.output_rows} rows "
           f"({summary.output_ok} ok, {summary.output_failed} failed)")
     if summary.stop_reason == "budget":
@@ -196,6 +242,10 @@ def _print_summary(summary: RunSummary) -> None:
         print("interrupted: run the same command again to resume")
     elif summary.output_failed and summary.rows_failed < summary.output_failed:
         print("earlier failures are kept; 'pipeline retry CONFIG' re-sends them")
+    if summary.partition_path is not None:
+        print(f"  partition  {summary.partition_path}")
+    if summary.report_path is not None:
+        print(f"  report     {summary.report_path} (and .md)")
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -274,6 +324,65 @@ def _export(args: argparse.Namespace) -> int:
     report = export_job(config)
     print(f"wrote {config.output.path}: {report.rows} rows ({report.ok} ok, {report.failed} failed, "
           f"{report.manifest_rows_done} manifest rows with an outcome)")
+    return EXIT_OK
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from .schedule import (
+        ENVIRONMENT_NOTE,
+        crontab_line,
+        crontab_marker,
+        default_log_file,
+        install_crontab,
+        install_systemd_units,
+        render_schedule,
+        systemd_enable_hint,
+        systemd_units,
+    )
+
+    load_config(args.config)  # a broken job must not be scheduled
+    where = dict(workdir=(args.workdir or Path.cwd()).absolute(), python=sys.executable,
+                 log_file=(args.log_file or default_log_file(args.config)).absolute(), env_file=args.env_file)
+    config_path = args.config.absolute()
+    if args.install == "systemd":
+        units = systemd_units(config_path, args.cron, name=args.name, **where)
+        for path in install_systemd_units(units, args.unit_dir):
+            print(f"wrote {path}")
+        print(systemd_enable_hint(units))
+    elif args.install == "cron":
+        install_crontab(crontab_line(config_path, args.cron, **where), marker=crontab_marker(config_path))
+        print("installed in the crontab:")
+        print(crontab_line(config_path, args.cron, **where))
+    else:
+        print(render_schedule(config_path, args.cron, name=args.name, **where))
+    print(ENVIRONMENT_NOTE)
+    return EXIT_OK
+
+
+def _scheduler(args: argparse.Namespace) -> int:
+    from .schedule import Scheduler, SchedulerEvent, run_job_subprocess, scheduler_jobs
+
+    jobs = scheduler_jobs(args.jobs, args.cron)
+    for path, _ in jobs:
+        load_config(path)
+    child_args = ["--log-format", args.log_format, "--log-level", args.log_level]
+    if args.no_log_file:
+        child_args.append("--no-log-file")
+
+    def report(event: SchedulerEvent) -> None:
+        detail = f"exit {event.exit_code}" if event.kind == "run" else event.reason
+        print(f"{event.scheduled_for:%Y-%m-%d %H:%M:%S} {event.config}: {event.kind} ({detail})", flush=True)
+
+    async def loop() -> None:
+        stop = asyncio.Event()
+        running = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            running.add_signal_handler(sig, stop.set)
+        runner = functools.partial(run_job_subprocess, extra_args=child_args)
+        print(f"scheduler: {len(jobs)} job(s); Ctrl-C to stop", flush=True)
+        await Scheduler(jobs, runner=runner, stop=stop, on_event=report).run()
+
+    asyncio.run(loop())
     return EXIT_OK
 
 

@@ -232,6 +232,7 @@ class RunConfig(_Model):
     backoff_base: Annotated[float, Field(ge=0)] = 0.5
     backoff_max: Annotated[float, Field(ge=0)] = 30.0
     stop_grace: Annotated[float, Field(ge=0)] = 30.0
+    max_failed_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0  # failures tolerated before exit code 1
 
 
 class LedgerConfig(_Model):
@@ -245,6 +246,12 @@ class OutputConfig(_Model):
     path: Path
     format: OutputFormat | None = None
     if_exists: Literal["overwrite", "error"] = "overwrite"
+    partition_by: Literal["run_date"] | None = None  # also write each run's rows under run_date=YYYY-MM-DD/
+    partition_dir: Path | None = None  # default: <output folder>/<output stem>/
+
+    @property
+    def partitions(self) -> Path:
+        return self.partition_dir if self.partition_dir is not None else self.path.with_suffix("")
 
     @model_validator(mode="after")
     def _known_format(self) -> OutputConfig:

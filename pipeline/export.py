@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -37,11 +38,32 @@ def export_output(config: Config, reader: ManifestReader, store: StateStore,
     return report
 
 
-def _tables(reader: ManifestReader, store: StateStore, schema: pa.Schema, report: ExportReport) -> Iterator[pa.Table]:
+def export_partition(config: Config, reader: ManifestReader, store: StateStore, run_id: int,
+                     carried: pa.Schema | None = None) -> Path | None:
+    """The rows run ``run_id`` finished, as ``<partitions>/run_date=YYYY-MM-DD/part-runNNNNN.<fmt>``.
+
+    Hive-style folders, so pandas, pyarrow, DuckDB and Polars read the whole tree as one table with a
+    ``run_date`` column; the consolidated ``output.path`` keeps every image's latest caption.
+    """
+    carried = reader.carried_schema if carried is None else carried
+    schema = result_schema(carried)
+    report = ExportReport()
+    tables = [t for t in _tables(reader, store, schema, report, run_id=run_id) if t.num_rows]
+    if not tables:
+        return None
+    started = store.db.execute("SELECT started_at FROM runs WHERE run_id = ?", (run_id,)).fetchone()[0]
+    fmt = config.output.output_format or "parquet"
+    path = config.output.partitions / f"run_date={started[:10]}" / f"part-run{run_id:05d}.{fmt}"
+    write_atomic(tables, path, fmt, schema)
+    return path
+
+
+def _tables(reader: ManifestReader, store: StateStore, schema: pa.Schema, report: ExportReport,
+            run_id: int | None = None) -> Iterator[pa.Table]:
     names = reader.carried_columns
     yielded = False
     for batch in reader.batches():
-        outcomes = store.outcomes([row.id for row in batch])
+        outcomes = store.outcomes([row.id for row in batch], run_id)
         records = []
         for row in batch:
             outcome = outcomes.get(row.id)

@@ -291,15 +291,19 @@ class StateStore:
 
     # -- reading results -----------------------------------------------------------------------
 
-    def outcomes(self, row_ids: Sequence[str]) -> dict[str, Outcome]:
-        """Finished outcomes (ok or failed) of manifest rows, for rebuilding the output."""
+    def outcomes(self, row_ids: Sequence[str], run_id: int | None = None) -> dict[str, Outcome]:
+        """Finished outcomes (ok or failed) of manifest rows, for rebuilding the output; with ``run_id``
+        only the rows that run finished (for per-run partitions)."""
         found: dict[str, Outcome] = {}
+        only_run = "" if run_id is None else " AND i.run_id = ?"
         for chunk in _chunks(row_ids):
             marks = ",".join("?" * len(chunk))
+            params = [*chunk] if run_id is None else [*chunk, run_id]
             for row_id, status, attempts, result in self.db.execute(
                 "SELECT i.row_id, r.status, r.attempts, r.result FROM items i JOIN requests r "
-                f"ON r.key = i.request_key WHERE i.row_id IN ({marks}) AND r.status IN ('ok', 'failed')",
-                chunk,
+                f"ON r.key = i.request_key WHERE i.row_id IN ({marks}) AND r.status IN ('ok', 'failed')"
+                + only_run,
+                params,
             ):
                 found[row_id] = Outcome(status, attempts, json.loads(result) if result else [])
         return found

@@ -79,6 +79,12 @@ class RequestBuilder:
 # -- identities for the ledger ------------------------------------------------------------------
 
 
+#: Image settings that decide whether and how an image is fetched, not what the model is shown.
+_HOW_IMAGES_ARE_FETCHED = frozenset(
+    {"download_timeout", "download_attempts", "max_source_bytes", "allow_schemes", "max_image_pixels"}
+)
+
+
 def answer_params_digest(request: RequestConfig, images: ImagesConfig | None = None) -> str:
     """Digest of everything in the config that changes an answer (model, sampling, tools, image policy).
 
@@ -86,7 +92,7 @@ def answer_params_digest(request: RequestConfig, images: ImagesConfig | None = N
     """
     material = {
         "request": request.model_dump(mode="json", exclude={"prompt"}),
-        "images": images.model_dump(mode="json") if images else None,
+        "images": images.model_dump(mode="json", exclude=_HOW_IMAGES_ARE_FETCHED) if images else None,
     }
     return _sha256(json.dumps(material, sort_keys=True, separators=(",", ":")))
 

@@ -26,13 +26,22 @@ from typing import Any, Literal
 from .client import ChatClient, StreamOutcome
 from .config import Config
 from .errors import BudgetExceeded, ConfigError, EmptyResponse, ImageError, PipelineError
-from .export import export_output
+from .export import export_output, export_partition
 from .gate import RequestGate
 from .images import ImageLoader, ImagePayload
 from .ledger import JobLock, StateStore, Write
 from .manifest import ManifestInfo, ManifestReader, Row
 from .request import RequestBuilder, answer_params_digest, input_digest, render_prompt, request_key
 from .results import RESULT_COLUMNS, ResultRow, rows_from_completion
+from .report import (
+    build_report,
+    notify_wanted,
+    post_webhook,
+    prometheus_path,
+    render_prometheus,
+    write_prometheus,
+    write_reports,
+)
 from .retry import retry_policy
 
 log = logging.getLogger("pipeline")
@@ -72,6 +81,7 @@ class RunSummary:
     attempts: int = 0  # requests sent
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    bytes_saved: int = 0  # by image pre-flight (resizing, re-encoding), over this run's answers
     output_rows: int = 0
     output_ok: int = 0
     output_failed: int = 0
@@ -79,6 +89,9 @@ class RunSummary:
     interrupted: bool = False
     stop_reason: str | None = None  # "signal" (Ctrl-C / SIGTERM) or "budget"
     budget_message: str | None = None
+    max_failed_fraction: float = 0.0
+    report_path: Path | None = None
+    partition_path: Path | None = None
     errors: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -88,11 +101,18 @@ class RunSummary:
             return 5
         if self.interrupted:
             return 4
-        return 1 if self.output_failed else 0
+        tolerated = self.max_failed_fraction * self.output_ok_or_failed
+        return 1 if self.output_failed > tolerated else 0
+
+    @property
+    def output_ok_or_failed(self) -> int:
+        return self.output_ok + self.output_failed
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["output"] = str(self.output)
+        for name in ("report_path", "partition_path"):
+            data[name] = str(data[name]) if data[name] is not None else None
         data["errors"] = dict(self.errors)
         return data
 
@@ -131,7 +151,9 @@ class Runner:
         self.builder = RequestBuilder(config.request, config.images)
         self.images = ImageLoader(config.images, root=config.input.root)
         self.params = answer_params_digest(config.request, config.images)
-        self.summary = RunSummary(output=config.output.path, command=command)
+        self.summary = RunSummary(output=config.output.path, command=command,
+                                  max_failed_fraction=config.run.max_failed_fraction)
+        self.report: dict[str, Any] = {}
         self._stop = asyncio.Event()
         self._single_flight: dict[str, asyncio.Future[Write | None]] = {}
         self.gate = RequestGate.from_config(config)
@@ -182,7 +204,8 @@ class Runner:
             synchronous = self.config.ledger.synchronous.upper()
             with StateStore(ledger, synchronous=synchronous) as store, \
                  StateStore(ledger, synchronous=synchronous) as lookups:
-                self._run_id = self.summary.run_id = store.start_run(self.command, _config_digest(self.config))
+                digest = _config_digest(self.config)
+                self._run_id = self.summary.run_id = store.start_run(self.command, digest)
                 store.reset_in_flight()
                 if self.command == "retry":
                     self.summary.requeued = store.requeue_failed(self.error_type)
@@ -196,10 +219,34 @@ class Runner:
                 self.summary.elapsed_s = time.monotonic() - started
                 status = "interrupted" if self.summary.interrupted else "finished"
                 store.finish_run(self._run_id, status, self.summary.to_dict())
+                # built under the lock: a later run that re-sends a request takes over its run id
+                self.report = build_report(
+                    store, self._run_id, self.summary, config_digest=digest, prices=self.config.limits.prices,
+                    default_model=self.config.request.model, exit_code=self.summary.exit_code,
+                    secrets=job_secrets(self.config),
+                )
+        await self._publish(self.report)  # outside the lock: a slow webhook never holds up the next run
         return self.summary
+
+    async def _publish(self, report: dict[str, Any]) -> None:
+        """The run report beside the output, the Prometheus textfile, and the webhook; never fatal."""
+        config = self.config
+        try:
+            self.summary.report_path = (await asyncio.to_thread(write_reports, report, config.output.path))[0]
+            if config.metrics.prometheus is not None:
+                job = config.metrics.job or config.output.path.stem
+                text = render_prometheus(report, job)
+                await asyncio.to_thread(write_prometheus, text, prometheus_path(config.metrics.prometheus, job))
+        except OSError as exc:
+            log.warning("could not write the run report: %s", exc)
+        if config.notify.webhook_url is not None and notify_wanted(report, config.notify.when):
+            await post_webhook(config.notify.webhook_url.get_secret_value(), report, timeout=config.notify.timeout)
 
     async def _export(self, store: StateStore, info: ManifestInfo) -> None:
         report = await asyncio.to_thread(export_output, self.config, self.reader, store, info.carried)
+        if self.config.output.partition_by == "run_date":
+            self.summary.partition_path = await asyncio.to_thread(
+                export_partition, self.config, self.reader, store, self._run_id, info.carried)
         summary = self.summary
         summary.output_rows, summary.output_ok, summary.output_failed = report.rows, report.ok, report.failed
         summary.rows_not_run = summary.rows_total - report.manifest_rows_done
@@ -442,6 +489,8 @@ class Runner:
             first = write.results[0] if write.results else {}
             summary.prompt_tokens += first.get("prompt_tokens") or 0
             summary.completion_tokens += first.get("completion_tokens") or 0
+            if first.get("image_bytes") is not None and first.get("sent_bytes") is not None:
+                summary.bytes_saved += first["image_bytes"] - first["sent_bytes"]
         self._notify()
 
     def _notify(self) -> None:
@@ -468,6 +517,12 @@ def _backup(ledger: Path) -> None:
         source = ledger.with_name(ledger.name + suffix)
         if source.exists():
             shutil.move(source, ledger.with_name(f"{ledger.name}.bak-{stamp}{suffix}"))
+
+
+def job_secrets(config: Config) -> list[str]:
+    """Values that must never appear in logs or reports: the API key and the webhook URL."""
+    secrets = [config.endpoint.api_key, config.notify.webhook_url]
+    return [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]
 
 
 def _config_digest(config: Config) -> str:

@@ -1,0 +1,42 @@
+"""The Python API for orchestrators (Airflow, Dagster, Prefect): run a job in three lines.
+
+    from pipeline import run_job
+    summary = run_job("configs/nightly.yaml")
+    if summary.exit_code: raise RuntimeError(f"{summary.rows_failed} rows failed")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .config import Config, config_from_dict, load_config
+from .runner import Command, ProgressCallback, Runner, RunSummary
+
+
+def _as_config(config: Config | Mapping[str, Any] | str | os.PathLike[str]) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, Mapping):
+        return config_from_dict(config)
+    return load_config(config)
+
+
+async def run_job_async(config: Config | Mapping[str, Any] | str | os.PathLike[str], *, command: Command = "run",
+                        fresh: bool = False, error_type: str | None = None,
+                        on_progress: ProgressCallback | None = None) -> RunSummary:
+    """Run (or resume, or ``command="retry"``) a job inside the caller's event loop."""
+    runner = Runner(_as_config(config), on_progress=on_progress, command=command, fresh=fresh,
+                    error_type=error_type)
+    return await runner.run()
+
+
+def run_job(config: Config | Mapping[str, Any] | str | os.PathLike[str], **options: Any) -> RunSummary:
+    """Run a job to the end from synchronous code; ``options`` as for :func:`run_job_async`.
+
+    Raises ``ConfigError`` / ``ManifestError`` for bad input and ``LockHeld`` when another run of the job
+    is in progress; failed rows are reported in the summary (``exit_code`` as the CLI's).
+    """
+    return asyncio.run(run_job_async(config, **options))
