@@ -21,7 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from . import __version__
-from .config import Config, load_config
+from .config import load_config
 from .errors import ConfigError, PipelineError
 from .jobs import export_job, job_status, run_history
 from .ledger import LockHeld

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import time
 
-import pytest
 
 from pipeline.runner import run_job
-from pipeline.server import FaultPlan, LocalEndpoint
 
 from .helpers import job_config, make_manifest, read_rows
-
-
-@pytest.fixture
-async def endpoint():
-    async with LocalEndpoint(FaultPlan()) as ep:
-        yield ep
 
 
 async def test_429_with_retry_after_is_waited_out(tmp_path, endpoint):

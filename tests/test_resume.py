@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import csv
 
-import pytest
 
 from pipeline.jobs import export_job, job_status, run_history
 from pipeline.runner import Runner, run_job
 from pipeline.server import FaultPlan, LocalEndpoint
 
 from .helpers import COLOURS, job_config, make_image, make_manifest, read_rows
-
-
-@pytest.fixture
-async def endpoint():
-    async with LocalEndpoint(FaultPlan()) as ep:
-        yield ep
 
 
 def requests_seen(ep: LocalEndpoint) -> int:

@@ -15,12 +15,6 @@ from pipeline.server import FaultPlan, LocalEndpoint, parse_fault_spec
 from .helpers import job_config, make_manifest, read_rows
 
 
-@pytest.fixture
-async def endpoint():
-    async with LocalEndpoint(FaultPlan()) as ep:
-        yield ep
-
-
 def add_faults(ep: LocalEndpoint, *specs: str) -> None:
     for spec in specs:
         ep.faults.add(parse_fault_spec(spec))
