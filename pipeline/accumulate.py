@@ -11,13 +11,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from pipeline.errors import MalformedChunk, StreamErrorEvent, TruncatedStream
 from pipeline.sse import ServerSentEvent
 
 __all__ = ["ToolCall", "Choice", "Usage", "Completion", "ChoiceAccumulator"]
 
-#: The one JSON parser of this module; a module global so it can be swapped (e.g. for orjson.loads).
-_loads = json.loads
+#: The one JSON parser of this module (orjson: several times faster than json on small chunks).
+_loads = orjson.loads
 
 _DONE = "[DONE]"
 _PREVIEW_CHARS = 200

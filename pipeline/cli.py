@@ -13,6 +13,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -195,10 +196,17 @@ def _install_stop_handlers(runner: Runner) -> None:
 
 
 class _ProgressBar:
+    """tqdm fed from the runner's callback, redrawn at most every 0.2 s (a row costs well under that)."""
+
     def __init__(self) -> None:
         self.bar: tqdm | None = None
+        self._next_draw = 0.0
 
     def update(self, progress: Progress) -> None:
+        now = time.monotonic()
+        if self.bar is not None and now < self._next_draw and progress.done < progress.total:
+            return
+        self._next_draw = now + 0.2
         if self.bar is None:
             self.bar = tqdm(total=progress.total, unit="img", dynamic_ncols=True, mininterval=0.25,
                             file=sys.stderr)

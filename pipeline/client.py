@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import aiohttp
+import orjson
 from yarl import URL
 
 from .accumulate import ChoiceAccumulator, Completion
@@ -83,7 +84,7 @@ class ChatClient:
         """One attempt: POST the body, read the SSE stream to ``[DONE]``, return the rebuilt completion."""
         if self._session is None:
             raise RuntimeError("ChatClient is not open; use 'async with ChatClient(...)'")
-        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        payload = orjson.dumps(body)  # the Base64 image dominates: orjson copies it ~10x faster than json
         reader = _StreamReader(self.endpoint)
         try:
             return await reader.read(self._session, self.url, payload)

@@ -21,6 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from .errors import PipelineError
 
 SCHEMA_VERSION = 1
@@ -257,7 +259,7 @@ class StateStore:
         row = self.db.execute(
             "SELECT status, attempts, result FROM requests WHERE key = ? AND status = 'ok'", (key,)
         ).fetchone()
-        return Outcome(row[0], row[1], json.loads(row[2])) if row else None
+        return Outcome(row[0], row[1], orjson.loads(row[2])) if row else None
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -267,7 +269,7 @@ class StateStore:
         requests, items = [], []
         for w in writes:
             if w.status is not None:
-                result = json.dumps(w.results, separators=(",", ":")) if w.results is not None else None
+                result = orjson.dumps(w.results).decode() if w.results is not None else None
                 requests.append(
                     (w.key, w.status, w.attempts, w.error_type, w.error_message, int(w.final), run_id, now, result)
                 )
@@ -305,7 +307,7 @@ class StateStore:
                 + only_run,
                 params,
             ):
-                found[row_id] = Outcome(status, attempts, json.loads(result) if result else [])
+                found[row_id] = Outcome(status, attempts, orjson.loads(result) if result else [])
         return found
 
     def status_counts(self) -> dict[str, int]:
