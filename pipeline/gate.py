@@ -31,6 +31,7 @@ class RequestGate:
     estimator: TokenEstimator
     adaptive: bool
     n_choices: int = 1
+    answered: bool = False  # the endpoint has answered successfully in this run
 
     @classmethod
     def from_config(cls, config: Config) -> RequestGate:
@@ -72,7 +73,9 @@ class RequestGate:
 
     @contextlib.asynccontextmanager
     async def _guard(self) -> AsyncIterator[BreakerTicket]:
-        if self.breaker is None:
+        """The breaker arms after the first good answer: an endpoint that never answered (a wrong URL,
+        a closed port) fails rows at their normal pace instead of being waited on as an outage."""
+        if self.breaker is None or not self.answered:
             yield BreakerTicket()
             return
         async with self.breaker.guard() as ticket:
@@ -94,6 +97,7 @@ class RequestGate:
                         spend.record(usage.prompt_tokens, usage.completion_tokens or 0, outcome.completion.model)
                         self.estimator.observe(estimate, usage.prompt_tokens, usage.completion_tokens,
                                                self.n_choices)
+                    self.answered = True
                     if self.adaptive:
                         self.concurrency.on_success()
                         self.concurrency.observe(outcome.rate_limits)

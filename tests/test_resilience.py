@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 
-from pipeline.runner import run_job
+from pipeline.runner import Runner, run_job
 
 from .helpers import job_config, make_manifest, read_rows
 
@@ -55,33 +55,49 @@ async def test_twenty_percent_transient_faults_of_every_kind_end_all_ok(tmp_path
     assert sum(r["attempts"] for r in rows) == stats["requests"]
 
 
+def go_down_after(endpoint, rows_done: int, seconds: float):
+    """A progress callback that takes the endpoint down once ``rows_done`` rows have finished."""
+    def on_progress(progress) -> None:
+        if progress.done == rows_done and not endpoint.faults.rules:
+            endpoint.faults.add(f"down:seconds={seconds}")
+    return on_progress
+
+
 async def test_endpoint_down_for_a_while_does_not_fail_rows(tmp_path, endpoint):
-    endpoint.faults.add("down:seconds=2")
-    manifest = make_manifest(tmp_path / "in", 12)
+    manifest = make_manifest(tmp_path / "in", 16)
     out = tmp_path / "captions.parquet"
     limits = {"breaker_window": 4, "breaker_min_calls": 2, "breaker_cooldown": 0.3, "breaker_max_cooldown": 0.6}
-    # two attempts and 10 ms backoff: without the breaker every row would fail within the outage
+    # two attempts and 10 ms backoff: without the breaker every row in flight would fail within the outage
     config = job_config(manifest, out, endpoint.base_url, run={"concurrency": 4, "max_attempts": 2,
                                                              "backoff_base": 0.01, "backoff_max": 0.01},
                         limits=limits)
-    summary = await run_job(config)
+    summary = await Runner(config, on_progress=go_down_after(endpoint, 4, 2)).run()
     rows = read_rows(out)
     assert {r["status"] for r in rows} == {"ok"} and summary.rows_failed == 0
-    assert endpoint.stats.snapshot()["responses_by_status"]["503"] >= 2
-    # the outage cost few requests: the breaker let one probe through at a time
-    assert endpoint.stats.snapshot()["responses_by_status"]["503"] < 40
+    statuses = endpoint.stats.snapshot()["responses_by_status"]
+    assert statuses["503"] >= 2  # the outage really happened mid-run
+    assert statuses["503"] < 40  # and cost few requests: one probe at a time while it lasted
 
 
 async def test_without_breaker_the_same_outage_fails_rows(tmp_path, endpoint):
-    endpoint.faults.add("down:seconds=2")
+    manifest = make_manifest(tmp_path / "in", 12)
+    out = tmp_path / "captions.parquet"
+    config = job_config(manifest, out, endpoint.base_url, run={"concurrency": 4, "max_attempts": 2,
+                                                             "backoff_base": 0.01, "backoff_max": 0.01},
+                        limits={"circuit_breaker": False})
+    summary = await Runner(config, on_progress=go_down_after(endpoint, 4, 2)).run()
+    assert summary.rows_failed >= 4
+    assert {r["error_type"] for r in read_rows(out) if r["status"] == "failed"} == {"server_error"}
+
+
+async def test_an_endpoint_that_never_answered_fails_fast(tmp_path, endpoint):
+    endpoint.faults.add("down:seconds=60")
     manifest = make_manifest(tmp_path / "in", 4)
     out = tmp_path / "captions.parquet"
     config = job_config(manifest, out, endpoint.base_url, run={"max_attempts": 2, "backoff_base": 0.01,
-                                                             "backoff_max": 0.01},
-                        limits={"circuit_breaker": False})
-    summary = await run_job(config)
-    assert summary.rows_failed == 4
-    assert {r["error_type"] for r in read_rows(out)} == {"server_error"}
+                                                             "backoff_max": 0.01})
+    summary = await run_job(config)  # the breaker (cooldown 5 s by default) is not armed: no waiting
+    assert summary.rows_failed == 4 and endpoint.stats.snapshot()["requests"] == 8
 
 
 async def test_requests_per_minute_keeps_an_undisclosed_limit_free_of_429s(tmp_path, endpoint):
