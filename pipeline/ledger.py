@@ -257,7 +257,7 @@ class StateStore:
     def finished(self, key: str) -> Outcome | None:
         """The stored outcome of a request key if it is ok (a duplicate image need not be sent again)."""
         row = self.db.execute(
-            "SELECT status, attempts, result FROM requests WHERE key = ? AND status = 'ok'", (key,)
+            "SELECT status, attempts, result FROM requests WHERE key = ? AND +status = 'ok'", (key,)
         ).fetchone()
         return Outcome(row[0], row[1], orjson.loads(row[2])) if row else None
 
@@ -275,6 +275,10 @@ class StateStore:
                 )
             items.extend((row_id, digest, w.key, run_id, now) for row_id, digest in w.items)
         with self.transaction() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('writes', '1') "
+                "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+            )
             db.executemany(
                 "INSERT INTO requests (key, status, attempts, error_type, error_message, final, run_id, updated_at, "
                 "result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET status = excluded.status, "
@@ -291,6 +295,22 @@ class StateStore:
                     items,
                 )
 
+    # -- meta ----------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value))
+
+    @property
+    def writes(self) -> int:
+        """Counts committed write groups: unchanged means no outcome changed since it was read."""
+        return int(self.get_meta("writes") or 0)
+
     # -- reading results -----------------------------------------------------------------------
 
     def outcomes(self, row_ids: Sequence[str], run_id: int | None = None) -> dict[str, Outcome]:
@@ -303,7 +323,8 @@ class StateStore:
             params = [*chunk] if run_id is None else [*chunk, run_id]
             for row_id, status, attempts, result in self.db.execute(
                 "SELECT i.row_id, r.status, r.attempts, r.result FROM items i JOIN requests r "
-                f"ON r.key = i.request_key WHERE i.row_id IN ({marks}) AND r.status IN ('ok', 'failed')"
+                # "+r.status": keeps SQLite from scanning the status index instead of two key lookups
+                f"ON r.key = i.request_key WHERE i.row_id IN ({marks}) AND +r.status IN ('ok', 'failed')"
                 + only_run,
                 params,
             ):

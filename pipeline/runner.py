@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import shutil
 import time
@@ -26,7 +27,7 @@ from typing import Any, Literal
 from .client import ChatClient, StreamOutcome
 from .config import Config
 from .errors import BudgetExceeded, ConfigError, EmptyResponse, ImageError, PipelineError
-from .export import export_output, export_partition
+from .export import ExportReport, export_output, export_partition
 from .gate import RequestGate
 from .images import ImageLoader, ImagePayload
 from .ledger import JobLock, StateStore, Write
@@ -158,6 +159,7 @@ class Runner:
         self._single_flight: dict[str, asyncio.Future[Write | None]] = {}
         self.gate = RequestGate.from_config(config)
         self._run_id = 0
+        self._manifest_ids = hashlib.sha256()  # every row id in order: the manifest as the output sees it
 
     def stop(self) -> None:
         """Stop taking rows; in-flight requests get ``run.stop_grace`` seconds to finish."""
@@ -243,8 +245,20 @@ class Runner:
             await post_webhook(config.notify.webhook_url.get_secret_value(), report, timeout=config.notify.timeout)
 
     async def _export(self, store: StateStore, info: ManifestInfo) -> None:
-        report = await asyncio.to_thread(export_output, self.config, self.reader, store, info.carried)
-        if self.config.output.partition_by == "run_date":
+        """Rebuild the output from the ledger, unless nothing it depends on changed since the last time."""
+        signature = json.dumps({
+            "writes": store.writes, "manifest": self._manifest_ids.hexdigest(), "rows": info.rows,
+            "output": str(self.config.output.path), "format": self.config.output.output_format,
+            "carried": info.carried.names,
+        })
+        previous = json.loads(store.get_meta("export") or "{}")
+        unchanged = previous.get("signature") == signature and self.config.output.path.exists()
+        if unchanged:
+            report = ExportReport(**previous["report"])
+        else:
+            report = await asyncio.to_thread(export_output, self.config, self.reader, store, info.carried)
+            store.set_meta("export", json.dumps({"signature": signature, "report": asdict(report)}))
+        if self.config.output.partition_by == "run_date" and not unchanged:
             self.summary.partition_path = await asyncio.to_thread(
                 export_partition, self.config, self.reader, store, self._run_id, info.carried)
         summary = self.summary
@@ -327,7 +341,10 @@ class Runner:
 
         Runs in a thread: one ledger query for the batch and one ``stat`` per row, no image reads.
         """
-        states = store.item_states([row.id for row in batch]) if store is not None else {}
+        ids = [row.id for row in batch]
+        self._manifest_ids.update("\0".join(ids).encode())
+        self._manifest_ids.update(b"\1")
+        states = store.item_states(ids) if store is not None else {}
         fingerprint = self.images.fingerprint
         template, summary = self.config.request.prompt, self.summary
         tasks = []

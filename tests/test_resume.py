@@ -170,3 +170,23 @@ async def test_interrupted_run_resumes_without_resending_finished_rows(tmp_path)
     rows = read_rows(out)
     assert [r["id"] for r in rows] == [f"row-{i}" for i in range(30)]
     assert all(r["status"] == "ok" for r in rows)
+
+
+async def test_output_is_rebuilt_only_when_something_it_shows_changed(tmp_path, endpoint):
+    manifest = make_manifest(tmp_path / "in", 4)
+    out = tmp_path / "captions.parquet"
+    config = job_config(manifest, out, endpoint.base_url)
+    await run_job(config)
+    written = out.stat().st_mtime_ns
+    await run_job(config)
+    assert out.stat().st_mtime_ns == written  # nothing changed: the file is left alone
+
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(lines[:-1]) + "\n")  # drop the last manifest row
+    summary = await run_job(config)
+    assert summary.attempts == 0
+    assert [r["id"] for r in read_rows(out)] == ["row-0", "row-1", "row-2"]
+
+    out.unlink()
+    summary = await run_job(config)
+    assert out.exists() and summary.output_rows == 3 and summary.exit_code == 0
