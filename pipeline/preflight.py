@@ -8,6 +8,7 @@ L/LA/RGB/RGBA, turned upright, resized and re-encoded, shrinking until it fits `
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass
@@ -228,10 +229,11 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
                          "is truncated or corrupt; re-export it", error_type="image_corrupt") from None
 
 
-def _openable_formats() -> list[str]:
+@functools.cache
+def _openable_formats() -> tuple[str, ...]:
     """``READABLE_FORMATS`` this Pillow build registers (``Image.open`` raises KeyError on the others)."""
     Image.init()  # a no-op once done
-    return [name for name in READABLE_FORMATS if name in Image.OPEN]
+    return tuple(name for name in READABLE_FORMATS if name in Image.OPEN)
 
 
 def _open_heif(data: bytes, source: str, kind: str, max_pixels: int) -> Image.Image:

@@ -11,6 +11,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
 from .config import ImagesConfig, RequestConfig
 
 #: RequestConfig fields that are not body parameters, or that are placed by hand.
@@ -40,6 +42,7 @@ class RequestBuilder:
         self.detail = images.detail if images else None
         self._head: dict[str, Any] = {"model": request.model}
         self._tail = self._static_params(request)
+        self._frame: tuple[bytes, bytes, bytes] | None = None
 
     @staticmethod
     def _static_params(request: RequestConfig) -> dict[str, Any]:
@@ -74,6 +77,31 @@ class RequestBuilder:
     def build(self, prompt: str, image_url: str) -> dict[str, Any]:
         """One request body; the caller's ``prompt`` is already rendered for its row."""
         return {**self._head, "messages": self.messages(prompt, image_url), **self._tail}
+
+    def build_payload(self, prompt: str, image_url: str) -> bytes:
+        """``build()`` serialised to JSON bytes, the cheap way: the body around the prompt and the image
+        is serialised once per job, and a data URI (Base64 needs no JSON escaping) is spliced in as is,
+        instead of a JSON encoder scanning ~50 KB of Base64 for every row."""
+        if self._frame is None:
+            self._frame = _split_frame(orjson.dumps(self.build(_PROMPT_MARK, _URL_MARK)))
+        before, between, after = self._frame
+        if image_url.startswith("data:") and image_url.isascii() and '"' not in image_url and "\\" not in image_url:
+            url = b'"' + image_url.encode("ascii") + b'"'
+        else:
+            url = orjson.dumps(image_url)
+        return b"".join((before, orjson.dumps(prompt), between, url, after))
+
+
+_PROMPT_MARK = "\x00prompt\x00"
+_URL_MARK = "\x00image-url\x00"
+
+
+def _split_frame(serialised: bytes) -> tuple[bytes, bytes, bytes]:
+    """Cut a body serialised with the two marks into the three constant pieces around them."""
+    prompt_mark, url_mark = orjson.dumps(_PROMPT_MARK), orjson.dumps(_URL_MARK)
+    before, _, rest = serialised.partition(prompt_mark)
+    between, _, after = rest.partition(url_mark)
+    return before, between, after
 
 
 # -- identities for the ledger ------------------------------------------------------------------

@@ -418,23 +418,27 @@ class Runner:
     async def _send(self, client: ChatClient, key: str, row: Row, image: ImagePayload, prompt: str, started: datetime,
                     items: tuple[tuple[str, str], ...]) -> Write | None:
         """Send under the gate and the retry policy; None when the budget stopped the run first."""
-        body = self.builder.build(prompt, image.url)
+        payload = self.builder.build_payload(prompt, image.url)
         size = (image.report.get("sent_width"), image.report.get("sent_height"))
-        estimate = self.gate.estimate(body, size if None not in size else None)  # type: ignore[arg-type]
+        shape = self.builder.build(prompt, "")  # what the token estimate reads: text, image parts, limits
+        estimate = self.gate.estimate(shape, size if None not in size else None)  # type: ignore[arg-type]
         sent = 0
 
-        async def send_once(payload: dict[str, Any]) -> StreamOutcome:
+        async def send_once(body: bytes) -> StreamOutcome:
             nonlocal sent
             sent += 1
-            outcome = await client.stream_chat(payload)
+            outcome = await client.stream_chat(body)
             if not outcome.completion.choices:
                 raise EmptyResponse("the endpoint finished the stream without any choice")
             return outcome
 
         try:
-            async for attempt in retry_policy(self.config.run, max_server_wait=self.config.limits.max_retry_wait):
-                with attempt:
-                    outcome = await self.gate.send(send_once, body, estimate)
+            try:  # the common case, one attempt, costs no retry machinery
+                outcome = await self.gate.send(send_once, payload, estimate)
+            except PipelineError as exc:
+                if not exc.retryable or self.config.run.max_attempts == 1:
+                    raise
+                outcome = await self._retry(send_once, payload, estimate, exc)
         except BudgetExceeded as exc:
             self._stop_for_budget(exc)
             return None
@@ -449,6 +453,15 @@ class Runner:
             started_at=started, finished_at=_now(), image=image.report,
         )
         return Write(key, "ok", sent, results=[r.to_json() for r in results], items=items)
+
+    async def _retry(self, send_once: Any, payload: bytes, estimate: Any, first: PipelineError) -> StreamOutcome:
+        """Attempts 2..max_attempts under the tenacity policy; attempt 1 replays the failure we saw."""
+        async for attempt in retry_policy(self.config.run, max_server_wait=self.config.limits.max_retry_wait):
+            with attempt:
+                if attempt.retry_state.attempt_number == 1:
+                    raise first
+                outcome: StreamOutcome = await self.gate.send(send_once, payload, estimate)
+        return outcome
 
     def _stop_for_budget(self, exc: BudgetExceeded) -> None:
         if self.summary.stop_reason is None:

@@ -47,3 +47,17 @@ def test_render_prompt():
     assert render_prompt("Describe {path} ({label}).", {"path": "a.jpg", "label": None}) == "Describe a.jpg ()."
     assert render_prompt("No fields {{here}}", {}) == "No fields {here}"
     assert render_prompt("plain", {}) == "plain"
+
+
+def test_build_payload_is_build_serialised():
+    """The spliced JSON bytes must say exactly what the dict says, for any prompt and URL."""
+    import orjson
+
+    config = RequestConfig(model="m", system='Be "exact"', temperature=0.2, n=2, stop=["\n"], seed=3,
+                           tools=[{"type": "function", "function": {"name": "f"}}], extra_body={"top_k": 5})
+    builder = RequestBuilder(config, ImagesConfig(detail="high"))
+    prompts = ["Describe.", 'quotes " backslash \\ newline \n unicode é 漢字 nul \x00', ""]
+    urls = [URI, "data:image/jpeg;base64,/9j/4AAQSkZJRg==", 'https://example.com/a.jpg?q="x"', 'data:x"y']
+    for prompt in prompts:
+        for url in urls:
+            assert orjson.loads(builder.build_payload(prompt, url)) == builder.build(prompt, url)
