@@ -25,8 +25,10 @@ import logging
 import math
 import os
 import tempfile
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -83,20 +85,68 @@ def _run_row(store: StateStore, run_id: int) -> dict[str, Any]:
     return dict(zip(("command", "status", "started_at", "finished_at", "config_digest"), row, strict=True))
 
 
-def _run_requests(store: StateStore, run_id: int) -> list[tuple[str, int, str | None, dict[str, Any]]]:
-    """(status, attempts, error_type, first result dict) of every request this run finished.
+_REQUEST_FIELDS = ("model", "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms", "image_bytes",
+                   "sent_bytes")
 
-    The first result stands for the request: usage, latency and image sizes are per request and are
-    repeated on every choice's result.
-    """
-    out = []
-    for status, attempts, error_type, result in store.db.execute(
-        "SELECT status, attempts, error_type, result FROM requests "
-        "WHERE run_id = ? AND status IN ('ok', 'failed') ORDER BY key", (run_id,)
+
+@dataclass
+class _RunNumbers:
+    """This run's requests folded as they stream out of the ledger: a 200,000-row run must not load
+    200,000 result dicts just to be summarised."""
+
+    ok: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency: array = field(default_factory=lambda: array("d"))
+    ttft: array = field(default_factory=lambda: array("d"))
+    by_model: Counter[str] = field(default_factory=Counter)
+    unpriced: int = 0
+    retries: Counter[str] = field(default_factory=Counter)
+    extra_attempts: int = 0
+    images: int = 0
+    image_bytes: int = 0
+    sent_bytes: int = 0
+
+
+def _run_requests(store: StateStore, run_id: int, price_for: Any, default_model: str | None) -> _RunNumbers:
+    """Fold every request this run finished; the first result stands for the request (usage, latency and
+    image sizes are per request and repeated on every choice's result)."""
+    columns = ", ".join(f"json_extract(result, '$[0].{name}')" for name in _REQUEST_FIELDS)
+    numbers = _RunNumbers()
+    numbers.retries["retried_then_ok"] = 0
+    for status, attempts, error_type, *values in store.db.execute(
+        f"SELECT status, attempts, error_type, {columns} FROM requests "
+        "WHERE run_id = ? AND status IN ('ok', 'failed')", (run_id,)
     ):
-        results = json.loads(result) if result else []
-        out.append((status, int(attempts or 0), error_type, results[0] if results else {}))
-    return out
+        attempts = int(attempts or 0)
+        numbers.extra_attempts += max(attempts - 1, 0)
+        if status == "failed":
+            numbers.failed += 1
+            if attempts > 1:
+                numbers.retries[error_type or "error"] += 1
+            continue
+        model, prompt, completion, latency, ttft, image_bytes, sent_bytes = values
+        numbers.ok += 1
+        numbers.retries["retried_then_ok"] += attempts > 1
+        numbers.prompt_tokens += int(prompt or 0)
+        numbers.completion_tokens += int(completion or 0)
+        if latency is not None:
+            numbers.latency.append(float(latency))
+        if ttft is not None:
+            numbers.ttft.append(float(ttft))
+        if image_bytes is not None and sent_bytes is not None:
+            numbers.images += 1
+            numbers.image_bytes += int(image_bytes)
+            numbers.sent_bytes += int(sent_bytes)
+        if price_for is not None:
+            name = model or default_model or "unknown"
+            price = price_for(name)
+            if price is None:
+                numbers.unpriced += 1
+            else:
+                numbers.by_model[name] += price.cost(int(prompt or 0), int(completion or 0))
+    return numbers
 
 
 def run_failures(store: StateStore, run_id: int, examples: int = EXAMPLES_PER_ERROR,
@@ -147,40 +197,15 @@ def build_report(store: StateStore, run_id: int, summary: Mapping[str, Any] | An
     """
     data = dict(summary.to_dict() if hasattr(summary, "to_dict") else summary)
     run = _run_row(store, run_id)
-    requests = _run_requests(store, run_id)
-    ok = [(attempts, first) for status, attempts, _, first in requests if status == "ok"]
-    failed = [(attempts, error_type) for status, attempts, error_type, _ in requests if status == "failed"]
-
-    latency = [float(f["latency_ms"]) for _, f in ok if f.get("latency_ms") is not None]
-    ttft = [float(f["ttft_ms"]) for _, f in ok if f.get("ttft_ms") is not None]
-    prompt_tokens = sum(int(f.get("prompt_tokens") or 0) for _, f in ok)
-    completion_tokens = sum(int(f.get("completion_tokens") or 0) for _, f in ok)
-
+    numbers = _run_requests(store, run_id, _price_lookup(prices, default_model) if prices else None, default_model)
+    latency, ttft = numbers.latency, numbers.ttft
+    prompt_tokens, completion_tokens = numbers.prompt_tokens, numbers.completion_tokens
     cost: dict[str, Any] = {"total": None, "by_model": {}, "unpriced_requests": 0}
     if prices:
-        price_for = _price_lookup(prices, default_model)
-        by_model: Counter[str] = Counter()
-        for _, first in ok:
-            model = first.get("model") or default_model or "unknown"
-            price = price_for(model)
-            if price is None:
-                cost["unpriced_requests"] += 1
-                continue
-            by_model[model] += price.cost(int(first.get("prompt_tokens") or 0),
-                                          int(first.get("completion_tokens") or 0))
-        cost["by_model"] = dict(sorted(by_model.items()))
-        cost["total"] = sum(by_model.values())
-
-    retries: Counter[str] = Counter()
-    retries["retried_then_ok"] = sum(1 for attempts, _ in ok if attempts > 1)
-    for attempts, error_type in failed:
-        if attempts > 1:
-            retries[error_type or "error"] += 1
-    extra_attempts = sum(max(a - 1, 0) for a, _ in ok) + sum(max(a - 1, 0) for a, _ in failed)
-
-    sizes = [(f["image_bytes"], f["sent_bytes"]) for _, f in ok
-             if f.get("image_bytes") is not None and f.get("sent_bytes") is not None]
-    read_bytes, sent_bytes = sum(s[0] for s in sizes), sum(s[1] for s in sizes)
+        cost.update(by_model=dict(sorted(numbers.by_model.items())), total=sum(numbers.by_model.values()),
+                    unpriced_requests=numbers.unpriced)
+    retries, extra_attempts = numbers.retries, numbers.extra_attempts
+    read_bytes, sent_bytes = numbers.image_bytes, numbers.sent_bytes
 
     started, finished = _parse_time(run["started_at"]), _parse_time(run["finished_at"])
     elapsed = float(data.get("elapsed_s") or 0.0)
@@ -214,21 +239,21 @@ def build_report(store: StateStore, run_id: int, summary: Mapping[str, Any] | An
         },
         "output_rows": {"total": data.get("output_rows", 0), "ok": data.get("output_ok", 0),
                         "failed": output_failed},
-        "requests": {"sent": data.get("attempts", 0), "ok": len(ok), "failed": len(failed),
+        "requests": {"sent": data.get("attempts", 0), "ok": numbers.ok, "failed": numbers.failed,
                      "extra_attempts": extra_attempts},
         "tokens": {"prompt": prompt_tokens, "completion": completion_tokens,
                    "total": prompt_tokens + completion_tokens},
         "cost": cost,
         "throughput": {
             "rows_per_s": (rows_ok / elapsed) if elapsed > 0 else None,
-            "requests_per_s": (len(ok) + len(failed)) / elapsed if elapsed > 0 else None,
+            "requests_per_s": (numbers.ok + numbers.failed) / elapsed if elapsed > 0 else None,
             "completion_tokens_per_s": completion_tokens / elapsed if elapsed > 0 else None,
         },
         "latency_ms": _distribution(latency),
         "ttft_ms": _distribution(ttft),
         "retries": dict(retries),
         "failures": run_failures(store, run_id, secrets=secrets),
-        "preflight": {"images": len(sizes), "image_bytes": read_bytes, "sent_bytes": sent_bytes,
+        "preflight": {"images": numbers.images, "image_bytes": read_bytes, "sent_bytes": sent_bytes,
                       "bytes_saved": read_bytes - sent_bytes},
     }
 
