@@ -351,3 +351,44 @@ async def test_decode_without_draft_gives_the_same_size(tmp_path: Path) -> None:
     for use_draft in (True, False):
         prepared = prepare(data, "big.jpg", ImagesConfig(fit="openai-high"), use_draft=use_draft)
         assert (prepared.report["sent_width"], prepared.report["sent_height"]) == (1024, 768)
+
+
+async def test_the_whole_corpus_through_a_real_run(corpus: Path, tmp_path: Path) -> None:
+    """Every corpus row ends with a recorded outcome in the output, over real HTTP; the run never crashes."""
+    import csv
+
+    import pyarrow.parquet as pq
+
+    from pipeline.config import config_from_dict
+    from pipeline.runner import run_job
+    from pipeline.server import LocalEndpoint
+
+    names = sorted(CORPUS) + ["missing.jpg", "escape.jpg", "../../../../../../etc/passwd"]
+    manifest = corpus / "manifest.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "path"])
+        writer.writerows([f"row-{i}", name] for i, name in enumerate(names))
+    out = tmp_path / "out" / "captions.parquet"
+    async with LocalEndpoint() as endpoint:
+        config = config_from_dict({
+            "endpoint": {"base_url": endpoint.base_url},
+            "request": {"model": "m"},
+            "images": {"format": "jpeg", "fit": "openai-high", "background": BACKGROUND},
+            "input": {"manifest": str(manifest), "root": str(corpus)},
+            "run": {"concurrency": 4, "backoff_base": 0.01},
+            "output": {"path": str(out)},
+        })
+        summary = await run_job(config)
+        sent = endpoint.stats.snapshot()["requests"]
+    rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
+    assert sorted(rows) == sorted(names)  # one outcome per manifest row
+    for name, row in rows.items():
+        if name in FAILURES:
+            assert (row["status"], row["error_type"]) == ("failed", FAILURES[name][0]), name
+            assert row["attempts"] == 0  # nothing was sent for a row that failed pre-flight
+        else:
+            assert row["status"] == "ok" and row["content"], name
+            assert f"{row['sent_width']}x{row['sent_height']}" in row["content"]  # what the endpoint saw
+    ok = sum(r["status"] == "ok" for r in rows.values())
+    assert sent == ok and summary.rows_ok == ok and summary.rows_failed == len(rows) - ok
