@@ -122,14 +122,15 @@ class ImageLoader:
 
     def fingerprint(self, source: str, base_dir: Path) -> str:
         """Cheap identity of the input for resume checks: one ``stat``, the file is never read."""
-        scheme = _scheme(source)
-        if scheme is not None and scheme != "file":
-            return source
-        try:
-            path = file_url_path(source) if scheme == "file" else Path(base_dir) / source
-        except ImageError:  # a file:// URL naming another host: load() will say so
-            return source
-        absolute = os.path.abspath(path)
+        if "://" in source:  # checked first: this runs once per manifest row on every resume
+            if _scheme(source) != "file":
+                return source
+            try:
+                absolute = os.path.abspath(file_url_path(source))
+            except ImageError:  # a file:// URL naming another host: load() will say so
+                return source
+        else:
+            absolute = os.path.abspath(os.path.join(base_dir, source))
         try:
             info = os.stat(absolute)
         except (OSError, ValueError):

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline import preflight  # noqa: E402
 from pipeline.config import ImagesConfig  # noqa: E402
 from pipeline.images import ImageLoader  # noqa: E402
 
@@ -122,6 +123,28 @@ def read_and_base64(folder: Path, names: list[str]) -> tuple[float, float, int]:
     return time.perf_counter() - started, time.process_time() - cpu, sent
 
 
+def pillow_header_pass_through(data: bytes, source: str, policy: ImagesConfig) -> preflight.Prepared | None:
+    """The pass-through decision from Pillow's lazy open alone (what ``pass_through`` did before the
+    hand-read JPEG/PNG header)."""
+    header = preflight._inspect(data, source, policy)
+    if header.passable and preflight._ends_well(header.image, data):
+        return preflight._as_is(header, data)
+    return None
+
+
+def decisions_only(folder: Path, names: list[str], decide: Callable[..., preflight.Prepared | None]
+                   ) -> tuple[float, float, int]:
+    """Just the pass-through decision over bytes already in memory: no read, no base64, no event loop."""
+    blobs = [(folder / name).read_bytes() for name in names]
+    policy = ImagesConfig()
+    started, cpu = time.perf_counter(), time.process_time()
+    sent = 0
+    for data in blobs:
+        prepared = decide(data, "bench", policy)
+        sent += len(prepared.data) if prepared is not None else 0
+    return time.perf_counter() - started, time.process_time() - cpu, sent
+
+
 def run_case(case: str, folder: Path, names: list[str], workers: int,
              measure: Callable[[], Awaitable[tuple[float, float, int]] | tuple[float, float, int]],
              repeats: int) -> Result:
@@ -158,6 +181,10 @@ def main() -> None:
             ("baseline: read + base64 (old loader, inline)", small, 1, lambda: read_and_base64(folder, small)),
             ("pass-through 640x480 JPEG, on the event loop", small, 0,
              lambda: through_loader(folder, small, ImagesConfig(), cores)),
+            ("pass-through decision only, fast header", small, 0,
+             lambda: decisions_only(folder, small, preflight.pass_through)),
+            ("pass-through decision only, Pillow header", small, 0,
+             lambda: decisions_only(folder, small, pillow_header_pass_through)),
             ("pass-through 640x480 JPEG, forced via pool", small, cores,
              lambda: through_loader(folder, small, ImagesConfig(), cores, inline_bytes=0)),
             ("4000x3000 JPEG -> 1024x768, no draft", large, cores,
