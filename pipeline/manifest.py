@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
@@ -122,11 +121,10 @@ class ManifestReader:
         if self.config.directory is not None and not self.config.directory.is_dir():
             raise ManifestError(f"{self.config.directory}: input.directory is not a folder")
         self._check_columns(templates)
-        ids = self._id_column()
-        if len(ids) == 0:
+        rows = self._check_ids()
+        if rows == 0:
             raise ManifestError(f"{self.source}: the manifest has no rows; nothing to do")
-        self._check_ids(ids)
-        return ManifestInfo(str(self.source), len(ids), list(self.schema.names), self.carried_schema)
+        return ManifestInfo(str(self.source), rows, list(self.schema.names), self.carried_schema)
 
     def _check_columns(self, templates: Sequence[str]) -> None:
         names = self.schema.names
@@ -156,34 +154,65 @@ class ManifestReader:
                 "rename them or list the columns to keep in input.carry_columns"
             )
 
-    def _id_column(self) -> pa.ChunkedArray:
+    def _id_values(self) -> Iterator[list[Any]]:
+        """The id column, batch by batch, as Python values (CSV through the csv module: no Arrow buffers)."""
         if self.config.directory is not None:
-            return pa.chunked_array([pa.array(self._scan_directory(), pa.string())])
-        chunks = [b.column(0) for b in self._record_batches([self.config.id_column])]
-        if not chunks:
-            return pa.chunked_array([], pa.string())
-        return pa.chunked_array([pc.cast(c, pa.string()) for c in chunks])
+            yield self._scan_directory()
+            return
+        if self.config.manifest_format == "csv":
+            yield from _csv_column(self._manifest_path(), self.schema.names.index(self.config.id_column))
+            return
+        for batch in self._record_batches([self.config.id_column]):
+            yield batch.column(0).to_pylist()
 
-    def _check_ids(self, ids: pa.ChunkedArray) -> None:
-        empty = pc.or_(pc.is_null(ids), pc.equal(pc.utf8_trim_whitespace(ids), ""))
-        bad = pc.indices_nonzero(pc.fill_null(empty, True))
-        if len(bad):
-            rows = ", ".join(str(i.as_py() + 1) for i in bad[:5])
+    def _check_ids(self) -> int:
+        """Count rows; refuse empty and duplicate ids. Streams: memory is one 64-bit hash per id."""
+        seen: set[int] = set()
+        suspects: set[str] = set()
+        empty: list[int] = []
+        count = 0
+        for values in self._id_values():
+            for value in values:
+                count += 1
+                text = "" if value is None else str(value)
+                if not text.strip():
+                    if len(empty) < 5:
+                        empty.append(count)
+                    continue
+                digest = hash(text)
+                if digest in seen:
+                    suspects.add(text)  # a repeat, or (rarely) a hash collision: checked below
+                else:
+                    seen.add(digest)
+        if empty:
             raise ManifestError(
-                f"{self.source}: empty id in column {self.config.id_column!r} at row(s) {rows}; every row needs an id"
+                f"{self.source}: empty id in column {self.config.id_column!r} at row(s) "
+                f"{', '.join(map(str, empty))}; every row needs an id"
             )
-        counts = pc.value_counts(ids).flatten()
-        values, freq = counts[0], counts[1]
-        dup = pc.filter(values, pc.greater(freq, 1))
-        if len(dup):
-            first = dup[0].as_py()
-            at = pc.indices_nonzero(pc.equal(ids, first))
-            where = " and ".join(str(i.as_py() + 1) for i in at[:2])
-            more = f"; {len(dup) - 1} more duplicated id(s)" if len(dup) > 1 else ""
-            raise ManifestError(
-                f"{self.source}: duplicate id {first!r} at rows {where}{more}; ids must be unique "
-                f"(column {self.config.id_column!r})"
-            )
+        if suspects:
+            self._report_duplicates(suspects)
+        return count
+
+    def _report_duplicates(self, suspects: set[str]) -> None:
+        """Second pass, only on the error path: where the first duplicated id stands, exactly."""
+        rows: dict[str, list[int]] = {value: [] for value in suspects}
+        number = 0
+        for values in self._id_values():
+            for value in values:
+                number += 1
+                text = "" if value is None else str(value)
+                if text in rows:
+                    rows[text].append(number)
+        duplicated = [(where, value) for value, where in rows.items() if len(where) > 1]
+        if not duplicated:
+            return  # only hash collisions
+        duplicated.sort()
+        where, first = duplicated[0]
+        more = f"; {len(duplicated) - 1} more duplicated id(s)" if len(duplicated) > 1 else ""
+        raise ManifestError(
+            f"{self.source}: duplicate id {first!r} at rows {where[0]} and {where[1]}{more}; ids must be unique "
+            f"(column {self.config.id_column!r})"
+        )
 
     # -- streaming ----------------------------------------------------------------------------
 
@@ -255,6 +284,23 @@ def _csv_header(path: Path) -> list[str]:
     if not header:
         raise ManifestError(f"{path}: the CSV manifest is empty; it needs a header row (id,path,...)")
     return header
+
+
+def _csv_column(path: Path, index: int, size: int = 10_000) -> Iterator[list[str]]:
+    """One CSV column, ``size`` values at a time, skipping the header."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        next(reader, None)
+        batch: list[str] = []
+        for record in reader:
+            if not record:
+                continue  # a blank line is no row (Arrow's reader skips them too)
+            batch.append(record[index] if index < len(record) else "")
+            if len(batch) >= size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
 
 def _csv_batches(path: Path, names: list[str], columns: list[str] | None) -> Iterator[pa.RecordBatch]:
