@@ -14,13 +14,13 @@ import pyarrow as pa
 
 from .config import Config
 from .ledger import StateStore
-from .manifest import ManifestReader, Row
+from .manifest import ManifestReader
 from .results import result_schema, to_table
 from .sinks import write_atomic
 
 
 #: Manifest rows turned into records at a time: bounds the Python objects alive during an export.
-_EXPORT_ROWS = 2_000
+_EXPORT_ROWS = 1_000
 
 
 @dataclass
@@ -66,7 +66,7 @@ def _tables(reader: ManifestReader, store: StateStore, schema: pa.Schema, report
             run_id: int | None = None) -> Iterator[pa.Table]:
     names = reader.carried_columns
     yielded = False
-    for batch in _slices(reader.batches(), _EXPORT_ROWS):
+    for batch in reader.batches(_EXPORT_ROWS):
         outcomes = store.outcomes([row.id for row in batch], run_id)
         records = []
         for row in batch:
@@ -86,8 +86,3 @@ def _tables(reader: ManifestReader, store: StateStore, schema: pa.Schema, report
     if not yielded:  # an empty file still carries the schema
         yield schema.empty_table()
 
-
-def _slices(batches: Iterator[list[Row]], size: int) -> Iterator[list[Row]]:
-    for batch in batches:
-        for start in range(0, len(batch), size):
-            yield batch[start : start + size]
