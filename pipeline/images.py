@@ -32,7 +32,7 @@ try:  # ~35x faster than the stdlib on a 48 KB image (1.4 us vs 52 us); optional
 except ImportError:
     _fast_base64 = None
 
-__all__ = ["REPORT_KEYS", "ImageLoader", "ImagePayload", "load_image", "read_image_file", "sniff_mime"]
+__all__ = ["REPORT_KEYS", "ImageLoader", "ImagePayload", "read_image_file", "sniff_mime"]
 
 #: The report columns every payload carries (``results.ResultRow`` has the same names).
 REPORT_KEYS = ("image_format", "image_width", "image_height", "image_bytes", "sent_format", "sent_width",
@@ -52,11 +52,6 @@ class ImagePayload:
     url: str  # the data URI to send, or the original URL with remote: pass_through
     sha256: str  # hex sha256 of the original source bytes (of the URL string for pass_through)
     report: dict[str, Any]  # exactly REPORT_KEYS, None where unknown
-
-    @property
-    def data_uri(self) -> str:
-        """Old name of ``url``, kept until every caller has moved over."""
-        return self.url
 
 
 class ImageLoader:
@@ -344,9 +339,3 @@ def _read_all(fd: int, expected: int, max_bytes: int, source: str, path: Path) -
     except OSError as exc:
         raise ImageError(f"{source}: cannot read {path}: {exc.strerror or exc}",
                          error_type="image_unreadable") from None
-
-
-async def load_image(path: Path, images: ImagesConfig | None = None) -> ImagePayload:
-    """One-off load with a short-lived loader; a run keeps one ``ImageLoader`` instead."""
-    async with ImageLoader(images or ImagesConfig(), workers=1) as loader:
-        return await loader.load(str(path), Path.cwd())

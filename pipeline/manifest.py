@@ -8,7 +8,6 @@ request is sent; ``batches()`` then streams ``Row`` objects in manifest order.
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,11 +346,3 @@ def _text(value: Any) -> str:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def relative_to_cwd(path: Path) -> str:
-    """Paths in messages: short when under the working folder, absolute otherwise."""
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline.config import ImagesConfig, config_from_dict
 from pipeline.errors import ConfigError, ImageError
-from pipeline.images import ImageLoader, ImagePayload, load_image, read_image_file, redact_url, sniff_mime
+from pipeline.images import ImageLoader, ImagePayload, read_image_file, redact_url, sniff_mime
 from pipeline.preflight import prepare, target_size
 
 
@@ -206,13 +206,6 @@ async def test_odd_paths_fail_their_row(tmp_path: Path) -> None:
     with pytest.raises(ImageError) as info:  # how a link swapped in after the root check is refused
         read_image_file(tmp_path / "link.jpg", "link.jpg", 1000, no_follow=True)
     assert info.value.error_type == "image_unreadable"
-
-
-async def test_old_load_image_entry_point(tmp_path: Path) -> None:
-    data = encoded(Image.new("RGB", (8, 6)), "PNG")
-    (tmp_path / "a.png").write_bytes(data)
-    payload = await load_image(tmp_path / "a.png")
-    assert payload.data_uri == payload.url and sent_bytes(payload) == data
 
 
 # --- fingerprints ---------------------------------------------------------------------------------------
