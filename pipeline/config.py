@@ -201,20 +201,13 @@ class InputConfig(_Model):
     def _one_source(self) -> InputConfig:
         if (self.manifest is None) == (self.directory is None):
             raise ValueError("set exactly one of input.manifest or input.directory")
-        if self.manifest is not None and self.format is None and self.manifest_format is None:
-            raise ValueError(
-                f"cannot tell the format of {str(self.manifest)!r} from its suffix; "
-                "set input.format to csv, jsonl or parquet"
-            )
+        if self.manifest is not None and self.manifest_format is None:
+            raise _unknown_format(self.manifest, "input.format", "csv, jsonl or parquet")
         return self
 
     @property
     def manifest_format(self) -> ManifestFormat | None:
-        if self.format is not None:
-            return self.format
-        if self.manifest is None:
-            return None
-        return _FORMAT_BY_SUFFIX.get(self.manifest.suffix.lower())  # type: ignore[return-value]
+        return _format_of(self.manifest, self.format) if self.manifest is not None else None  # type: ignore[return-value]
 
 
 _FORMAT_BY_SUFFIX = {
@@ -224,6 +217,15 @@ _FORMAT_BY_SUFFIX = {
     ".parquet": "parquet",
     ".pq": "parquet",
 }
+
+
+def _format_of(path: Path, explicit: str | None) -> str | None:
+    """The file format: as configured, else from the suffix, else None."""
+    return explicit if explicit is not None else _FORMAT_BY_SUFFIX.get(path.suffix.lower())
+
+
+def _unknown_format(path: Path, key: str, choices: str) -> ValueError:
+    return ValueError(f"cannot tell the format of {str(path)!r} from its suffix; set {key} to {choices}")
 
 
 class RunConfig(_Model):
@@ -256,17 +258,12 @@ class OutputConfig(_Model):
     @model_validator(mode="after")
     def _known_format(self) -> OutputConfig:
         if self.output_format is None:
-            raise ValueError(
-                f"cannot tell the format of {str(self.path)!r} from its suffix; "
-                "set output.format to parquet, csv or jsonl"
-            )
+            raise _unknown_format(self.path, "output.format", "parquet, csv or jsonl")
         return self
 
     @property
     def output_format(self) -> OutputFormat | None:
-        if self.format is not None:
-            return self.format
-        return _FORMAT_BY_SUFFIX.get(self.path.suffix.lower())  # type: ignore[return-value]
+        return _format_of(self.path, self.format)  # type: ignore[return-value]
 
 
 class PriceConfig(_Model):

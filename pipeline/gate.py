@@ -20,6 +20,7 @@ from .limits import AdaptiveConcurrency, BreakerTicket, BudgetGuard, CircuitBrea
 from .tokens import TokenEstimate, TokenEstimator
 
 Send = Callable[[dict[str, Any]], Awaitable[StreamOutcome]]
+_NOTHING = TokenEstimate(raw_prompt=0, prompt=0, completion=0)  # when nothing counts tokens
 
 
 @dataclass
@@ -56,8 +57,18 @@ class RequestGate:
             n_choices=config.request.n_choices,
         )
 
-    def estimate(self, body: dict[str, Any], size: tuple[int, int] | None) -> TokenEstimate:
-        return self.estimator.estimate(body, [size] if size else None)
+    @property
+    def counts_tokens(self) -> bool:
+        """Only a tokens-per-minute bucket or a token/cost budget needs an estimate before sending."""
+        budget = self.budget
+        return self.limiter.tokens is not None or budget.max_total_tokens is not None or budget.max_cost is not None
+
+    def estimate(self, shape: Callable[[], dict[str, Any]], size: tuple[int, int] | None) -> TokenEstimate:
+        """The request's token estimate; ``shape`` builds the body it reads, and is not called (nor is
+        anything estimated) when no limit counts tokens, which keeps the common run's hot path free of it."""
+        if not self.counts_tokens:
+            return _NOTHING
+        return self.estimator.estimate(shape(), [size] if size else None)
 
     async def send(self, send: Send, body: dict[str, Any], estimate: TokenEstimate) -> StreamOutcome:
         """One charged attempt (outage failures are waited out and repeated, uncharged)."""

@@ -420,8 +420,8 @@ class Runner:
         """Send under the gate and the retry policy; None when the budget stopped the run first."""
         payload = self.builder.build_payload(prompt, image.url)
         size = (image.report.get("sent_width"), image.report.get("sent_height"))
-        shape = self.builder.build(prompt, "")  # what the token estimate reads: text, image parts, limits
-        estimate = self.gate.estimate(shape, size if None not in size else None)  # type: ignore[arg-type]
+        estimate = self.gate.estimate(lambda: self.builder.build(prompt, ""),  # text, image parts, max_tokens
+                                      size if None not in size else None)  # type: ignore[arg-type]
         sent = 0
 
         async def send_once(body: bytes) -> StreamOutcome:
