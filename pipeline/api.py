@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Literal, TypeVar
 
 from .config import Config, config_from_dict, load_config
+from .errors import ConfigError
 from .runner import Command, ProgressCallback, Runner, RunSummary
 
 
@@ -39,4 +40,28 @@ def run_job(config: Config | Mapping[str, Any] | str | os.PathLike[str], **optio
     Raises ``ConfigError`` / ``ManifestError`` for bad input and ``LockHeld`` when another run of the job
     is in progress; failed rows are reported in the summary (``exit_code`` as the CLI's).
     """
-    return asyncio.run(run_job_async(config, **options))
+    config = _as_config(config)
+    return run_coroutine(run_job_async(config, **options), config.run.event_loop)
+
+
+T = TypeVar("T")
+
+
+def run_coroutine(coroutine: Coroutine[Any, Any, T], event_loop: Literal["auto", "uvloop", "asyncio"] = "auto") -> T:
+    """``asyncio.run`` on the loop ``run.event_loop`` names: uvloop roughly halves the client's cost per
+    network read, which is most of the work at high concurrency (scripts/bench.py, scenario b)."""
+    with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
+        return runner.run(coroutine)
+
+
+def loop_factory(event_loop: Literal["auto", "uvloop", "asyncio"]) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if event_loop == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if event_loop == "uvloop":
+            raise ConfigError("run.event_loop is 'uvloop' but uvloop is not installed "
+                              "(pip install uvloop, or set run.event_loop: auto)") from None
+        return None
+    return uvloop.new_event_loop

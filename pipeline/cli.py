@@ -22,6 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from . import __version__
+from .api import run_coroutine
 from .config import load_config
 from .errors import ConfigError, PipelineError
 from .jobs import export_job, job_status, run_history
@@ -164,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     bar = None if args.no_progress else _ProgressBar()
     runner = Runner(config, on_progress=bar.update if bar else None, command=args.command,
                     fresh=getattr(args, "fresh", False), error_type=getattr(args, "error_type", None))
-    summary = asyncio.run(_run_async(runner, bar))
+    summary = run_coroutine(_run_async(runner, bar), config.run.event_loop)
     _print_summary(summary, runner.report)
     return summary.exit_code
 

@@ -1,25 +1,31 @@
-"""The streaming HTTP client: one shared aiohttp session, one ``stream_chat()`` call per attempt.
+"""The streaming chat client: ``stream_chat()`` sends one attempt and returns the rebuilt answer.
 
-This is the only place that sees aiohttp and asyncio failures; each one is translated here into the
-``errors`` taxonomy. Timeouts fit streaming: connect, first byte (headers and the first body bytes),
-idle gap between reads, and a total deadline.
+The SSE decoder and the accumulator run inside the connection's ``data_received`` (see ``http.py``),
+so an answer costs one task wake-up however many chunks it streams. This is the only place that sees
+socket, TLS and timeout failures; each one is translated here into the ``errors`` taxonomy. Timeouts
+fit streaming: connect, first byte (headers and the first body bytes), idle gap between reads, and a
+total deadline; one timer per attempt, pushed out lazily rather than on every read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import ssl
+import zlib
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
-import aiohttp
 import orjson
 from yarl import URL
 
+from . import __version__
 from .accumulate import ChoiceAccumulator, Completion
-from .config import EndpointConfig
+from .config import EndpointConfig, Timeouts
 from .errors import (
+    ConfigError,
     ConnectError,
     EndpointError,
     EndpointTimeout,
@@ -28,10 +34,12 @@ from .errors import (
     TruncatedStream,
     error_for_status,
 )
+from .http import ConnectionPool, HTTPConnection, ProtocolError, ResponseHead, request_head
 from .retry import RateLimitHeaders, parse_rate_limit_headers, server_wait
 from .sse import SSEDecoder
 
 _ERROR_BODY_LIMIT = 64 * 1024
+_JSON_BODY_LIMIT = 32 * 1024 * 1024
 _MESSAGE_LIMIT = 500
 
 
@@ -44,20 +52,26 @@ class StreamOutcome:
 
 
 class ChatClient:
-    """Sends streaming Chat Completions requests over a pooled keep-alive session."""
+    """Sends streaming Chat Completions requests over a pool of keep-alive connections."""
 
     def __init__(self, endpoint: EndpointConfig, *, base_url: str | None = None, pool_size: int = 100) -> None:
         self.endpoint = endpoint
         root = (base_url or endpoint.base_url).rstrip("/")
         self.url = URL(f"{root}/chat/completions").update_query(endpoint.query or None)
+        self.host = f"{self.url.host}:{self.url.port}"
         self.pool_size = pool_size
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: ConnectionPool | None = None
+        try:
+            self._head = request_head("POST", self.url, self._headers())
+        except ValueError as exc:  # names the header, never its value
+            raise ConfigError(f"endpoint.headers: {exc}") from None
 
     def __repr__(self) -> str:  # never shows the key
         return f"ChatClient(url={str(self.url)!r})"
 
     def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **self.endpoint.headers}
+        headers = {"User-Agent": f"pipeline/{__version__}", "Accept": "text/event-stream",
+                   "Accept-Encoding": "identity", "Content-Type": "application/json", **self.endpoint.headers}
         key = self.endpoint.api_key.get_secret_value() if self.endpoint.api_key else None
         if key and self.endpoint.auth_scheme == "bearer":
             headers["Authorization"] = f"Bearer {key}"
@@ -66,112 +80,269 @@ class ChatClient:
         return headers
 
     async def __aenter__(self) -> Self:
-        timeout = self.endpoint.timeout
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.pool_size, limit_per_host=self.pool_size),
-            timeout=aiohttp.ClientTimeout(total=None, connect=timeout.connect, sock_connect=timeout.connect),
-            headers=self._headers(),
-            auto_decompress=True,
-        )
+        self._pool = ConnectionPool(self.url, max_idle=self.pool_size)
         return self
 
     async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    @property
+    def connects(self) -> int:
+        """Connections opened so far (keep-alive reuse shows as a small number)."""
+        return self._pool.connects if self._pool is not None else 0
 
     async def stream_chat(self, body: dict[str, Any] | bytes) -> StreamOutcome:
         """One attempt: POST the body (a dict, or JSON bytes from ``RequestBuilder.build_payload``), read
         the SSE stream to ``[DONE]``, return the rebuilt completion."""
-        if self._session is None:
+        if self._pool is None:
             raise RuntimeError("ChatClient is not open; use 'async with ChatClient(...)'")
         payload = body if isinstance(body, bytes) else orjson.dumps(body)
-        reader = _StreamReader(self.endpoint)
-        try:
-            return await reader.read(self._session, self.url, payload)
-        except PipelineError:
-            raise
-        except BaseException as exc:
-            translated = reader.translate(exc)
-            if translated is None:
-                raise
-            raise translated from None
-
-
-class _StreamReader:
-    """State of one attempt: which timeout phase it is in and how far the stream got."""
-
-    def __init__(self, endpoint: EndpointConfig) -> None:
-        self.timeouts = endpoint.timeout
-        self.phase = "first_byte"
-        self.chunks = 0
-        self.host = ""
-
-    async def read(self, session: aiohttp.ClientSession, url: URL, payload: bytes) -> StreamOutcome:
-        self.host = f"{url.host}:{url.port}"
+        head = self._head + b"%d\r\n\r\n" % len(payload)
         loop = asyncio.get_running_loop()
-        start = loop.time()
-        deadline = start + self.timeouts.total
-        ttft: float | None = None
-        async with asyncio.timeout_at(min(start + self.timeouts.first_byte, deadline)) as timer:
-            async with session.post(url, data=payload) as response:
-                if response.status != 200:
-                    raise await _error_from_response(response)
-                limits = parse_rate_limit_headers(response.headers)
-                kind = _body_kind(response)
-                if kind == "json":
-                    completion = await _read_plain_json(response)
-                    return StreamOutcome(completion, None, (loop.time() - start) * 1000, limits)
-                if kind != "sse":
-                    raise await _unexpected_body(response, kind)
-                decoder = SSEDecoder()
-                accumulator = ChoiceAccumulator()
-                content = response.content
-                idle = self.timeouts.idle
-                armed = float("inf")  # when the timer fires; pushed out lazily, not on every read
-                while True:
-                    data = await content.readany()
-                    if not data:
-                        break
-                    now = loop.time()
-                    if ttft is None:
-                        ttft = (now - start) * 1000
-                        self.phase = "idle"
-                    if armed - now < idle:  # re-arming costs a timer; do it once per idle/10 of reading
-                        armed = min(now + idle * 1.1, deadline)  # so a stall is cut after idle..1.1 x idle
-                        timer.reschedule(armed)
-                    self.chunks += 1
-                    if _feed(decoder.feed(data), accumulator):
-                        break
-                if not accumulator.done:
-                    _feed(decoder.flush(), accumulator)
-                completion = accumulator.close()
-                return StreamOutcome(completion, ttft, (loop.time() - start) * 1000, limits)
+        exchange = _ChatExchange(self.endpoint.timeout, self.host, loop, loop.time())
+        try:
+            exchange.begin(await self._connect(exchange), head, payload)
+            return await exchange.result
+        finally:
+            exchange.end()
 
-    def translate(self, exc: BaseException) -> PipelineError | None:
-        """aiohttp / asyncio failures -> the pipeline's error tree (None: not ours to translate)."""
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
-            return EndpointTimeout(f"connect timeout after {self.timeouts.connect:g}s to {self.host}", phase="connect")
-        if isinstance(exc, TimeoutError):
-            return self._timeout()
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            return ConnectError(f"cannot connect to {self.host}: {exc.os_error.strerror or exc.os_error}")
-        if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError)):
-            if self.chunks:
-                return TruncatedStream(f"connection lost after {self.chunks} read(s), before [DONE]")
-            return ConnectError(f"{self.host} closed the connection before answering")
-        if isinstance(exc, aiohttp.ClientError):
-            return ConnectError(f"HTTP client error talking to {self.host}: {type(exc).__name__}: {exc}")
-        return None
+    async def _connect(self, exchange: _ChatExchange) -> HTTPConnection:
+        assert self._pool is not None
+        timeouts = self.endpoint.timeout
+        limit = min(timeouts.connect, exchange.first_byte_at - exchange.loop.time())
+        try:
+            async with asyncio.timeout(max(limit, 0)):
+                return await self._pool.acquire()
+        except TimeoutError:
+            if limit < timeouts.connect:
+                raise exchange.timeout_error() from None
+            raise EndpointTimeout(f"connect timeout after {timeouts.connect:g}s to {self.host}",
+                                  phase="connect") from None
+        except OSError as exc:
+            raise _connect_error(exc, self.host) from None
 
-    def _timeout(self) -> EndpointTimeout:
+
+def _connect_error(exc: OSError, host: str) -> ConnectError:
+    if isinstance(exc, socket.gaierror):
+        return ConnectError(f"cannot resolve {host.rsplit(':', 1)[0]}: {exc.strerror or exc}")
+    if isinstance(exc, ssl.SSLError):
+        reason = getattr(exc, "verify_message", None) or exc.reason or exc
+        return ConnectError(f"TLS handshake with {host} failed: {reason}")
+    return ConnectError(f"cannot connect to {host}: {exc.strerror or exc}")
+
+
+class _ChatExchange:
+    """One attempt on one connection: decodes the answer as it arrives; ``result`` resolves once.
+
+    Every ``on_*`` call comes from the connection's protocol callbacks, so nothing here awaits.
+    """
+
+    def __init__(self, timeouts: Timeouts, host: str, loop: asyncio.AbstractEventLoop, start: float) -> None:
+        self.timeouts = timeouts
+        self.host = host
+        self.loop = loop
+        self.start = start
+        self.deadline = start + timeouts.total
+        self.first_byte_at = min(start + timeouts.first_byte, self.deadline)
+        self.result: asyncio.Future[StreamOutcome] = loop.create_future()
+        self.phase = "first_byte"
+        self.reads = 0
+        self.ttft: float | None = None
+        self.last = start  # time of the last body read, for the idle timeout
+        self.head: ResponseHead | None = None
+        self.kind = ""  # sse, json, error, or the unexpected content type
+        self.body = bytearray()  # everything but SSE is collected, up to a limit
+        self._connection: HTTPConnection | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._decoder = SSEDecoder()
+        self._accumulator = ChoiceAccumulator()
+        self._inflate: Any = None
+
+    # -- driven by the client ------------------------------------------------------------------
+
+    def begin(self, connection: HTTPConnection, head: bytes, payload: bytes) -> None:
+        self._connection = connection
+        self._timer = self.loop.call_at(self.first_byte_at, self._on_timer)
+        connection.send(head, payload, self)
+
+    def end(self) -> None:
+        """The caller is leaving (answer in hand, failure, or cancellation): stop the timer, and drop the
+        connection if the exchange never finished with it."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._connection is not None:  # not handed back by _succeed / _fail: the caller was cancelled
+            self._connection.abort()
+            self._connection = None
+        if not self.result.done():
+            self.result.cancel()
+
+    # -- connection callbacks ------------------------------------------------------------------
+
+    def on_head(self, head: ResponseHead) -> None:
+        self.head = head
+        self.kind = _body_kind(head)
+        encoding = head.headers.get("content-encoding", "identity").strip().lower()
+        if encoding in ("gzip", "x-gzip", "deflate"):
+            self._inflate = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib framing, detected
+        elif encoding not in ("identity", ""):
+            self._fail(MalformedChunk(f"endpoint answered with Content-Encoding {encoding}, which this client "
+                                      "does not decode (it asks for identity)"))
+        elif self.kind == "json" and _declared_length(head) > _JSON_BODY_LIMIT:
+            self._fail(MalformedChunk(f"endpoint answered 200 with a JSON body over {_JSON_BODY_LIMIT} bytes"))
+
+    def on_body(self, data: bytes) -> None:
+        now = self.loop.time()
+        self.last = now
+        self.reads += 1
+        if self.ttft is None:
+            self.ttft = (now - self.start) * 1000
+            self.phase = "idle"
+        try:
+            if self._inflate is not None:
+                data = self._inflate.decompress(data)
+            if self.kind == "sse":
+                if _feed(self._decoder.feed(data), self._accumulator):
+                    self._succeed()
+            else:
+                self._collect(data)
+        except PipelineError as exc:
+            self._fail(exc)
+        except zlib.error as exc:
+            self._fail(MalformedChunk(f"endpoint sent a compressed body that does not decode: {exc}"))
+
+    def on_end(self) -> None:
+        if self.result.done():
+            self._done_with_connection()
+            return
+        try:
+            if self._inflate is not None:
+                self._collect_or_feed(self._inflate.flush())
+            if self.kind == "sse":
+                self._finish_stream()
+            elif self.kind == "json":
+                self._succeed(_plain_json(bytes(self.body)))
+            elif self.kind == "error":
+                self._fail(self._status_error(), reuse=True)
+            else:
+                self._fail(self._unexpected_body(), reuse=True)
+        except PipelineError as exc:
+            self._fail(exc)
+        except zlib.error as exc:
+            self._fail(MalformedChunk(f"endpoint sent a compressed body that does not decode: {exc}"))
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        self._connection = None
+        if self.result.done():
+            return
+        if isinstance(exc, ProtocolError):
+            self._fail(ConnectError(f"{self.host} sent {exc}"))
+        elif self.head is None:
+            self._fail(ConnectError(f"{self.host} closed the connection before answering"))
+        elif self.head.close_delimited and self.kind in ("sse", "json") and exc is None:
+            self.on_end()  # the close is the end of such a body
+        elif self.kind == "error":
+            self._fail(self._status_error())  # the status is known; the message may be cut short
+        elif self.reads:
+            self._fail(TruncatedStream(f"connection lost after {self.reads} read(s), before [DONE]"))
+        else:
+            self._fail(ConnectError(f"{self.host} closed the connection before answering"))
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _collect(self, data: bytes) -> None:
+        limit = _ERROR_BODY_LIMIT if self.kind != "json" else _JSON_BODY_LIMIT
+        self.body += data
+        if self.kind not in ("json", "error") and len(self.body) >= 200:
+            self._fail(self._unexpected_body())
+        elif len(self.body) >= limit:
+            if self.kind == "json":
+                self._fail(MalformedChunk(f"endpoint answered 200 with a JSON body over {limit} bytes"))
+            else:
+                self._fail(self._status_error())
+
+    def _collect_or_feed(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.kind == "sse":
+            if _feed(self._decoder.feed(data), self._accumulator):
+                self._succeed()
+        else:
+            self._collect(data)
+
+    def _finish_stream(self) -> None:
+        if not self._accumulator.done:
+            _feed(self._decoder.flush(), self._accumulator)
+        self._succeed(self._accumulator.close())
+
+    def _succeed(self, completion: Completion | None = None) -> None:
+        if self.result.done():
+            return
+        if completion is None:
+            completion = self._accumulator.close()
+        head = self.head
+        assert head is not None
+        latency = (self.loop.time() - self.start) * 1000
+        self.result.set_result(
+            StreamOutcome(completion, self.ttft if self.kind == "sse" else None, latency,
+                          parse_rate_limit_headers(head.headers))
+        )
+        self._done_with_connection()
+
+    def _fail(self, exc: BaseException, *, reuse: bool = False) -> None:
+        if not self.result.done():
+            self.result.set_exception(exc)
+        if reuse:
+            self._done_with_connection()
+        elif self._connection is not None:
+            self._connection.abort()
+            self._connection = None
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _done_with_connection(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._connection is not None:
+            self._connection.done()
+            self._connection = None
+
+    def _on_timer(self) -> None:
+        now = self.loop.time() + 0.001  # the loop may run a timer up to its clock resolution early
+        wake = min(self.last + self.timeouts.idle, self.deadline)
+        if self.phase == "first_byte" or wake <= now:
+            self._timer = None
+            self._fail(self.timeout_error())
+            return
+        self._timer = self.loop.call_at(wake, self._on_timer)  # data came since: wake when this gap is too long
+
+    def timeout_error(self) -> EndpointTimeout:
         if self.phase == "first_byte":
             limit = self.timeouts.first_byte
+            if self.first_byte_at < self.start + limit:
+                return EndpointTimeout(f"no complete answer within the total timeout of {self.timeouts.total:g}s",
+                                       phase="total")
             return EndpointTimeout(f"no response within first_byte timeout of {limit:g}s", phase="first_byte")
+        if self.loop.time() + 0.001 >= self.deadline:
+            return EndpointTimeout(
+                f"no complete answer within the total timeout of {self.timeouts.total:g}s "
+                f"({self.reads} read(s) so far)", phase="total")
         return EndpointTimeout(
-            f"stream stalled: no data for {self.timeouts.idle:g}s (idle timeout) after {self.chunks} read(s), "
-            f"or the total timeout of {self.timeouts.total:g}s passed",
+            f"stream stalled: no data for {self.timeouts.idle:g}s (idle timeout) after {self.reads} read(s)",
             phase="idle",
+        )
+
+    def _status_error(self) -> EndpointError:
+        head = self.head
+        assert head is not None
+        message, code = _error_message(bytes(self.body[:_ERROR_BODY_LIMIT]), head.reason)
+        return error_for_status(head.status, message, retry_after=server_wait(head.headers, head.status), code=code)
+
+    def _unexpected_body(self) -> MalformedChunk:
+        return MalformedChunk(
+            f"endpoint answered 200 with Content-Type {self.kind}, not an event stream "
+            f"(a proxy or a wrong base_url? it usually ends in /v1): {bytes(self.body[:200])!r}"
         )
 
 
@@ -183,25 +354,26 @@ def _feed(events: list[Any], accumulator: ChoiceAccumulator) -> bool:
     return False
 
 
-def _body_kind(response: aiohttp.ClientResponse) -> str:
-    """``sse`` (also for a missing or text/plain type: some servers mislabel), ``json``, or the type."""
-    ctype = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+def _body_kind(head: ResponseHead) -> str:
+    """``error`` for a status other than 200; else ``sse`` (also for a missing or text/plain type: some
+    servers mislabel), ``json``, or the type itself."""
+    if head.status != 200:
+        return "error"
+    ctype = head.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype in ("", "text/event-stream", "text/plain", "application/octet-stream"):
         return "sse"
-    return "json" if ctype.endswith("json") else ctype
+    return "json" if ctype.endswith("json") else ctype or "unknown"
 
 
-async def _unexpected_body(response: aiohttp.ClientResponse, ctype: str) -> MalformedChunk:
-    raw = await response.content.read(200)
-    return MalformedChunk(
-        f"endpoint answered 200 with Content-Type {ctype}, not an event stream "
-        f"(a proxy or a wrong base_url? it usually ends in /v1): {raw[:200]!r}"
-    )
+def _declared_length(head: ResponseHead) -> int:
+    try:
+        return int(head.headers.get("content-length", "0"))
+    except ValueError:
+        return 0
 
 
-async def _read_plain_json(response: aiohttp.ClientResponse) -> Completion:
+def _plain_json(raw: bytes) -> Completion:
     """Some servers ignore ``stream: true`` and answer with one JSON completion; accept it."""
-    raw = await response.read()
     try:
         body = json.loads(raw)
     except ValueError:
@@ -219,15 +391,6 @@ async def _read_plain_json(response: aiohttp.ClientResponse) -> Completion:
                         "finish_reason": choice.get("finish_reason") or "stop"})
     accumulator.add({**body, "choices": choices})
     return accumulator.close()
-
-
-async def _error_from_response(response: aiohttp.ClientResponse) -> EndpointError:
-    """A non-200 answer as a typed error carrying the endpoint's own message and Retry-After."""
-    raw = await response.content.read(_ERROR_BODY_LIMIT)
-    message, code = _error_message(raw, response.reason or "")
-    return error_for_status(
-        response.status, message, retry_after=server_wait(response.headers, response.status), code=code
-    )
 
 
 def _error_message(raw: bytes, reason: str) -> tuple[str, str | None]:

@@ -235,6 +235,8 @@ class RunConfig(_Model):
     backoff_max: Annotated[float, Field(ge=0)] = 30.0
     stop_grace: Annotated[float, Field(ge=0)] = 30.0
     max_failed_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0  # failures tolerated before exit code 1
+    # auto: uvloop where it is installed (a dependency everywhere but Windows), else asyncio's own loop
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
 
 class LedgerConfig(_Model):
