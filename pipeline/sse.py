@@ -8,7 +8,7 @@ new bytes are ever scanned, so one huge line fed in tiny pieces stays linear.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 __all__ = ["ServerSentEvent", "SSEDecoder"]
 
@@ -17,9 +17,11 @@ _CR = 0x0D
 _LF = 0x0A
 
 
-@dataclass(frozen=True, slots=True)
-class ServerSentEvent:
-    """One dispatched event, as an ``EventSource`` would hand it to a listener."""
+class ServerSentEvent(NamedTuple):
+    """One dispatched event, as an ``EventSource`` would hand it to a listener.
+
+    A named tuple rather than a frozen dataclass: one is made per streamed token, and a tuple is made
+    several times faster."""
 
     data: str
     event: str = "message"  # dispatch type; "message" when no (or an empty) event: field
@@ -57,6 +59,9 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         """Take the next bytes of the stream; return the events they complete."""
+        if not (self._pending or self._data or self._at_start or self._skip_lf or self._event_type) \
+                and chunk.endswith(b"\n\n") and (events := self._whole_data_events(chunk)) is not None:
+            return events
         if self._at_start:
             chunk = self._strip_bom(chunk)
         if self._skip_lf and chunk:
@@ -77,6 +82,24 @@ class SSEDecoder:
         elif end + 1 < len(chunk):
             self._pending += chunk[end + 1:]
         return self._process(self._split_lines(complete))
+
+    def _whole_data_events(self, chunk: bytes) -> list[ServerSentEvent] | None:
+        """The common read, whole ``data:`` events and nothing else: the events, without the line loop.
+
+        None sends the read down the general path (a CR, another field, a comment, a multi-line event).
+        The result is the same either way: each block between blank lines is one single-line data field.
+        """
+        if b"\r" in chunk:
+            return None
+        blocks = chunk.split(b"\n\n")
+        blocks.pop()  # the empty tail after the final blank line
+        events = []
+        for block in blocks:
+            if not block.startswith(b"data:") or b"\n" in block:
+                return None
+            value = block[6:] if block.startswith(b" ", 5) else block[5:]
+            events.append(ServerSentEvent(value.decode("utf-8", "replace"), "message", self._last_id))
+        return events
 
     def flush(self) -> list[ServerSentEvent]:
         """End of stream: process a last unterminated line and dispatch an unterminated event.

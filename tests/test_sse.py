@@ -228,3 +228,32 @@ def test_split_with_bom(style: str) -> None:
     stream = BOM + build_stream(STYLES[style])
     for cut in range(len(stream) + 1):
         assert decode(stream[:cut], stream[cut:]) == EXPECTED, f"cut at {cut}"
+
+
+# ---- the whole-events fast path -------------------------------------------------------------------
+
+FAST_PATH_READS = [
+    [b"data: a\n\n", b"data: b\n\ndata: c\n\n"],  # one and two whole events per read
+    [b"data:no-space\n\n", b"data:  two spaces\n\n", b"data:\n\n"],  # space rules, empty data
+    [b"data: caf\xc3\xa9 \xf0\x9f\x98\x80\n\n", b"data: bad \xff byte\n\n"],  # UTF-8, and a replaced byte
+    [b"id: 7\n\n", b"data: after id\n\n"],  # the id in effect travels with fast-path events
+    [b"event: ping\ndata: x\n\n", b"data: y\n\n"],  # an event type: general path, then fast path
+    [b"data: a\n\n\n\n", b"data: b\n\n"],  # an extra blank line dispatches nothing
+    [b"data: a\ndata: b\n\n", b": comment\n\n", b"data: c\r\n\r\n"],  # multi-line, comment, CRLF
+    [b"data: [DONE]\n\n"],
+]
+
+
+@pytest.mark.parametrize("reads", FAST_PATH_READS)
+def test_whole_event_reads_decode_as_the_byte_at_a_time_general_path(reads: list[bytes]) -> None:
+    whole = SSEDecoder()
+    fast = [event for read in (b":warm-up\n\n", *reads) for event in whole.feed(read)]
+    slow = decode(*pieces(b":warm-up\n\n" + b"".join(reads), 1))
+    assert fast == slow and fast
+
+
+def test_fast_path_is_taken_for_whole_data_events() -> None:
+    decoder = SSEDecoder()
+    decoder.feed(b": open\n\n")  # past the BOM check
+    assert decoder._whole_data_events(b"data: x\n\ndata: y\n\n") == [E("x"), E("y")]
+    assert decoder._whole_data_events(b"data: x\nid: 1\n\n") is None  # another field: general path
