@@ -110,11 +110,13 @@ class ChatClient:
 
     async def _connect(self, exchange: _ChatExchange) -> HTTPConnection:
         assert self._pool is not None
+        if (connection := self._pool.take_idle()) is not None:
+            return connection
         timeouts = self.endpoint.timeout
         limit = min(timeouts.connect, exchange.first_byte_at - exchange.loop.time())
         try:
             async with asyncio.timeout(max(limit, 0)):
-                return await self._pool.acquire()
+                return await self._pool.connect()
         except TimeoutError:
             if limit < timeouts.connect:
                 raise exchange.timeout_error() from None

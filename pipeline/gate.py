@@ -16,7 +16,7 @@ from typing import Any
 from .client import StreamOutcome
 from .config import Config
 from .errors import PipelineError
-from .limits import AdaptiveConcurrency, BreakerTicket, BudgetGuard, CircuitBreaker, RateLimiter, is_overload
+from .limits import AdaptiveConcurrency, BreakerTicket, BudgetGuard, CircuitBreaker, Permit, RateLimiter, is_overload
 from .tokens import TokenEstimate, TokenEstimator
 
 Send = Callable[[dict[str, Any]], Awaitable[StreamOutcome]]
@@ -94,14 +94,13 @@ class RequestGate:
 
     async def _attempt(self, send: Send, body: dict[str, Any], estimate: TokenEstimate) -> StreamOutcome:
         async with self.concurrency as permit:
+            if not (self.budget.enabled or self.limiter.enabled):  # nothing to reserve or to account for
+                outcome = await self._send(send, body, permit)
+                self.answered = True
+                return outcome
             with self.budget.request(estimate) as spend:
                 async with self.limiter.reserve(estimate.total) as reservation:
-                    try:
-                        outcome = await send(body)
-                    except PipelineError as exc:
-                        if self.adaptive and is_overload(exc):
-                            self.concurrency.on_overload(permit)
-                        raise
+                    outcome = await self._send(send, body, permit)
                     usage = outcome.completion.usage
                     reservation.settle(usage.total_tokens if usage else None)
                     if usage and usage.prompt_tokens is not None:
@@ -109,7 +108,16 @@ class RequestGate:
                         self.estimator.observe(estimate, usage.prompt_tokens, usage.completion_tokens,
                                                self.n_choices)
                     self.answered = True
-                    if self.adaptive:
-                        self.concurrency.on_success()
-                        self.concurrency.observe(outcome.rate_limits)
                     return outcome
+
+    async def _send(self, send: Send, body: dict[str, Any], permit: Permit) -> StreamOutcome:
+        try:
+            outcome = await send(body)
+        except PipelineError as exc:
+            if self.adaptive and is_overload(exc):
+                self.concurrency.on_overload(permit)
+            raise
+        if self.adaptive:
+            self.concurrency.on_success()
+            self.concurrency.observe(outcome.rate_limits)
+        return outcome

@@ -82,7 +82,6 @@ class HTTPConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.exchange: Exchange | None = None
         self.closed = False
-        self.requests = 0  # sent on this connection; above 1 means it was reused
         self._reason = b""
         self._headers: dict[str, str] = {}
         self._interim = False  # a 1xx head: not the answer, skipped
@@ -94,7 +93,6 @@ class HTTPConnection(asyncio.Protocol):
 
     def send(self, head: bytes, body: bytes, exchange: Exchange) -> None:
         self.exchange = exchange
-        self.requests += 1
         self._complete = self._draining = False
         assert self.transport is not None
         self.transport.writelines((head, body))
@@ -216,13 +214,17 @@ class ConnectionPool:
         self._open: set[HTTPConnection] = set()
         self.connects = 0  # connections opened, for tests and the bench
 
-    async def acquire(self) -> HTTPConnection:
-        """The most recently used idle connection, or a new one. Raises OSError."""
+    def take_idle(self) -> HTTPConnection | None:
+        """The most recently used idle connection that is still open, if any."""
         idle = self._idle
         while idle:
             connection = idle.pop()
             if not connection.closed and connection.transport is not None and not connection.transport.is_closing():
                 return connection
+        return None
+
+    async def connect(self) -> HTTPConnection:
+        """A new connection. Raises OSError (refused, unreachable, name not resolved, TLS failure)."""
         loop = asyncio.get_running_loop()
         _, connection = await loop.create_connection(
             lambda: HTTPConnection(self), self.host, self.port, ssl=self._ssl,

@@ -129,6 +129,7 @@ class StateStore:
         self.path = path
         self.synchronous = synchronous
         self._db: sqlite3.Connection | None = None
+        self._bumped = False  # this connection has counted itself in meta 'writes'
 
     def __repr__(self) -> str:
         return f"StateStore({str(self.path)!r})"
@@ -254,12 +255,9 @@ class StateStore:
                 found[row_id] = ItemState(digest, key, status, bool(final))
         return found
 
-    def finished(self, key: str) -> Outcome | None:
-        """The stored outcome of a request key if it is ok (a duplicate image need not be sent again)."""
-        row = self.db.execute(
-            "SELECT status, attempts, result FROM requests WHERE key = ? AND +status = 'ok'", (key,)
-        ).fetchone()
-        return Outcome(row[0], row[1], orjson.loads(row[2])) if row else None
+    def answered(self, key: str) -> bool:
+        """True if the request key has an ok answer (so a duplicate image need not be sent again)."""
+        return self.db.execute("SELECT 1 FROM requests WHERE key = ? AND +status = 'ok'", (key,)).fetchone() is not None
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -275,10 +273,11 @@ class StateStore:
                 )
             items.extend((row_id, digest, w.key, run_id, now) for row_id, digest in w.items)
         with self.transaction() as db:
-            db.execute(
-                "INSERT INTO meta (key, value) VALUES ('writes', '1') "
-                "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
-            )
+            if not self._bumped:  # once per connection is enough to tell "this run changed something"
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('writes', '1') "
+                    "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+                )
             db.executemany(
                 "INSERT INTO requests (key, status, attempts, error_type, error_message, final, run_id, updated_at, "
                 "result) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET status = excluded.status, "
@@ -294,6 +293,7 @@ class StateStore:
                     "request_key = excluded.request_key, run_id = excluded.run_id, seen_at = excluded.seen_at",
                     items,
                 )
+        self._bumped = True
 
     # -- meta ----------------------------------------------------------------------------------
 
@@ -308,7 +308,8 @@ class StateStore:
 
     @property
     def writes(self) -> int:
-        """Counts committed write groups: unchanged means no outcome changed since it was read."""
+        """Grows with every connection that commits writes: unchanged means no outcome changed since it was
+        read (a run's first commit bumps it; later ones need not, which keeps a commit to its own rows)."""
         return int(self.get_meta("writes") or 0)
 
     # -- reading results -----------------------------------------------------------------------

@@ -692,6 +692,10 @@ class BudgetGuard:
         self._pending: list[BudgetTicket] = []
         self.exceeded: BudgetExceeded | None = None
 
+    @property
+    def enabled(self) -> bool:
+        return self.max_requests is not None or self.max_total_tokens is not None or self.max_cost is not None
+
     def price_for(self, model: str | None) -> ModelPrice | None:
         if model is not None:
             if model in self.prices:

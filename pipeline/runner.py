@@ -1,11 +1,11 @@
 """The runner: one feeder fills a bounded queue with rows that still need work, N workers turn them
-into ledger writes, one writer task group-commits those writes. Nothing here prints; progress goes
+into ledger writes through one ``LedgerWriter`` (``writer.py``). Nothing here prints; progress goes
 through a callback.
 
-Durability: a worker hands its finished answer to the writer and waits until it is committed before it
-takes the next row, and the writer commits everything queued since its last commit in one transaction.
-So a crash (even SIGKILL) loses at most the requests in flight; an answer the worker moved on from is
-never paid for twice. The output file is rebuilt from the ledger at the end of every run.
+Durability: a worker commits its finished answer before it sends its next request (it may already have
+loaded that request's image), so a crash (even SIGKILL) loses at most the requests in flight; an answer
+the worker moved on from is never paid for twice. The output file is rebuilt from the ledger at the end
+of every run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,11 +44,14 @@ from .report import (
     write_reports,
 )
 from .retry import retry_policy
+from .writer import LedgerWriter, ledger_writer
 
 log = logging.getLogger("pipeline")
 
 Command = Literal["run", "retry"]
 _END: Any = None  # queue sentinel
+#: How long after a request goes out its worker starts preparing the next row (see ``_RowAhead``).
+PREPARE_AHEAD_DELAY_S = 0.05
 
 
 @dataclass
@@ -129,12 +132,51 @@ class RowTask:
 
 
 @dataclass(slots=True)
-class _Commit:
-    """A write for the writer; ``done`` is resolved once it is committed (None: nobody waits)."""
+class _Prepared:
+    """A row ready to go out: its image loaded and its request body built, or why that failed."""
 
-    write: Write
-    done: asyncio.Future[None] | None
-    counted: bool = True  # a finished row (not just an in-flight mark)
+    task: RowTask
+    image: ImagePayload | None = None
+    payload: bytes = b""
+    key: str = ""
+    failure: ImageError | None = None
+
+
+class _RowAhead:
+    """A worker's next row, prepared while the worker's current request waits for its answer.
+
+    Preparing starts ``delay`` after the request went out, off the burst of answers and new requests
+    that arrive together at high concurrency; if the answer comes back first, the worker prepares the
+    row itself, so a fast endpoint never waits for the delay.
+    """
+
+    def __init__(self, prepare: Callable[[], Coroutine[Any, Any, _Prepared | None]]) -> None:
+        self._prepare = prepare
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[_Prepared | None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def schedule(self, delay: float) -> None:
+        self._timer = self._loop.call_later(delay, self._start)
+
+    async def take(self) -> _Prepared | None:
+        self._start()
+        task, self._task = self._task, None
+        assert task is not None
+        return await task
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+    def _start(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is None:
+            self._task = self._loop.create_task(self._prepare())
 
 
 class Runner:
@@ -268,18 +310,18 @@ class Runner:
     async def _run_pool(self, store: StateStore, lookups: StateStore, info: ManifestInfo) -> None:
         size = self.config.run.concurrency
         rows: asyncio.Queue[RowTask | None] = asyncio.Queue(maxsize=size * 2)
-        commits: asyncio.Queue[_Commit | None] = asyncio.Queue()  # bounded by the workers: each waits
         async with self._endpoint() as base_url, self.images, \
                 ChatClient(self.config.endpoint, base_url=base_url, pool_size=size) as client:
-            async with asyncio.TaskGroup() as group:
-                writer = group.create_task(self._write(commits, store))
-                feeder = group.create_task(self._feed(rows, size, info))
-                workers = [group.create_task(self._work(client, lookups, rows, commits)) for _ in range(size)]
-                watcher = group.create_task(self._watch_stop(feeder, rows, workers))
-                await asyncio.wait(workers)
-                watcher.cancel()
-                await commits.put(_END)
-                await writer
+            writer = ledger_writer(store, self._run_id, self._count)
+            try:
+                async with asyncio.TaskGroup() as group:
+                    feeder = group.create_task(self._feed(rows, size, info))
+                    workers = [group.create_task(self._work(client, lookups, rows, writer)) for _ in range(size)]
+                    watcher = group.create_task(self._watch_stop(feeder, rows, workers))
+                    await asyncio.wait(workers)
+                    watcher.cancel()
+            finally:
+                await writer.close()
 
     @contextlib.asynccontextmanager
     async def _endpoint(self) -> AsyncIterator[str | None]:
@@ -369,32 +411,46 @@ class Runner:
 
     # -- working -------------------------------------------------------------------------------
 
-    async def _work(self, client: ChatClient, lookups: StateStore, rows: asyncio.Queue[RowTask | None], commits: asyncio.Queue[_Commit | None]) -> None:
-        loop = asyncio.get_running_loop()
-        while (task := await rows.get()) is not _END:
-            self.progress.in_flight += 1
-            try:
-                write = await self._process(task, client, lookups, commits)
-            finally:
-                self.progress.in_flight -= 1
-            if write is None:  # not finished (the budget stopped the run): stays to do
-                continue
-            done = loop.create_future()
-            await commits.put(_Commit(write, done))
-            await done  # write-ahead: the answer is durable before this worker takes another row
+    async def _work(self, client: ChatClient, lookups: StateStore, rows: asyncio.Queue[RowTask | None],
+                    writer: LedgerWriter) -> None:
+        ahead = _RowAhead(lambda: self._prepare_next(rows))
+        try:
+            while (prepared := await ahead.take()) is not _END and not self._stop.is_set():
+                ahead.schedule(PREPARE_AHEAD_DELAY_S)
+                self.progress.in_flight += 1
+                try:
+                    write = await self._process(prepared, client, lookups, writer)
+                finally:
+                    self.progress.in_flight -= 1
+                if write is not None:  # None: not finished (the budget stopped the run), stays to do
+                    await writer.commit(write)  # write-ahead: durable before this worker sends again
+        finally:
+            ahead.cancel()
 
-    async def _process(self, task: RowTask, client: ChatClient, lookups: StateStore,
-                       commits: asyncio.Queue[_Commit | None]) -> Write | None:
-        row, items = task.row, ((task.row.id, task.digest),)
-        started = _now()
+    async def _prepare_next(self, rows: asyncio.Queue[RowTask | None]) -> _Prepared | None:
+        """The next row from the feeder with its image loaded and its body built (``_END`` at the end)."""
+        task = await rows.get()
+        if task is _END:
+            return _END
+        row = task.row
         try:
             if not row.path:
                 raise ImageError("the path column is empty for this row", error_type="image_missing")
             image = await self.images.load(row.path, row.base_dir)
         except ImageError as exc:
-            return self._failure(f"image:{task.digest}", row, exc, 0, started, items)
-        key = request_key(self.params, image.sha256, task.prompt)
-        if lookups.finished(key) is not None:
+            return _Prepared(task, failure=exc)
+        return _Prepared(task, image, self.builder.build_payload(task.prompt, image.url),
+                         request_key(self.params, image.sha256, task.prompt))
+
+    async def _process(self, prepared: _Prepared, client: ChatClient, lookups: StateStore,
+                       writer: LedgerWriter) -> Write | None:
+        task = prepared.task
+        row, items, key = task.row, ((task.row.id, task.digest),), prepared.key
+        started = _now()
+        if prepared.image is None:
+            assert prepared.failure is not None
+            return self._failure(f"image:{task.digest}", row, prepared.failure, 0, started, items)
+        if lookups.answered(key):
             self.summary.rows_deduplicated += 1
             return Write(key, None, items=items)
         if (twin := self._single_flight.get(key)) is not None:
@@ -406,8 +462,8 @@ class Runner:
         future: asyncio.Future[Write | None] = asyncio.get_running_loop().create_future()
         self._single_flight[key] = future
         try:
-            commits.put_nowait(_Commit(Write(key, "in_flight", items=items), None, counted=False))
-            write = await self._send(client, key, row, image, task.prompt, started, items)
+            writer.mark(Write(key, "in_flight", items=items))
+            write = await self._send(client, key, row, prepared.image, task.prompt, started, items, prepared.payload)
             future.set_result(write)
             return write
         finally:
@@ -416,9 +472,8 @@ class Runner:
             del self._single_flight[key]
 
     async def _send(self, client: ChatClient, key: str, row: Row, image: ImagePayload, prompt: str, started: datetime,
-                    items: tuple[tuple[str, str], ...]) -> Write | None:
+                    items: tuple[tuple[str, str], ...], payload: bytes) -> Write | None:
         """Send under the gate and the retry policy; None when the budget stopped the run first."""
-        payload = self.builder.build_payload(prompt, image.url)
         size = (image.report.get("sent_width"), image.report.get("sent_height"))
         estimate = self.gate.estimate(lambda: self.builder.build(prompt, ""),  # text, image parts, max_tokens
                                       size if None not in size else None)  # type: ignore[arg-type]
@@ -479,41 +534,7 @@ class Runner:
         return Write(key, "failed", attempts, exc.error_type, exc.message, [result.to_json()], items,
                      final=exc.row_specific)
 
-    # -- writing -------------------------------------------------------------------------------
-
-    async def _write(self, commits: asyncio.Queue[_Commit | None], store: StateStore) -> None:
-        """Group commit: everything queued since the last commit goes in one transaction.
-
-        With ``synchronous: normal`` a WAL commit does not wait for the disk, so it runs right here: a
-        thread hop would cost each waiting worker two extra event-loop turns, which at hundreds of
-        concurrent streams was a tenth of the throughput (issue 7). ``full`` waits for the disk, off the loop.
-        """
-        inline = self.config.ledger.synchronous == "normal"
-        finished = False
-        while not finished:
-            group = [await commits.get()]
-            while not commits.empty():
-                group.append(commits.get_nowait())
-            finished = _END in group
-            pending = [c for c in group if c is not None]
-            if not pending:
-                continue
-            try:
-                writes = [c.write for c in pending]
-                if inline:
-                    store.commit(writes, self._run_id)
-                else:
-                    await asyncio.to_thread(store.commit, writes, self._run_id)
-            except BaseException as exc:
-                for c in pending:
-                    if c.done is not None and not c.done.done():
-                        c.done.set_exception(exc)
-                raise
-            for c in pending:
-                if c.counted:
-                    self._count(c.write)
-                if c.done is not None and not c.done.done():
-                    c.done.set_result(None)
+    # -- counting ------------------------------------------------------------------------------
 
     def _count(self, write: Write) -> None:
         summary, progress = self.summary, self.progress

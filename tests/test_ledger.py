@@ -52,7 +52,7 @@ def test_commit_and_read_back(store):
     outcomes = store.outcomes(["a", "b", "c"])
     assert outcomes["b"].results[0]["content"] == "a caption"
     assert outcomes["c"].status == "failed" and outcomes["c"].attempts == 3
-    assert store.finished("k1") is not None and store.finished("k2") is None
+    assert store.answered("k1") and not store.answered("k2")
 
 
 def test_in_flight_then_result_keeps_one_row_per_key(store):

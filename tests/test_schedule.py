@@ -445,8 +445,11 @@ def ledger_runs(config_path: Path) -> list[tuple[str, dict[str, Any]]]:
     if not ledger.exists():
         return []
     with sqlite3.connect(ledger) as db:
-        return [(status, json.loads(summary) if summary else {})
-                for status, summary in db.execute("SELECT status, summary FROM runs ORDER BY run_id")]
+        try:
+            runs = db.execute("SELECT status, summary FROM runs ORDER BY run_id").fetchall()
+        except sqlite3.OperationalError:  # the child has created the file but not its tables yet
+            return []
+    return [(status, json.loads(summary) if summary else {}) for status, summary in runs]
 
 
 async def test_scheduler_runs_a_real_job_on_a_seconds_schedule(tmp_path):

@@ -1,0 +1,77 @@
+"""The ledger writers (inline for synchronous=normal, grouped in a thread for full), on real SQLite files."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pipeline.ledger import StateStore, Write
+from pipeline.runner import _RowAhead
+from pipeline.writer import GroupWriter, InlineWriter, ledger_writer
+
+
+def ok(key: str, row: str) -> Write:
+    return Write(key, "ok", 1, results=[{"status": "ok", "content": f"caption {key}"}], items=((row, f"d-{row}"),))
+
+
+def mark(key: str, row: str) -> Write:
+    return Write(key, "in_flight", items=((row, f"d-{row}"),))
+
+
+def statuses(store: StateStore) -> dict[str, str]:
+    return dict(store.db.execute("SELECT key, status FROM requests").fetchall())
+
+
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+async def test_answers_win_over_their_marks_and_other_marks_are_kept(tmp_path, synchronous):
+    with StateStore(tmp_path / "l.sqlite", synchronous=synchronous.upper()) as store:
+        run_id = store.start_run("run", "digest")
+        committed: list[str] = []
+        writer = ledger_writer(store, run_id, lambda w: committed.append(w.key))
+        assert isinstance(writer, InlineWriter if synchronous == "normal" else GroupWriter)
+        writer.mark(mark("a", "row-a"))
+        writer.mark(mark("b", "row-b"))
+        await writer.commit(ok("a", "row-a"))
+        assert statuses(store)["a"] == "ok"  # durable as soon as commit() returns: write-ahead
+        await writer.close()  # commits the marks still waiting
+        assert statuses(store) == {"a": "ok", "b": "in_flight"}
+        assert committed == ["a"]  # only answers are counted, never marks
+        assert store.status_counts() == {"ok": 1, "in_flight": 1}
+
+
+async def test_an_inline_mark_flushed_before_its_answer_is_then_overwritten(tmp_path):
+    with StateStore(tmp_path / "l.sqlite") as store:
+        writer = InlineWriter(store, store.start_run("run", "d"), lambda w: None)
+        writer.mark(mark("a", "row-a"))
+        await writer.close()  # the mark reaches the ledger first ...
+        assert statuses(store) == {"a": "in_flight"}
+        await writer.commit(ok("a", "row-a"))  # ... and the answer replaces it
+        assert statuses(store) == {"a": "ok"}
+
+
+async def test_a_failed_background_flush_fails_the_next_commit(tmp_path):
+    store = StateStore(tmp_path / "l.sqlite").open()
+    writer = InlineWriter(store, store.start_run("run", "d"), lambda w: None)
+    writer.mark(mark("a", "row-a"))
+    store.close()  # the mark flush will find no database
+    writer._flush_marks()
+    with pytest.raises(RuntimeError, match="not open"):
+        await writer.commit(ok("b", "row-b"))
+
+
+async def test_row_ahead_is_prepared_at_once_when_the_worker_asks_before_the_delay() -> None:
+    prepared: list[int] = []
+
+    async def prepare() -> int:
+        prepared.append(len(prepared))
+        return prepared[-1]
+
+    ahead = _RowAhead(prepare)  # type: ignore[arg-type]
+    assert await ahead.take() == 0
+    ahead.schedule(3600)  # an hour: take() must not wait for it
+    async with asyncio.timeout(5):
+        assert await ahead.take() == 1
+    ahead.schedule(3600)
+    ahead.cancel()
+    assert prepared == [0, 1]  # the cancelled one never started
