@@ -125,6 +125,12 @@ class _ChoiceParts:
         self.finish_reason: str | None = None
 
     def add_delta(self, delta: dict[str, Any]) -> None:
+        if len(delta) == 1 and (content := delta.get("content")).__class__ is str:  # most chunks: one token
+            if self.content is None:
+                self.content = [content]
+            else:
+                self.content.append(content)
+            return
         if (role := delta.get("role")) is not None:
             self.role = role
         if (content := delta.get("content")) is not None:
@@ -219,6 +225,25 @@ class ChoiceAccumulator:
         self.add(chunk)
         return False
 
+    def add_data(self, values: list[bytes]) -> bool:
+        """Take the data of ``message`` events as UTF-8 bytes (``SSEDecoder.feed_data``); True at ``[DONE]``.
+
+        Same outcome as ``add_event`` per value; JSON is parsed straight from the bytes, and anything
+        unusual (not an object, not valid UTF-8, not JSON) goes the ``add_event`` way for its message.
+        """
+        for value in values:
+            if value[:1] == b"{":
+                try:
+                    chunk = _loads(value)
+                except ValueError:
+                    chunk = None
+                if chunk.__class__ is dict:
+                    self.add(chunk)
+                    continue
+            if self.add_event(ServerSentEvent(value.decode("utf-8", "replace"))):
+                return True
+        return False
+
     def add(self, chunk: dict[str, Any]) -> None:
         """Merge one parsed chunk object."""
         error = chunk.get("error")
@@ -263,12 +288,13 @@ class ChoiceAccumulator:
 
     def _add_header(self, chunk: dict[str, Any]) -> None:
         """Top-level fields: first seen wins, except fingerprint and usage where the last wins."""
-        if self._id is None:
-            self._id = chunk.get("id")
-        if self._model is None:
-            self._model = chunk.get("model")
-        if self._created is None:
-            self._created = chunk.get("created")
+        if self._id is None or self._model is None or self._created is None:
+            if self._id is None:
+                self._id = chunk.get("id")
+            if self._model is None:
+                self._model = chunk.get("model")
+            if self._created is None:
+                self._created = chunk.get("created")
         if (fingerprint := chunk.get("system_fingerprint")) is not None:
             self._fingerprint = fingerprint
         usage = chunk.get("usage")

@@ -205,7 +205,7 @@ class _ChatExchange:
             if self._inflate is not None:
                 data = self._inflate.decompress(data)
             if self.kind == "sse":
-                if _feed(self._decoder.feed(data), self._accumulator):
+                if self._read_events(data):
                     self._succeed()
             else:
                 self._collect(data)
@@ -264,11 +264,18 @@ class _ChatExchange:
             else:
                 self._fail(self._status_error())
 
+    def _read_events(self, data: bytes) -> bool:
+        """Decode and accumulate one read; True once ``[DONE]`` arrives."""
+        values = self._decoder.feed_data(data)
+        if values is not None:  # the common read: whole data events, JSON parsed from the bytes
+            return self._accumulator.add_data(values)
+        return _feed(self._decoder.feed(data), self._accumulator)
+
     def _collect_or_feed(self, data: bytes) -> None:
         if not data:
             return
         if self.kind == "sse":
-            if _feed(self._decoder.feed(data), self._accumulator):
+            if self._read_events(data):
                 self._succeed()
         else:
             self._collect(data)

@@ -52,6 +52,8 @@ Command = Literal["run", "retry"]
 _END: Any = None  # queue sentinel
 #: How long after a request goes out its worker starts preparing the next row (see ``_RowAhead``).
 PREPARE_AHEAD_DELAY_S = 0.05
+#: Request bodies prepared ahead, all workers together, beyond which workers prepare rows only when due.
+PREPARE_AHEAD_BYTES = 128 * 1024 * 1024
 
 
 @dataclass
@@ -146,18 +148,21 @@ class _RowAhead:
     """A worker's next row, prepared while the worker's current request waits for its answer.
 
     Preparing starts ``delay`` after the request went out, off the burst of answers and new requests
-    that arrive together at high concurrency; if the answer comes back first, the worker prepares the
-    row itself, so a fast endpoint never waits for the delay.
+    that arrive together at high concurrency, and only while ``room()`` says the bodies prepared ahead
+    are not too big; if the answer comes back first, the worker prepares the row itself, so a fast
+    endpoint never waits for the delay.
     """
 
-    def __init__(self, prepare: Callable[[], Coroutine[Any, Any, _Prepared | None]]) -> None:
+    def __init__(self, prepare: Callable[[], Coroutine[Any, Any, _Prepared | None]],
+                 room: Callable[[], bool] = lambda: True) -> None:
         self._prepare = prepare
+        self._room = room  # False: too many bytes prepared ahead already; the worker will prepare later
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[_Prepared | None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     def schedule(self, delay: float) -> None:
-        self._timer = self._loop.call_later(delay, self._start)
+        self._timer = self._loop.call_later(delay, self._start_early)
 
     async def take(self) -> _Prepared | None:
         self._start()
@@ -170,6 +175,11 @@ class _RowAhead:
             self._timer.cancel()
         if self._task is not None:
             self._task.cancel()
+
+    def _start_early(self) -> None:
+        self._timer = None
+        if self._room():
+            self._start()
 
     def _start(self) -> None:
         if self._timer is not None:
@@ -199,6 +209,7 @@ class Runner:
         self.report: dict[str, Any] = {}
         self._stop = asyncio.Event()
         self._single_flight: dict[str, asyncio.Future[Write | None]] = {}
+        self._ahead_bytes = 0  # request bodies prepared and not yet taken by their worker
         self.gate = RequestGate.from_config(config)
         self._run_id = 0
         self._manifest_ids = hashlib.sha256()  # every row id in order: the manifest as the output sees it
@@ -413,9 +424,10 @@ class Runner:
 
     async def _work(self, client: ChatClient, lookups: StateStore, rows: asyncio.Queue[RowTask | None],
                     writer: LedgerWriter) -> None:
-        ahead = _RowAhead(lambda: self._prepare_next(rows))
+        ahead = _RowAhead(lambda: self._prepare_next(rows), lambda: self._ahead_bytes < PREPARE_AHEAD_BYTES)
         try:
             while (prepared := await ahead.take()) is not _END and not self._stop.is_set():
+                self._ahead_bytes -= len(prepared.payload)
                 ahead.schedule(PREPARE_AHEAD_DELAY_S)
                 self.progress.in_flight += 1
                 try:
@@ -439,8 +451,9 @@ class Runner:
             image = await self.images.load(row.path, row.base_dir)
         except ImageError as exc:
             return _Prepared(task, failure=exc)
-        return _Prepared(task, image, self.builder.build_payload(task.prompt, image.url),
-                         request_key(self.params, image.sha256, task.prompt))
+        payload = self.builder.build_payload(task.prompt, image.url)
+        self._ahead_bytes += len(payload)
+        return _Prepared(task, image, payload, request_key(self.params, image.sha256, task.prompt))
 
     async def _process(self, prepared: _Prepared, client: ChatClient, lookups: StateStore,
                        writer: LedgerWriter) -> Write | None:

@@ -59,9 +59,9 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         """Take the next bytes of the stream; return the events they complete."""
-        if not (self._pending or self._data or self._at_start or self._skip_lf or self._event_type) \
-                and chunk.endswith(b"\n\n") and (events := self._whole_data_events(chunk)) is not None:
-            return events
+        if (values := self.feed_data(chunk)) is not None:
+            last_id = self._last_id
+            return [ServerSentEvent(value.decode("utf-8", "replace"), "message", last_id) for value in values]
         if self._at_start:
             chunk = self._strip_bom(chunk)
         if self._skip_lf and chunk:
@@ -83,23 +83,26 @@ class SSEDecoder:
             self._pending += chunk[end + 1:]
         return self._process(self._split_lines(complete))
 
-    def _whole_data_events(self, chunk: bytes) -> list[ServerSentEvent] | None:
-        """The common read, whole ``data:`` events and nothing else: the events, without the line loop.
+    def feed_data(self, chunk: bytes) -> list[bytes] | None:
+        """The common read in one step: if ``chunk`` is whole single-line ``data:`` events and nothing else,
+        their data as undecoded UTF-8 bytes (each is a ``message`` event with the current ``last_event_id``,
+        as ``feed`` would return it); else None, having consumed nothing, and the caller uses ``feed``.
 
-        None sends the read down the general path (a CR, another field, a comment, a multi-line event).
-        The result is the same either way: each block between blank lines is one single-line data field.
+        Servers send one event per token, so this is most reads: it skips the line loop, the decode and
+        the event objects (a parser can read JSON from the bytes). It takes a read only when no line or
+        event is in progress, and a read it takes leaves the decoder exactly as the general path would.
         """
-        if b"\r" in chunk:
+        if self._pending or self._data or self._at_start or self._skip_lf or self._event_type \
+                or not chunk.endswith(b"\n\n") or b"\r" in chunk:
             return None
         blocks = chunk.split(b"\n\n")
         blocks.pop()  # the empty tail after the final blank line
-        events = []
+        values = []
         for block in blocks:
             if not block.startswith(b"data:") or b"\n" in block:
-                return None
-            value = block[6:] if block.startswith(b" ", 5) else block[5:]
-            events.append(ServerSentEvent(value.decode("utf-8", "replace"), "message", self._last_id))
-        return events
+                return None  # another field, a comment, a multi-line event, an extra blank line
+            values.append(block[6:] if block.startswith(b" ", 5) else block[5:])
+        return values
 
     def flush(self) -> list[ServerSentEvent]:
         """End of stream: process a last unterminated line and dispatch an unterminated event.

@@ -299,3 +299,32 @@ def test_loads_is_swappable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(accumulate, "_loads", lambda s: seen.append(s) or json.loads(s))
     ChoiceAccumulator().add_event(ServerSentEvent("{\"choices\": []}"))
     assert seen == ["{\"choices\": []}"]
+
+
+# ---- add_data: the bytes fast path gives what add_event gives --------------------------------------
+
+DATA_CASES = [
+    [b'{"id":"a","choices":[{"index":0,"delta":{"content":"caf\xc3\xa9"}}]}', b"[DONE]"],
+    [b'{"id":"a","choices":[{"index":0,"delta":{"content":"bad \xff byte"}}]}', b" [DONE] "],
+    [b"", b'{"choices":[{"index":0,"delta":{"content":"x"},"finish_reason":"stop"}]}'],  # empty data: skipped
+    [b"[1, 2]"],  # JSON, not an object
+    [b"{not json"],
+    [b'{"error":{"message":"overloaded","type":"server_error"}}'],
+]
+
+
+def outcome_of(feed: Any) -> tuple[Any, ...]:
+    accumulator = ChoiceAccumulator()
+    try:
+        done = feed(accumulator)
+    except Exception as exc:  # the same error class and message either way
+        return ("error", type(exc).__name__, str(exc))
+    return ("ok", done, accumulator.result())
+
+
+@pytest.mark.parametrize("values", DATA_CASES)
+def test_add_data_matches_add_event(values: list[bytes]) -> None:
+    def by_events(accumulator: ChoiceAccumulator) -> bool:
+        return any(accumulator.add_event(ServerSentEvent(v.decode("utf-8", "replace"))) for v in values)
+
+    assert outcome_of(lambda a: a.add_data(values)) == outcome_of(by_events)

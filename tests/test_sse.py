@@ -255,5 +255,8 @@ def test_whole_event_reads_decode_as_the_byte_at_a_time_general_path(reads: list
 def test_fast_path_is_taken_for_whole_data_events() -> None:
     decoder = SSEDecoder()
     decoder.feed(b": open\n\n")  # past the BOM check
-    assert decoder._whole_data_events(b"data: x\n\ndata: y\n\n") == [E("x"), E("y")]
-    assert decoder._whole_data_events(b"data: x\nid: 1\n\n") is None  # another field: general path
+    assert decoder.feed_data(b"data: x\n\ndata:y\n\n") == [b"x", b"y"]
+    assert decoder.feed_data(b"data: x\nid: 1\n\n") is None  # another field: general path
+    assert decoder.feed(b"data: x\nid: 1\n\n") == [E("x", id="1")]  # ... which the caller then takes
+    assert decoder.feed_data(b"data: partial") is None and decoder.feed(b"data: partial") == []
+    assert decoder.feed_data(b"\n\n") is None  # a line is in progress: never the fast path

@@ -1,4 +1,5 @@
-"""The ledger writers (inline for synchronous=normal, grouped in a thread for full), on real SQLite files."""
+"""The ledger writers (inline for synchronous=normal, grouped in a thread for full) on real SQLite files,
+and the worker's row-ahead preparation."""
 
 from __future__ import annotations
 
@@ -75,3 +76,22 @@ async def test_row_ahead_is_prepared_at_once_when_the_worker_asks_before_the_del
     ahead.schedule(3600)
     ahead.cancel()
     assert prepared == [0, 1]  # the cancelled one never started
+
+
+async def test_row_ahead_does_not_start_early_without_room() -> None:
+    asked = asyncio.Event()
+    prepared: list[str] = []
+
+    def room() -> bool:
+        asked.set()
+        return False
+
+    async def prepare() -> str:
+        prepared.append("row")
+        return "row"
+
+    ahead = _RowAhead(prepare, room)  # type: ignore[arg-type]
+    ahead.schedule(0)
+    await asyncio.wait_for(asked.wait(), 5)
+    assert prepared == []  # no room: left for the worker
+    assert await ahead.take() == "row" and prepared == ["row"]
