@@ -84,6 +84,7 @@ class HTTPConnection(asyncio.Protocol):
         self.closed = False
         self._reason = b""
         self._headers: dict[str, str] = {}
+        self._body: list[bytes] = []  # body pieces of the current read, not yet handed to the exchange
         self._interim = False  # a 1xx head: not the answer, skipped
         self._complete = True  # the last response was read to its end
         self._draining = False  # the exchange has its answer; the response has not ended yet
@@ -139,8 +140,10 @@ class HTTPConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:  # includes an exchange's own bug surfacing here
+            self._deliver()
             self._broken(exc)
             return
+        self._deliver()
         if self._draining and self._drain_timer is None and not self.closed:
             self._drain_timer = self._loop.call_later(DRAIN_GRACE_S, self.close)
 
@@ -189,12 +192,21 @@ class HTTPConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self.exchange is not None:
-            self.exchange.on_body(body)
+            self._body.append(body)  # handed over once per read: an SSE answer is one HTTP chunk per event
+
+    def _deliver(self) -> None:
+        body = self._body
+        if body:
+            data = body[0] if len(body) == 1 else b"".join(body)
+            body.clear()
+            if self.exchange is not None:
+                self.exchange.on_body(data)
 
     def on_message_complete(self) -> None:
         if self._interim:
             self._interim = False
             return
+        self._deliver()
         self._complete = True
         if self.exchange is not None:
             self.exchange.on_end()  # it calls done() or abort()
