@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import ssl
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -37,6 +39,8 @@ from .errors import (
 from .http import ConnectionPool, HTTPConnection, ProtocolError, ResponseHead, request_head
 from .retry import RateLimitHeaders, parse_rate_limit_headers, server_wait
 from .sse import SSEDecoder
+
+log = logging.getLogger("pipeline")
 
 _ERROR_BODY_LIMIT = 64 * 1024
 _JSON_BODY_LIMIT = 32 * 1024 * 1024
@@ -93,15 +97,19 @@ class ChatClient:
         """Connections opened so far (keep-alive reuse shows as a small number)."""
         return self._pool.connects if self._pool is not None else 0
 
-    async def stream_chat(self, body: dict[str, Any] | bytes) -> StreamOutcome:
+    async def stream_chat(self, body: dict[str, Any] | bytes,
+                          on_answer: Callable[[StreamOutcome], None] | None = None) -> StreamOutcome:
         """One attempt: POST the body (a dict, or JSON bytes from ``RequestBuilder.build_payload``), read
-        the SSE stream to ``[DONE]``, return the rebuilt completion."""
+        the SSE stream to ``[DONE]``, return the rebuilt completion.
+
+        ``on_answer`` sees the outcome inside the read that completed it, before the caller wakes up: the
+        runner stages the answer for the ledger there, so one commit serves a whole burst of answers."""
         if self._pool is None:
             raise RuntimeError("ChatClient is not open; use 'async with ChatClient(...)'")
         payload = body if isinstance(body, bytes) else orjson.dumps(body)
         head = self._head + b"%d\r\n\r\n" % len(payload)
         loop = asyncio.get_running_loop()
-        exchange = _ChatExchange(self.endpoint.timeout, self.host, loop, loop.time())
+        exchange = _ChatExchange(self.endpoint.timeout, self.host, loop, loop.time(), on_answer)
         try:
             exchange.begin(await self._connect(exchange), head, payload)
             return await exchange.result
@@ -141,8 +149,10 @@ class _ChatExchange:
     Every ``on_*`` call comes from the connection's protocol callbacks, so nothing here awaits.
     """
 
-    def __init__(self, timeouts: Timeouts, host: str, loop: asyncio.AbstractEventLoop, start: float) -> None:
+    def __init__(self, timeouts: Timeouts, host: str, loop: asyncio.AbstractEventLoop, start: float,
+                 on_answer: Callable[[StreamOutcome], None] | None = None) -> None:
         self.timeouts = timeouts
+        self.on_answer = on_answer
         self.host = host
         self.loop = loop
         self.start = start
@@ -293,11 +303,15 @@ class _ChatExchange:
         head = self.head
         assert head is not None
         latency = (self.loop.time() - self.start) * 1000
-        self.result.set_result(
-            StreamOutcome(completion, self.ttft if self.kind == "sse" else None, latency,
-                          parse_rate_limit_headers(head.headers))
-        )
+        outcome = StreamOutcome(completion, self.ttft if self.kind == "sse" else None, latency,
+                                parse_rate_limit_headers(head.headers))
+        self.result.set_result(outcome)
         self._done_with_connection()
+        if self.on_answer is not None:
+            try:
+                self.on_answer(outcome)
+            except Exception:  # the caller still gets the outcome and handles it the slow way
+                log.exception("on_answer failed; the answer is handled when its worker runs")
 
     def _fail(self, exc: BaseException, *, reuse: bool = False) -> None:
         if not self.result.done():

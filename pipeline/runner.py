@@ -44,7 +44,7 @@ from .report import (
     write_reports,
 )
 from .retry import retry_policy
-from .writer import LedgerWriter, ledger_writer
+from .writer import LedgerWriter, Staged, ledger_writer
 
 log = logging.getLogger("pipeline")
 
@@ -456,7 +456,7 @@ class Runner:
         return _Prepared(task, image, payload, request_key(self.params, image.sha256, task.prompt))
 
     async def _process(self, prepared: _Prepared, client: ChatClient, lookups: StateStore,
-                       writer: LedgerWriter) -> Write | None:
+                       writer: LedgerWriter) -> Write | Staged | None:
         task = prepared.task
         row, items, key = task.row, ((task.row.id, task.digest),), prepared.key
         started = _now()
@@ -476,26 +476,37 @@ class Runner:
         self._single_flight[key] = future
         try:
             writer.mark(Write(key, "in_flight", items=items))
-            write = await self._send(client, key, row, prepared.image, task.prompt, started, items, prepared.payload)
-            future.set_result(write)
-            return write
+            done = await self._send(client, writer, key, row, prepared.image, task.prompt, started, items,
+                                    prepared.payload)
+            future.set_result(done.write if isinstance(done, Staged) else done)
+            return done
         finally:
             if not future.done():
                 future.cancel()
             del self._single_flight[key]
 
-    async def _send(self, client: ChatClient, key: str, row: Row, image: ImagePayload, prompt: str, started: datetime,
-                    items: tuple[tuple[str, str], ...], payload: bytes) -> Write | None:
-        """Send under the gate and the retry policy; None when the budget stopped the run first."""
+    async def _send(self, client: ChatClient, writer: LedgerWriter, key: str, row: Row, image: ImagePayload,
+                    prompt: str, started: datetime, items: tuple[tuple[str, str], ...],
+                    payload: bytes) -> Write | Staged | None:
+        """Send under the gate and the retry policy; None when the budget stopped the run first.
+
+        A good answer is staged with the writer the moment it is complete (``on_answer``), so it shares a
+        commit with the other answers of its burst; the write comes back as that ``Staged`` handle."""
         size = (image.report.get("sent_width"), image.report.get("sent_height"))
         estimate = self.gate.estimate(lambda: self.builder.build(prompt, ""),  # text, image parts, max_tokens
                                       size if None not in size else None)  # type: ignore[arg-type]
         sent = 0
+        staged: Staged | None = None
+
+        def on_answer(outcome: StreamOutcome) -> None:
+            nonlocal staged
+            if outcome.completion.choices and staged is None:
+                staged = writer.stage(self._answer(key, outcome, sent, started, items, image))
 
         async def send_once(body: bytes) -> StreamOutcome:
             nonlocal sent
             sent += 1
-            outcome = await client.stream_chat(body)
+            outcome = await client.stream_chat(body, on_answer)
             if not outcome.completion.choices:
                 raise EmptyResponse("the endpoint finished the stream without any choice")
             return outcome
@@ -516,11 +527,15 @@ class Runner:
             log.exception("%s: internal error", row.label)
             failure = PipelineError(f"internal error: {type(exc).__name__}: {exc}")
             return self._failure(key, row, failure, sent, started, items, image.report)
+        return staged if staged is not None else self._answer(key, outcome, sent, started, items, image)
+
+    def _answer(self, key: str, outcome: StreamOutcome, attempts: int, started: datetime,
+                items: tuple[tuple[str, str], ...], image: ImagePayload) -> Write:
         results = rows_from_completion(
-            outcome.completion, attempts=sent, ttft_ms=outcome.ttft_ms, latency_ms=outcome.latency_ms,
+            outcome.completion, attempts=attempts, ttft_ms=outcome.ttft_ms, latency_ms=outcome.latency_ms,
             started_at=started, finished_at=_now(), image=image.report,
         )
-        return Write(key, "ok", sent, results=[r.to_json() for r in results], items=items)
+        return Write(key, "ok", attempts, results=[r.to_json() for r in results], items=items)
 
     async def _retry(self, send_once: Any, payload: bytes, estimate: Any, first: PipelineError) -> StreamOutcome:
         """Attempts 2..max_attempts under the tenacity policy; attempt 1 replays the failure we saw."""

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from .ledger import StateStore, Write
 
-__all__ = ["GroupWriter", "InlineWriter", "LedgerWriter", "ledger_writer"]
+__all__ = ["GroupWriter", "InlineWriter", "LedgerWriter", "Staged", "ledger_writer"]
 
 #: How long an inline writer lets marks gather before committing them in one transaction.
 MARK_DELAY_S = 0.05
@@ -31,10 +31,20 @@ MARK_DELAY_S = 0.05
 OnCommitted = Callable[[Write], None]
 
 
+@dataclass(slots=True, eq=False)
+class Staged:
+    """An answer handed over before its worker runs again (see ``InlineWriter.stage``)."""
+
+    write: Write
+    committed: bool = False
+
+
 class LedgerWriter(Protocol):
     def mark(self, write: Write) -> None: ...
 
-    async def commit(self, write: Write) -> None: ...
+    def stage(self, write: Write) -> Staged | None: ...
+
+    async def commit(self, write: Write | Staged) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -47,15 +57,18 @@ def ledger_writer(store: StateStore, run_id: int, on_committed: OnCommitted) -> 
 
 
 class InlineWriter:
-    """Commits an answer in the caller's step, alone: a commit costs about 0.1 ms whatever it carries, and
-    in a burst of answers each one waits for those ahead of it. Marks are committed together a moment
-    later, off the burst; an answer that comes back first simply replaces its pending mark."""
+    """Commits answers in the committing worker's own step. Answers are staged as they arrive (inside the
+    connection's read callback, before any worker wakes), so the first worker of a burst commits every
+    answer of the burst in one transaction and the others find theirs done: a commit costs about 0.1 ms
+    whatever it carries. Marks are committed together a moment later, off the burst; an answer that comes
+    back first simply replaces its pending mark."""
 
     def __init__(self, store: StateStore, run_id: int, on_committed: OnCommitted) -> None:
         self._store = store
         self._run_id = run_id
         self._on_committed = on_committed
         self._marks: dict[str, Write] = {}  # request key -> its in_flight mark, not committed yet
+        self._staged: list[Staged] = []  # answers in hand, not committed yet
         self._timer: asyncio.TimerHandle | None = None
         self._error: BaseException | None = None  # a failed background flush, raised to the next caller
 
@@ -64,16 +77,39 @@ class InlineWriter:
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(MARK_DELAY_S, self._flush_marks)
 
-    async def commit(self, write: Write) -> None:
-        self._raise_pending_error()
+    def stage(self, write: Write) -> Staged:
+        """Take an answer now; it is committed by the next ``commit`` of any worker (its own included)."""
         self._marks.pop(write.key, None)  # the answer supersedes its mark if that is still waiting
-        self._store.commit((write,), self._run_id)
-        self._on_committed(write)
+        staged = Staged(write)
+        self._staged.append(staged)
+        return staged
+
+    async def commit(self, write: Write | Staged) -> None:
+        self._raise_pending_error()
+        pending = self._staged
+        if isinstance(write, Staged):
+            if write.committed:  # a worker ahead of this one in the burst committed it
+                return
+            group = pending
+        else:
+            self._marks.pop(write.key, None)
+            group = [*pending, Staged(write)]
+        self._staged = []
+        try:
+            self._store.commit([staged.write for staged in group], self._run_id)
+        except BaseException:
+            self._staged = pending + self._staged
+            raise
+        for staged in group:
+            staged.committed = True
+            self._on_committed(staged.write)
 
     async def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._staged:  # answers whose workers were cancelled (the stop grace ran out): keep them
+            await self.commit(self._staged[-1])
         self._flush_marks()
         self._raise_pending_error()
 
@@ -113,7 +149,12 @@ class GroupWriter:
     def mark(self, write: Write) -> None:
         self._queue.put_nowait(_Commit(write, None))
 
-    async def commit(self, write: Write) -> None:
+    def stage(self, write: Write) -> None:
+        """Nothing to gain here: the writer task groups whatever queues up while it commits."""
+        return None
+
+    async def commit(self, write: Write | Staged) -> None:
+        assert isinstance(write, Write)
         if self._task.done():  # the writer failed: say why rather than wait forever
             self._task.result()
         done = asyncio.get_running_loop().create_future()

@@ -95,3 +95,26 @@ async def test_row_ahead_does_not_start_early_without_room() -> None:
     await asyncio.wait_for(asked.wait(), 5)
     assert prepared == []  # no room: left for the worker
     assert await ahead.take() == "row" and prepared == ["row"]
+
+
+async def test_staged_answers_share_the_first_commit_and_are_counted_once(tmp_path):
+    with StateStore(tmp_path / "l.sqlite") as store:
+        committed: list[str] = []
+        writer = InlineWriter(store, store.start_run("run", "d"), lambda w: committed.append(w.key))
+        writer.mark(mark("b", "row-b"))
+        first, second = writer.stage(ok("a", "row-a")), writer.stage(ok("b", "row-b"))
+        assert statuses(store) == {}  # staged is not yet durable: the worker's commit() makes it so
+        await writer.commit(first)  # the first worker of the burst commits both answers
+        assert statuses(store) == {"a": "ok", "b": "ok"} and second.committed
+        await writer.commit(second)  # the second worker finds its answer done
+        await writer.close()  # and b's superseded mark never overwrites it
+        assert statuses(store) == {"a": "ok", "b": "ok"}
+        assert committed == ["a", "b"]
+
+
+async def test_close_commits_answers_whose_workers_never_came_back(tmp_path):
+    with StateStore(tmp_path / "l.sqlite") as store:
+        writer = InlineWriter(store, store.start_run("run", "d"), lambda w: None)
+        writer.stage(ok("a", "row-a"))  # its worker was cancelled before committing
+        await writer.close()
+        assert statuses(store) == {"a": "ok"}
