@@ -137,9 +137,11 @@ class ChatClient:
 def _connect_error(exc: OSError, host: str) -> ConnectError:
     if isinstance(exc, socket.gaierror):
         return ConnectError(f"cannot resolve {host.rsplit(':', 1)[0]}: {exc.strerror or exc}")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ConnectError(f"TLS handshake with {host} failed: certificate verify failed ({exc.verify_message}); "
+                            "behind a private CA? point SSL_CERT_FILE at its bundle")
     if isinstance(exc, ssl.SSLError):
-        reason = getattr(exc, "verify_message", None) or exc.reason or exc
-        return ConnectError(f"TLS handshake with {host} failed: {reason}")
+        return ConnectError(f"TLS handshake with {host} failed: {exc.reason or exc}")
     return ConnectError(f"cannot connect to {host}: {exc.strerror or exc}")
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import trustme
 
 from pipeline.client import ChatClient
 from pipeline.config import EndpointConfig
@@ -66,13 +68,14 @@ class ScriptedServer:
     """Answers the n-th request with ``replies[n]``; counts connections and keeps request heads."""
 
     replies: list[Reply]
+    tls: ssl.SSLContext | None = None
     connections: int = 0
     heads: list[bytes] = field(default_factory=list)
     received: asyncio.Event = field(default_factory=asyncio.Event)  # a request has arrived
     closed_by_client: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def __aenter__(self) -> ScriptedServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -81,7 +84,7 @@ class ScriptedServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/v1"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -313,3 +316,29 @@ async def test_cancelling_a_request_closes_its_connection() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         await asyncio.wait_for(server.closed_by_client.wait(), 5)
+
+
+# ---- TLS ---------------------------------------------------------------------------------------------
+
+def tls_server(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    return context
+
+
+async def test_https_works_with_a_ca_the_system_trusts(tmp_path, monkeypatch) -> None:
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))  # how OpenSSL is told of a private CA
+    replies = [Reply([SSE_HEAD, *chunked(sse_events(["secure"]))]), Reply([SSE_HEAD, *chunked(sse_events(["again"]))])]
+    async with ScriptedServer(replies, tls=tls_server(ca)) as server, client_for(server.base_url) as client:
+        assert (await client.stream_chat(BODY)).completion.choices[0].content == "secure"
+        assert (await client.stream_chat(BODY)).completion.choices[0].content == "again"
+        assert client.connects == 1  # the TLS connection is kept alive too
+
+
+async def test_an_untrusted_certificate_is_a_connect_error_that_says_tls() -> None:
+    async with ScriptedServer([], tls=tls_server(trustme.CA())) as server:
+        with pytest.raises(ConnectError, match=rf"TLS handshake with 127\.0\.0\.1:{server.port} failed: "
+                                               r"certificate verify failed"):
+            await answer(server)
