@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 
 import pyarrow.dataset as ds
+import pytest
 import yaml
 from aiohttp import web
 
@@ -147,3 +149,13 @@ def test_python_api_runs_a_job_from_a_path(tmp_path):
     assert summary.exit_code == 0 and summary.rows_ok == 3
     again = pipeline.run_job(str(config))
     assert again.rows_skipped == 3 and again.attempts == 0
+
+
+@pytest.mark.parametrize(("event_loop", "loop_class"), [("auto", "Loop"), ("uvloop", "Loop"),
+                                                         ("asyncio", "_UnixSelectorEventLoop")])
+def test_run_event_loop_picks_the_loop_the_job_runs_on(tmp_path, event_loop, loop_class):
+    manifest = make_manifest(tmp_path / "data", 3)
+    config = write_config(tmp_path, manifest, run={"event_loop": event_loop})
+    loops: set[str] = set()
+    summary = pipeline.run_job(config, on_progress=lambda _: loops.add(type(asyncio.get_running_loop()).__name__))
+    assert summary.rows_ok == 3 and loops == {loop_class}  # uvloop's loop class is uvloop.Loop
