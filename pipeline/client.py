@@ -141,7 +141,8 @@ def _connect_error(exc: OSError, host: str) -> ConnectError:
         return ConnectError(f"TLS handshake with {host} failed: certificate verify failed ({exc.verify_message}); "
                             "behind a private CA? point SSL_CERT_FILE at its bundle")
     if isinstance(exc, ssl.SSLError):
-        return ConnectError(f"TLS handshake with {host} failed: {exc.reason or exc}")
+        hint = " (the server speaks plain HTTP? use http:// in base_url)" if exc.reason == "WRONG_VERSION_NUMBER" else ""
+        return ConnectError(f"TLS handshake with {host} failed: {exc.reason or exc}{hint}")
     return ConnectError(f"cannot connect to {host}: {exc.strerror or exc}")
 
 

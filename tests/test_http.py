@@ -342,3 +342,17 @@ async def test_an_untrusted_certificate_is_a_connect_error_that_says_tls() -> No
         with pytest.raises(ConnectError, match=rf"TLS handshake with 127\.0\.0\.1:{server.port} failed: "
                                                r"certificate verify failed"):
             await answer(server)
+
+
+async def test_https_to_a_plain_http_port_says_so() -> None:
+    class PlainHTTP(ScriptedServer):
+        async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(5)  # the TLS hello is not HTTP: a plain server answers 400 and closes
+            writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+    async with PlainHTTP([]) as plain:
+        async with client_for(f"https://127.0.0.1:{plain.port}/v1") as client:
+            with pytest.raises(ConnectError, match=r"TLS handshake .* failed: .*use http:// in base_url"):
+                await client.stream_chat(BODY)
