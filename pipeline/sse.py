@@ -92,9 +92,13 @@ class SSEDecoder:
         the event objects (a parser can read JSON from the bytes). It takes a read only when no line or
         event is in progress, and a read it takes leaves the decoder exactly as the general path would.
         """
-        if self._pending or self._data or self._at_start or self._skip_lf or self._event_type \
+        if self._pending or self._data or self._skip_lf or self._event_type \
                 or not chunk.endswith(b"\n\n") or b"\r" in chunk:
             return None
+        if self._at_start:
+            if chunk.startswith(_BOM[:1]):  # a BOM may open the stream: the general path strips it
+                return None
+            self._at_start = False
         blocks = chunk.split(b"\n\n")
         blocks.pop()  # the empty tail after the final blank line
         values = []

@@ -260,3 +260,5 @@ def test_fast_path_is_taken_for_whole_data_events() -> None:
     assert decoder.feed(b"data: x\nid: 1\n\n") == [E("x", id="1")]  # ... which the caller then takes
     assert decoder.feed_data(b"data: partial") is None and decoder.feed(b"data: partial") == []
     assert decoder.feed_data(b"\n\n") is None  # a line is in progress: never the fast path
+    assert SSEDecoder().feed_data(b"data: first\n\n") == [b"first"]  # the opening read too...
+    assert SSEDecoder().feed_data(BOM + b"data: first\n\n") is None  # ...unless a BOM may lead it
