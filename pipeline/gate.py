@@ -8,15 +8,14 @@ rows keep their retry budget while the endpoint is down.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from .client import StreamOutcome
 from .config import Config
 from .errors import PipelineError
-from .limits import AdaptiveConcurrency, BreakerTicket, BudgetGuard, CircuitBreaker, Permit, RateLimiter, is_overload
+from .limits import AdaptiveConcurrency, BudgetGuard, CircuitBreaker, Permit, RateLimiter, is_overload
 from .tokens import TokenEstimate, TokenEstimator
 
 Send = Callable[[dict[str, Any]], Awaitable[StreamOutcome]]
@@ -71,26 +70,24 @@ class RequestGate:
         return self.estimator.estimate(shape(), [size] if size else None)
 
     async def send(self, send: Send, body: dict[str, Any], estimate: TokenEstimate) -> StreamOutcome:
-        """One charged attempt (outage failures are waited out and repeated, uncharged)."""
-        while True:
-            ticket: BreakerTicket | None = None
-            try:
-                async with self._guard() as ticket:
-                    return await self._attempt(send, body, estimate)
-            except PipelineError:
-                if ticket is None or not ticket.outage:
-                    raise
-            # the breaker absorbed this failure: go round; the guard waits out the open period
+        """One charged attempt (outage failures are waited out and repeated, uncharged).
 
-    @contextlib.asynccontextmanager
-    async def _guard(self) -> AsyncIterator[BreakerTicket]:
-        """The breaker arms after the first good answer: an endpoint that never answered (a wrong URL,
-        a closed port) fails rows at their normal pace instead of being waited on as an outage."""
-        if self.breaker is None or not self.answered:
-            yield BreakerTicket()
-            return
-        async with self.breaker.guard() as ticket:
-            yield ticket
+        The breaker arms after the first good answer: an endpoint that never answered (a wrong URL, a
+        closed port) fails rows at their normal pace instead of being waited on as an outage."""
+        while True:
+            breaker = self.breaker if self.answered else None
+            if breaker is None:
+                return await self._attempt(send, body, estimate)
+            ticket = await breaker.enter()
+            try:
+                outcome = await self._attempt(send, body, estimate)
+            except BaseException as exc:
+                breaker.exit(ticket, exc)
+                if isinstance(exc, PipelineError) and ticket.outage:
+                    continue  # the breaker absorbed this failure: go round; enter() waits out the open period
+                raise
+            breaker.exit(ticket, None)
+            return outcome
 
     async def _attempt(self, send: Send, body: dict[str, Any], estimate: TokenEstimate) -> StreamOutcome:
         async with self.concurrency as permit:

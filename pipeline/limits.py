@@ -537,7 +537,8 @@ class CircuitBreaker:
         self._unhealthy_since = None
         self._move(BreakerState.CLOSED)
 
-    async def _enter(self) -> BreakerTicket:
+    async def enter(self) -> BreakerTicket:
+        """Wait while the breaker is open (never raises for that); the ticket goes back to :meth:`exit`."""
         start = self._clock()
         while True:
             if self._state is BreakerState.CLOSED or self.gave_up:
@@ -553,7 +554,8 @@ class CircuitBreaker:
                     return BreakerTicket(probe=True, waited=self._clock() - start)
             await self._changed.wait()  # half-open: wait for the probe's verdict
 
-    def _exit(self, ticket: BreakerTicket, exc: BaseException | None) -> None:
+    def exit(self, ticket: BreakerTicket, exc: BaseException | None) -> None:
+        """Record how the attempt of ``ticket`` ended (``exc`` None: an answer)."""
         failure = exc is not None and self._is_failure(exc)
         # Cancelled, interrupted, or not the endpoint's answer (budget stop, bad image, a bug): no verdict.
         neutral = exc is not None and not failure and not isinstance(exc, (EndpointError, StreamError))
@@ -584,13 +586,13 @@ class CircuitBreaker:
     @asynccontextmanager
     async def guard(self) -> AsyncIterator[BreakerTicket]:
         """Wait while the breaker is open (never raises for that), then run the attempt and record it."""
-        ticket = await self._enter()
+        ticket = await self.enter()
         try:
             yield ticket
         except BaseException as exc:
-            self._exit(ticket, exc)
+            self.exit(ticket, exc)
             raise
-        self._exit(ticket, None)
+        self.exit(ticket, None)
 
     async def call(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run ``attempt()`` under :meth:`guard`, repeating it while its failures belong to an outage."""
