@@ -363,6 +363,8 @@ class _ChatExchange:
         head = self.head
         assert head is not None
         message, code = _error_message(bytes(self.body[:_ERROR_BODY_LIMIT]), head.reason)
+        if 300 <= head.status < 400 and (location := head.headers.get("location")):
+            message = f"the endpoint redirects to {location}; set endpoint.base_url to that (requests are not redirected)"
         return error_for_status(head.status, message, retry_after=server_wait(head.headers, head.status), code=code)
 
     def _unexpected_body(self) -> MalformedChunk:

@@ -25,6 +25,7 @@ from pipeline.errors import (
     ConnectError,
     EndpointTimeout,
     MalformedChunk,
+    PermanentEndpointError,
     RateLimited,
     ServerError,
     TruncatedStream,
@@ -214,6 +215,16 @@ async def test_an_error_status_keeps_its_message_and_retry_after_and_the_connect
         outcome = await client.stream_chat(BODY)
         assert outcome.completion.choices[0].content == "fine"
         assert server.connections == 1 and client.connects == 1
+
+
+async def test_a_redirect_names_where_base_url_should_point() -> None:
+    head = b"HTTP/1.1 308 Permanent Redirect\r\nLocation: https://api.example.test/v1/chat/completions\r\n" \
+           b"Content-Length: 0\r\n\r\n"
+    async with ScriptedServer([Reply([head])]) as server:
+        with pytest.raises(PermanentEndpointError, match=r"HTTP 308: the endpoint redirects to "
+                                                         r"https://api\.example\.test/v1/chat/completions; set "
+                                                         r"endpoint\.base_url"):
+            await answer(server)
 
 
 async def test_an_error_status_cut_off_mid_body_still_reports_the_status() -> None:
