@@ -51,7 +51,7 @@ log = logging.getLogger("pipeline")
 Command = Literal["run", "retry"]
 _END: Any = None  # queue sentinel
 #: How long after a request goes out its worker starts preparing the next row (see ``_RowAhead``).
-PREPARE_AHEAD_DELAY_S = 0.05
+PREPARE_AHEAD_DELAY_S = 0.15
 #: Request bodies prepared ahead, all workers together, beyond which workers prepare rows only when due.
 PREPARE_AHEAD_BYTES = 128 * 1024 * 1024
 
