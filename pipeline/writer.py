@@ -26,7 +26,7 @@ from .ledger import StateStore, Write
 __all__ = ["GroupWriter", "InlineWriter", "LedgerWriter", "Staged", "ledger_writer"]
 
 #: How long an inline writer lets marks gather before committing them in one transaction.
-MARK_DELAY_S = 0.05
+MARK_DELAY_S = 0.2
 
 OnCommitted = Callable[[Write], None]
 
