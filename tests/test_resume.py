@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 
+import pytest
+
 
 from pipeline.jobs import export_job, job_status, run_history
 from pipeline.runner import Runner, run_job
@@ -49,6 +51,28 @@ async def test_second_run_sends_nothing_adding_rows_sends_only_them_editing_prom
     assert requests_seen(endpoint) == 30
     assert fourth.rows_changed == 15
     assert [h["command"] for h in run_history(config)] == ["run"] * 4
+
+
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+async def test_both_ledger_writers_record_every_row_once_and_resume(tmp_path, endpoint, synchronous):
+    """normal commits on the loop (answers staged per burst); full group-commits in a writer thread."""
+    folder = tmp_path / "in"
+    manifest = make_manifest(folder, 12, missing={5})
+    (folder / "copy.png").write_bytes((folder / "img_002.png").read_bytes())
+    with open(manifest, "a", newline="") as handle:
+        csv.writer(handle).writerow(["row-copy", "copy.png", "a copy"])
+    out = tmp_path / "captions.parquet"
+    config = job_config(manifest, out, endpoint.base_url, ledger={"synchronous": synchronous},
+                        request={"model": "m", "prompt": "Describe it."}, run={"concurrency": 6})
+    first = await run_job(config)
+    assert (first.rows_ok, first.rows_failed, first.rows_deduplicated) == (12, 1, 1)
+    assert requests_seen(endpoint) == 11  # 13 rows: one missing image, one duplicate answered from its twin
+    rows = {r["id"]: r for r in read_rows(out)}
+    assert len(rows) == 13 and rows["row-5"]["error_type"] == "image_missing"
+    assert rows["row-copy"]["content"] == rows["row-2"]["content"]
+    assert job_status(config)["rows"] == {"ok": 12, "failed": 1}  # no mark left in flight
+    again = await run_job(config)
+    assert again.rows_skipped == 13 and again.attempts == 0 and requests_seen(endpoint) == 11
 
 
 async def test_changed_image_is_sent_again_unchanged_one_is_not(tmp_path, endpoint):
