@@ -48,8 +48,8 @@ T = TypeVar("T")
 
 
 def run_coroutine(coroutine: Coroutine[Any, Any, T], event_loop: Literal["auto", "uvloop", "asyncio"] = "auto") -> T:
-    """``asyncio.run`` on the loop ``run.event_loop`` names: uvloop roughly halves the client's cost per
-    network read, which is most of the work at high concurrency (scripts/bench.py, scenario b)."""
+    """``asyncio.run`` on the loop ``run.event_loop`` names: uvloop makes reads, writes and wake-ups cheaper,
+    and at hundreds of streams in flight they are most of the client's work (scripts/bench.py, scenario b)."""
     with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
         return runner.run(coroutine)
 

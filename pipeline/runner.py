@@ -331,8 +331,11 @@ class Runner:
                     watcher = group.create_task(self._watch_stop(feeder, rows, workers))
                     await asyncio.wait(workers)
                     watcher.cancel()
-            finally:
-                await writer.close()
+            except BaseException:
+                with contextlib.suppress(Exception):  # keep what can be kept; the first failure is the news
+                    await writer.close()
+                raise
+            await writer.close()
 
     @contextlib.asynccontextmanager
     async def _endpoint(self) -> AsyncIterator[str | None]:
@@ -520,13 +523,14 @@ class Runner:
                 outcome = await self._retry(send_once, payload, estimate, exc)
         except BudgetExceeded as exc:
             self._stop_for_budget(exc)
-            return None
+            return staged  # None unless the answer came in before the budget said stop
         except PipelineError as exc:
-            return self._failure(key, row, exc, sent, started, items, image.report)
+            # an answer already staged stands: whatever failed came after it (and it will be committed)
+            return staged or self._failure(key, row, exc, sent, started, items, image.report)
         except Exception as exc:  # a bug must not lose the row: record it and say so loudly
             log.exception("%s: internal error", row.label)
             failure = PipelineError(f"internal error: {type(exc).__name__}: {exc}")
-            return self._failure(key, row, failure, sent, started, items, image.report)
+            return staged or self._failure(key, row, failure, sent, started, items, image.report)
         return staged if staged is not None else self._answer(key, outcome, sent, started, items, image)
 
     def _answer(self, key: str, outcome: StreamOutcome, attempts: int, started: datetime,
