@@ -215,13 +215,7 @@ class _ChatExchange:
             self.ttft = (now - self.start) * 1000
             self.phase = "idle"
         try:
-            if self._inflate is not None:
-                data = self._inflate.decompress(data)
-            if self.kind == "sse":
-                if self._read_events(data):
-                    self._succeed()
-            else:
-                self._collect(data)
+            self._take(self._inflate.decompress(data) if self._inflate is not None else data)
         except PipelineError as exc:
             self._fail(exc)
         except zlib.error as exc:
@@ -233,7 +227,7 @@ class _ChatExchange:
             return
         try:
             if self._inflate is not None:
-                self._collect_or_feed(self._inflate.flush())
+                self._take(self._inflate.flush())
             if self.kind == "sse":
                 self._finish_stream()
             elif self.kind == "json":
@@ -284,7 +278,8 @@ class _ChatExchange:
             return self._accumulator.add_data(values)
         return _feed(self._decoder.feed(data), self._accumulator)
 
-    def _collect_or_feed(self, data: bytes) -> None:
+    def _take(self, data: bytes) -> None:
+        """Body bytes (decompressed): decoded as events for a stream, collected for anything else."""
         if not data:
             return
         if self.kind == "sse":
@@ -319,13 +314,14 @@ class _ChatExchange:
     def _fail(self, exc: BaseException, *, reuse: bool = False) -> None:
         if not self.result.done():
             self.result.set_exception(exc)
-        if reuse:
+        if reuse:  # the response ended cleanly: its connection can carry the next request
             self._done_with_connection()
-        elif self._connection is not None:
-            self._connection.abort()
-            self._connection = None
+            return
         if self._timer is not None:
             self._timer.cancel()
+        if self._connection is not None:
+            self._connection.abort()
+            self._connection = None
 
     def _done_with_connection(self) -> None:
         if self._timer is not None:
