@@ -14,7 +14,7 @@ __all__ = ["run_job", "run_job_async", "__version__"]
 def __getattr__(name: str) -> Any:
     """Import the API lazily: ``import pipeline`` stays cheap for the CLI's --help and for tools."""
     if name in ("run_job", "run_job_async"):
-        from . import api
+        from pipeline import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

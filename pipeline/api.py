@@ -12,9 +12,9 @@ import os
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Literal, TypeVar
 
-from .config import Config, config_from_dict, load_config
-from .errors import ConfigError
-from .runner import Command, ProgressCallback, Runner, RunSummary
+from pipeline.core.config import Config, config_from_dict, load_config
+from pipeline.core.errors import ConfigError
+from pipeline.run.runner import Command, ProgressCallback, Runner, RunSummary
 
 
 def _as_config(config: Config | Mapping[str, Any] | str | os.PathLike[str]) -> Config:

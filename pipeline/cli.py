@@ -21,14 +21,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from . import __version__
-from .api import run_coroutine
-from .config import load_config
-from .errors import ConfigError, PipelineError
-from .jobs import export_job, job_status, run_history
-from .ledger import LockHeld
-from .logs import configure_logging, run_log_path
-from .runner import Progress, Runner, RunSummary, job_secrets
+from pipeline import __version__
+from pipeline.api import run_coroutine
+from pipeline.core.config import load_config
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.edges.ledger import LockHeld
+from pipeline.ops.jobs import export_job, job_status, run_history
+from pipeline.ops.logs import configure_logging, run_log_path
+from pipeline.run.runner import Progress, Runner, RunSummary, job_secrets
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED, EXIT_BUDGET = 0, 1, 2, 3, 4, 5
@@ -305,7 +305,7 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from .estimate import estimate_job
+    from pipeline.ops.estimate import estimate_job
 
     config = load_config(args.config)
     report = estimate_job(config)
@@ -337,7 +337,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    from .schedule import (
+    from pipeline.ops.schedule import (
         ENVIRONMENT_NOTE,
         crontab_line,
         crontab_marker,
@@ -369,7 +369,12 @@ def _schedule(args: argparse.Namespace) -> int:
 
 
 def _scheduler(args: argparse.Namespace) -> int:
-    from .schedule import Scheduler, SchedulerEvent, run_job_subprocess, scheduler_jobs
+    from pipeline.ops.schedule import (
+        Scheduler,
+        SchedulerEvent,
+        run_job_subprocess,
+        scheduler_jobs,
+    )
 
     jobs = scheduler_jobs(args.jobs, args.cron)
     for path, _ in jobs:
@@ -398,7 +403,7 @@ def _scheduler(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import os
 
-    from .server import run_server
+    from pipeline.server import run_server
 
     key = None
     if args.api_key_env:

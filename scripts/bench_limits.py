@@ -1,6 +1,6 @@
 """Benchmark: do the limits settle where the endpoint wants them? Real HTTP, real streaming, one process.
 
-Starts the embedded endpoint on 127.0.0.1 and drives it with N workers through ``pipeline.client.ChatClient``:
+Starts the embedded endpoint on 127.0.0.1 and drives it with N workers through ``pipeline.edges.client.ChatClient``:
 
 1. **Undisclosed concurrency limit** (``concurrency_limit:max=8``: 429 without rate-limit headers, as a
    proxy in front of vLLM would): a fixed pool of 32 (the baseline) against ``AdaptiveConcurrency``
@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
-from pipeline.client import ChatClient  # noqa: E402
-from pipeline.config import EndpointConfig  # noqa: E402
-from pipeline.errors import PipelineError, RateLimited  # noqa: E402
-from pipeline.limits import AdaptiveConcurrency, RateLimiter  # noqa: E402
+from pipeline.core.config import EndpointConfig  # noqa: E402
+from pipeline.core.errors import PipelineError, RateLimited  # noqa: E402
+from pipeline.edges.client import ChatClient  # noqa: E402
+from pipeline.run.limits import AdaptiveConcurrency, RateLimiter  # noqa: E402
 from pipeline.server import FaultPlan, LocalEndpoint  # noqa: E402
 
 

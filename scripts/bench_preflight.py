@@ -26,9 +26,9 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import preflight  # noqa: E402
-from pipeline.config import ImagesConfig  # noqa: E402
-from pipeline.images import ImageLoader  # noqa: E402
+from pipeline.edges import preflight  # noqa: E402
+from pipeline.core.config import ImagesConfig  # noqa: E402
+from pipeline.edges.images import ImageLoader  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.config import Config, config_from_dict
+from pipeline.core.config import Config, config_from_dict
 
 COLOURS = [(220, 30, 30), (30, 160, 40), (40, 60, 220), (240, 220, 40), (20, 20, 20), (250, 250, 250)]
 

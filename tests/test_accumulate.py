@@ -7,14 +7,20 @@ from typing import Any
 
 import pytest
 
-from pipeline.accumulate import Choice, ChoiceAccumulator, Completion, ToolCall, Usage
-from pipeline.errors import (
+from pipeline.core.accumulate import (
+    Choice,
+    ChoiceAccumulator,
+    Completion,
+    ToolCall,
+    Usage,
+)
+from pipeline.core.errors import (
     MalformedChunk,
     StreamError,
     StreamErrorEvent,
     TruncatedStream,
 )
-from pipeline.sse import ServerSentEvent, SSEDecoder
+from pipeline.core.sse import ServerSentEvent, SSEDecoder
 
 HEADER = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000,
           "model": "vision-1", "system_fingerprint": "fp_1"}
@@ -294,7 +300,7 @@ def test_malformed_chunk_preview_is_short() -> None:
 
 
 def test_loads_is_swappable(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.accumulate as accumulate
+    import pipeline.core.accumulate as accumulate
     seen: list[str] = []
     monkeypatch.setattr(accumulate, "_loads", lambda s: seen.append(s) or json.loads(s))
     ChoiceAccumulator().add_event(ServerSentEvent("{\"choices\": []}"))

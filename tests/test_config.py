@@ -4,8 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import config_from_dict, interpolate, load_config, template_fields
-from pipeline.errors import ConfigError
+from pipeline.core.config import (
+    config_from_dict,
+    interpolate,
+    load_config,
+    template_fields,
+)
+from pipeline.core.errors import ConfigError
 
 MINIMAL = """
 request: {model: m}

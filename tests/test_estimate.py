@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from pipeline.estimate import estimate_job
-from pipeline.runner import run_job
+from pipeline.ops.estimate import estimate_job
+from pipeline.run.runner import run_job
 from pipeline.server import FaultPlan, LocalEndpoint
 
 from .helpers import job_config, make_image, read_rows

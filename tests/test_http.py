@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 import trustme
+from yarl import URL
 
-from pipeline.client import ChatClient
-from pipeline.config import EndpointConfig
-from pipeline.errors import (
+from pipeline.core.config import EndpointConfig
+from pipeline.core.errors import (
     ConfigError,
     ConnectError,
     EndpointTimeout,
@@ -30,9 +30,9 @@ from pipeline.errors import (
     ServerError,
     TruncatedStream,
 )
-from pipeline.http import request_head
+from pipeline.edges.client import ChatClient
+from pipeline.edges.http import request_head
 from pipeline.server import LocalEndpoint
-from yarl import URL
 
 BODY = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 

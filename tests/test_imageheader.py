@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 from PIL import Image, PngImagePlugin
 
-from pipeline import preflight
-from pipeline.config import ImagesConfig
-from pipeline.errors import ImageError
-from pipeline.imageheader import ImageHeader, read_header
-from pipeline.preflight import Prepared, pass_through, prepare
+from pipeline.edges import preflight
+from pipeline.core.config import ImagesConfig
+from pipeline.core.errors import ImageError
+from pipeline.edges.imageheader import ImageHeader, read_header
+from pipeline.edges.preflight import Prepared, pass_through, prepare
 
 POLICIES = (
     ImagesConfig(),

@@ -20,10 +20,16 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
-from pipeline.config import ImagesConfig, config_from_dict
-from pipeline.errors import ConfigError, ImageError
-from pipeline.images import ImageLoader, ImagePayload, read_image_file, redact_url, sniff_mime
-from pipeline.preflight import prepare, target_size
+from pipeline.core.config import ImagesConfig, config_from_dict
+from pipeline.core.errors import ConfigError, ImageError
+from pipeline.edges.images import (
+    ImageLoader,
+    ImagePayload,
+    read_image_file,
+    redact_url,
+    sniff_mime,
+)
+from pipeline.edges.preflight import prepare, target_size
 
 
 def encoded(image: Image.Image, fmt: str, **options: Any) -> bytes:

@@ -7,7 +7,14 @@ import sqlite3
 
 import pytest
 
-from pipeline.ledger import SCHEMA_VERSION, JobLock, LedgerError, LockHeld, StateStore, Write
+from pipeline.edges.ledger import (
+    SCHEMA_VERSION,
+    JobLock,
+    LedgerError,
+    LockHeld,
+    StateStore,
+    Write,
+)
 
 
 @pytest.fixture

@@ -15,9 +15,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from pipeline.client import ChatClient
-from pipeline.config import EndpointConfig
-from pipeline.errors import (
+from pipeline.core.config import EndpointConfig
+from pipeline.core.errors import (
     AuthError,
     BudgetExceeded,
     ConfigError,
@@ -30,7 +29,10 @@ from pipeline.errors import (
     TruncatedStream,
     error_for_status,
 )
-from pipeline.limits import (
+from pipeline.core.ratelimit import RateLimitHeaders
+from pipeline.core.tokens import TokenEstimate
+from pipeline.edges.client import ChatClient
+from pipeline.run.limits import (
     AdaptiveConcurrency,
     BreakerState,
     BudgetGuard,
@@ -42,9 +44,7 @@ from pipeline.limits import (
     is_endpoint_failure,
     is_overload,
 )
-from pipeline.retry import RateLimitHeaders
 from pipeline.server import FaultPlan, LocalEndpoint
-from pipeline.tokens import TokenEstimate
 
 
 class FakeClock:

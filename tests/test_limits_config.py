@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import LimitsConfig, config_from_dict, load_config
-from pipeline.errors import ConfigError
-from pipeline.limits import BudgetGuard
+from pipeline.core.config import LimitsConfig, config_from_dict, load_config
+from pipeline.core.errors import ConfigError
+from pipeline.run.limits import BudgetGuard
 
 BASE: dict[str, Any] = {
     "request": {"model": "gpt-4o"},

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.logs import JsonFormatter, RedactingFilter, configure_logging, redact, run_log_path
+from pipeline.ops.logs import (
+    JsonFormatter,
+    RedactingFilter,
+    configure_logging,
+    redact,
+    run_log_path,
+)
 
 PAYLOAD = bytes(range(256)) * 4 + b"tail"  # 1028 bytes: base64 needs padding
 DATA_URI = "data:image/png;base64," + base64.b64encode(PAYLOAD).decode()

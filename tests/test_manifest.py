@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import InputConfig
-from pipeline.errors import ManifestError
-from pipeline.manifest import ManifestReader
-from pipeline.results import RESULT_COLUMNS
+from pipeline.core.config import InputConfig
+from pipeline.core.errors import ManifestError
+from pipeline.core.results import RESULT_COLUMNS
+from pipeline.edges.manifest import ManifestReader
 
 
 def csv_manifest(tmp_path: Path, text: str) -> Path:

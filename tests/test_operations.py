@@ -14,7 +14,7 @@ import yaml
 from aiohttp import web
 
 import pipeline
-from pipeline.ledger import StateStore
+from pipeline.edges.ledger import StateStore
 
 from .helpers import make_manifest, read_rows
 

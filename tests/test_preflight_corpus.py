@@ -25,10 +25,10 @@ import aiohttp
 import pytest
 from PIL import Image, ImageOps, features
 
-from pipeline.config import ImagesConfig, RequestConfig
-from pipeline.errors import ImageError
-from pipeline.images import REPORT_KEYS, ImageLoader, ImagePayload
-from pipeline.request import RequestBuilder
+from pipeline.core.config import ImagesConfig, RequestConfig
+from pipeline.core.errors import ImageError
+from pipeline.core.request import RequestBuilder
+from pipeline.edges.images import REPORT_KEYS, ImageLoader, ImagePayload
 from pipeline.server import LocalEndpoint
 
 RED, BLUE, GREEN = (220, 20, 20), (20, 20, 220), (0, 255, 0)
@@ -345,7 +345,7 @@ async def test_openai_high_sends_1024x768_and_the_endpoint_sees_it(tmp_path: Pat
 
 
 async def test_decode_without_draft_gives_the_same_size(tmp_path: Path) -> None:
-    from pipeline.preflight import prepare
+    from pipeline.edges.preflight import prepare
 
     data = big_photo(tmp_path / "big.jpg")
     for use_draft in (True, False):
@@ -359,8 +359,8 @@ async def test_the_whole_corpus_through_a_real_run(corpus: Path, tmp_path: Path)
 
     import pyarrow.parquet as pq
 
-    from pipeline.config import config_from_dict
-    from pipeline.runner import run_job
+    from pipeline.core.config import config_from_dict
+    from pipeline.run.runner import run_job
     from pipeline.server import LocalEndpoint
 
     names = sorted(CORPUS) + ["missing.jpg", "escape.jpg", "../../../../../../etc/passwd"]

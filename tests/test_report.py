@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.ledger import StateStore
-from pipeline.report import (
+from pipeline.edges.ledger import StateStore
+from pipeline.ops.report import (
     build_report,
     percentile,
     post_webhook,
@@ -24,7 +24,7 @@ from pipeline.report import (
     write_prometheus,
     write_reports,
 )
-from pipeline.runner import run_job
+from pipeline.run.runner import run_job
 from pipeline.server import FaultPlan, LocalEndpoint
 
 from .helpers import job_config, make_manifest
@@ -296,14 +296,14 @@ async def test_webhook_receives_the_summary(job, webhook_server):
 async def test_webhook_failures_are_logged_not_raised(job, webhook_server, caplog):
     report = job["first"]["plain"]
     webhook_server["status"] = 500
-    with caplog.at_level(logging.WARNING, logger="pipeline.report"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.ops.report"):
         assert await post_webhook(webhook_server["url"], report) is False
     assert "HTTP 500" in caplog.text and "secret-token" not in caplog.text
 
     url = webhook_server["url"]
     await webhook_server["runner"].cleanup()  # nothing listens there any more
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pipeline.report"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.ops.report"):
         assert await post_webhook(url, report, timeout=5) is False
     assert "webhook http://127.0.0.1" in caplog.text and "secret-token" not in caplog.text
     assert await post_webhook("not a url", report) is False

@@ -1,7 +1,7 @@
 """Request building: every seed parameter reaches the body unchanged, in the multimodal shape."""
 
-from pipeline.config import ImagesConfig, RequestConfig
-from pipeline.request import RequestBuilder, render_prompt
+from pipeline.core.config import ImagesConfig, RequestConfig
+from pipeline.core.request import RequestBuilder, render_prompt
 
 URI = "data:image/png;base64,AAAA"
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 
-
-from pipeline.runner import Runner, run_job
+from pipeline.run.runner import Runner, run_job
 
 from .helpers import job_config, make_manifest, read_rows
 

@@ -6,9 +6,8 @@ import csv
 
 import pytest
 
-
-from pipeline.jobs import export_job, job_status, run_history
-from pipeline.runner import Runner, run_job
+from pipeline.ops.jobs import export_job, job_status, run_history
+from pipeline.run.runner import Runner, run_job
 from pipeline.server import FaultPlan, LocalEndpoint
 
 from .helpers import COLOURS, job_config, make_image, make_manifest, read_rows

@@ -5,8 +5,8 @@ import email.utils
 import pytest
 from tenacity import RetryCallState
 
-from pipeline.config import RunConfig
-from pipeline.errors import (
+from pipeline.core.config import RunConfig
+from pipeline.core.errors import (
     AuthError,
     ConnectError,
     MalformedChunk,
@@ -16,15 +16,17 @@ from pipeline.errors import (
     TruncatedStream,
     error_for_status,
 )
-from pipeline.retry import (
+from pipeline.core.ratelimit import (
     RateLimitHeaders,
-    ServerWaitTooLong,
-    is_retryable,
     parse_duration,
     parse_rate_limit_headers,
     parse_retry_after,
-    retry_policy,
     server_wait,
+)
+from pipeline.run.retry import (
+    ServerWaitTooLong,
+    is_retryable,
+    retry_policy,
     stop_if_server_wait_exceeds,
     wait_retry_after,
 )

@@ -9,7 +9,7 @@ import logging
 import pyarrow.csv as pa_csv
 import pytest
 
-from pipeline.runner import Runner, run_job
+from pipeline.run.runner import Runner, run_job
 from pipeline.server import FaultPlan, LocalEndpoint, parse_fault_spec
 
 from .helpers import job_config, make_manifest, read_rows

@@ -21,9 +21,9 @@ import pytest
 import yaml
 from croniter import croniter
 
-from pipeline.config import load_config
-from pipeline.ledger import JobLock
-from pipeline.schedule import (
+from pipeline.core.config import load_config
+from pipeline.edges.ledger import JobLock
+from pipeline.ops.schedule import (
     ScheduleError,
     Scheduler,
     SchedulerEvent,

@@ -19,7 +19,13 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from pipeline.server import FaultPlan, LocalEndpoint, caption, describe_image, parse_fault_spec
+from pipeline.server import (
+    FaultPlan,
+    LocalEndpoint,
+    caption,
+    describe_image,
+    parse_fault_spec,
+)
 from pipeline.server.answer import image_tokens, split_pieces
 from pipeline.server.describe import UnreadableImage
 from pipeline.server.faults import format_duration

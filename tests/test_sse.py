@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from pipeline.sse import ServerSentEvent as E
-from pipeline.sse import SSEDecoder
+from pipeline.core.sse import ServerSentEvent as E
+from pipeline.core.sse import SSEDecoder
 
 BOM = b"\xef\xbb\xbf"
 

@@ -11,9 +11,7 @@ import aiohttp
 import pytest
 from PIL import Image
 
-from pipeline.server import LocalEndpoint
-from pipeline.server.answer import image_tokens as server_image_tokens
-from pipeline.tokens import (
+from pipeline.core.tokens import (
     DEFAULT_IMAGE_SIZE,
     DEFAULT_OUTPUT_TOKENS,
     MAX_RATIO,
@@ -26,6 +24,8 @@ from pipeline.tokens import (
     image_tokens,
     output_reservation,
 )
+from pipeline.server import LocalEndpoint
+from pipeline.server.answer import image_tokens as server_image_tokens
 
 IMAGE_CASES = [
     # (width, height, detail, tokens, why)

@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from pipeline.ledger import StateStore, Write
-from pipeline.runner import _RowAhead
-from pipeline.writer import GroupWriter, InlineWriter, ledger_writer
+from pipeline.edges.ledger import StateStore, Write
+from pipeline.edges.writer import GroupWriter, InlineWriter, ledger_writer
+from pipeline.run.runner import _RowAhead
 
 
 def ok(key: str, row: str) -> Write:

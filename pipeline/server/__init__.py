@@ -5,7 +5,12 @@ from the CLI. Its answers are measured image facts phrased as captions, never mo
 """
 
 from pipeline.server.app import LocalEndpoint, create_app, run_server
-from pipeline.server.describe import ImageFacts, UnreadableImage, caption, describe_image
+from pipeline.server.describe import (
+    ImageFacts,
+    UnreadableImage,
+    caption,
+    describe_image,
+)
 from pipeline.server.faults import FaultPlan, FaultRule, parse_fault_spec
 from pipeline.server.stats import EndpointStats
 

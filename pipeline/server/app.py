@@ -19,7 +19,13 @@ from aiohttp import web
 from pipeline.server.answer import plan_answer
 from pipeline.server.chunks import CompletionHeader, completion_body, stream_chunks
 from pipeline.server.describe import FactsCache, ImageFacts, UnreadableImage
-from pipeline.server.faults import LIMIT_KINDS, FaultPlan, FaultRule, RequestTraits, parse_fault_spec
+from pipeline.server.faults import (
+    LIMIT_KINDS,
+    FaultPlan,
+    FaultRule,
+    RequestTraits,
+    parse_fault_spec,
+)
 from pipeline.server.protocol import (
     ApiError,
     ChatRequest,

@@ -14,12 +14,12 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from .config import Config
-from .ledger import StateStore
-from .limits import BudgetGuard
-from .preflight import target_size
-from .runner import RowTask, Runner
-from .tokens import DEFAULT_OUTPUT_TOKENS, estimate_prompt_tokens
+from pipeline.core.config import Config
+from pipeline.core.tokens import DEFAULT_OUTPUT_TOKENS, estimate_prompt_tokens
+from pipeline.edges.ledger import StateStore
+from pipeline.edges.preflight import target_size
+from pipeline.run.limits import BudgetGuard
+from pipeline.run.runner import RowTask, Runner
 
 _EXAMPLES = 5
 

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from .config import InputConfig, template_fields
-from .errors import ManifestError
+from pipeline.core.config import InputConfig, template_fields
+from pipeline.core.errors import ManifestError
 
 #: Suffixes a directory scan picks up when ``input.glob`` is left at its default.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp"})

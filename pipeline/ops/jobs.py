@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from .config import Config
-from .export import ExportReport, export_output
-from .ledger import StateStore
-from .manifest import ManifestReader
-from .results import RESULT_COLUMNS
+from pipeline.core.config import Config
+from pipeline.core.results import RESULT_COLUMNS
+from pipeline.edges.ledger import StateStore
+from pipeline.edges.manifest import ManifestReader
+from pipeline.ops.export import ExportReport, export_output
 
 
 def job_status(config: Config) -> dict[str, Any]:

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .ledger import StateStore
-from .logs import redact
+from pipeline.edges.ledger import StateStore
+from pipeline.ops.logs import redact
 
-log = logging.getLogger("pipeline.report")
+log = logging.getLogger("pipeline.ops.report")
 
 REPORT_VERSION = 1
 QUANTILES = (0.5, 0.95, 0.99)
@@ -70,7 +70,7 @@ def _distribution(values: Sequence[float]) -> dict[str, Any]:
 def _price_lookup(prices: Mapping[str, Any] | None, default_model: str | None) -> Any:
     """The budget guard's price rule (exact model, longest prefix, else the configured model), reused so
     the report's cost and the ``max_cost`` guard never disagree about which price applies."""
-    from .limits import BudgetGuard
+    from pipeline.run.limits import BudgetGuard
 
     plain = {name: (p.model_dump() if hasattr(p, "model_dump") else p) for name, p in (prices or {}).items()}
     return BudgetGuard(prices=plain, default_model=default_model).price_for

@@ -18,9 +18,9 @@ from typing import Any
 
 from PIL import Image
 
-from .config import ImagesConfig
-from .errors import ImageError
-from .imageheader import ImageHeader, read_header
+from pipeline.core.config import ImagesConfig
+from pipeline.core.errors import ImageError
+from pipeline.edges.imageheader import ImageHeader, read_header
 
 #: Formats Pillow may open here. Deliberately short: EPS (Ghostscript) and other exotic plugins stay out.
 #: (MPO, the multi-picture JPEG of phones, comes in through the JPEG opener.)

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
+from pipeline.core.errors import ConfigError
 
 #: Keys the pipeline itself owns in the request body; ``extra_body`` may not override them.
 RESERVED_BODY_KEYS = frozenset({"model", "messages", "stream"})
@@ -313,7 +313,7 @@ class LimitsConfig(_Model):
 
 
 class NotifyConfig(_Model):
-    """Where to send the run report when a run ends (``pipeline.report.post_webhook``).
+    """Where to send the run report when a run ends (``pipeline.ops.report.post_webhook``).
 
     The URL is a secret (a Slack webhook's path is its credential): it is masked in dumps and logs.
     """
@@ -336,7 +336,7 @@ class NotifyConfig(_Model):
 
 
 class MetricsConfig(_Model):
-    """Prometheus textfile-collector output (``pipeline.report.render_prometheus``), written after a run.
+    """Prometheus textfile-collector output (``pipeline.ops.report.render_prometheus``), written after a run.
 
     ``prometheus``: a ``.prom`` file, or a folder (node_exporter's ``--collector.textfile.directory``) in
     which ``<job>.prom`` is written. ``job``: the ``job`` label; default the output file's stem.

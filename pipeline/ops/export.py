@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from .config import Config
-from .ledger import StateStore
-from .manifest import ManifestReader
-from .results import result_schema, to_table
-from .sinks import write_atomic
-
+from pipeline.core.config import Config
+from pipeline.core.results import result_schema, to_table
+from pipeline.edges.ledger import StateStore
+from pipeline.edges.manifest import ManifestReader
+from pipeline.edges.sinks import write_atomic
 
 #: Manifest rows turned into records at a time: bounds the Python objects alive during an export.
 _EXPORT_ROWS = 1_000

@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 
-from pipeline.errors import MalformedChunk, StreamErrorEvent, TruncatedStream
-from pipeline.sse import ServerSentEvent
+from pipeline.core.errors import MalformedChunk, StreamErrorEvent, TruncatedStream
+from pipeline.core.sse import ServerSentEvent
 
 __all__ = ["ToolCall", "Choice", "Usage", "Completion", "ChoiceAccumulator"]
 

@@ -31,9 +31,9 @@ from typing import Literal
 
 from croniter import croniter
 
-from .errors import ConfigError
+from pipeline.core.errors import ConfigError
 
-log = logging.getLogger("pipeline.schedule")
+log = logging.getLogger("pipeline.ops.schedule")
 
 EXIT_LOCKED = 3  # the CLI's exit code when another run of the job holds its lock
 
@@ -317,7 +317,7 @@ def default_unit_dir() -> Path:
 
 def install_systemd_units(units: Mapping[str, str], unit_dir: Path | None = None) -> list[Path]:
     """Write the unit files (atomically; an existing pair is replaced); returns their paths."""
-    from .report import atomic_write_text
+    from pipeline.ops.report import atomic_write_text
 
     folder = unit_dir if unit_dir is not None else default_unit_dir()
     paths = []

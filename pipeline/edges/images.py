@@ -23,9 +23,15 @@ from typing import Any
 
 import aiohttp
 
-from .config import ImagesConfig
-from .errors import RETRYABLE_STATUSES, ImageError
-from .preflight import MIME_BY_FORMAT, Prepared, pass_through, prepare, sniff_mime
+from pipeline.core.config import ImagesConfig
+from pipeline.core.errors import RETRYABLE_STATUSES, ImageError
+from pipeline.edges.preflight import (
+    MIME_BY_FORMAT,
+    Prepared,
+    pass_through,
+    prepare,
+    sniff_mime,
+)
 
 try:  # ~35x faster than the stdlib on a 48 KB image (1.4 us vs 52 us); optional, same output
     import pybase64 as _fast_base64  # type: ignore[import-not-found]

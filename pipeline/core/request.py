@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from .config import ImagesConfig, RequestConfig
+from pipeline.core.config import ImagesConfig, RequestConfig
 
 #: RequestConfig fields that are not body parameters, or that are placed by hand.
 _NOT_BODY_FIELDS = frozenset({"model", "system", "prompt", "extra_body", "stream_options"})

@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .accumulate import Choice, Completion
+from pipeline.core.accumulate import Choice, Completion
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 

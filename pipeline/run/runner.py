@@ -24,17 +24,29 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from .client import ChatClient, StreamOutcome
-from .config import Config
-from .errors import BudgetExceeded, ConfigError, EmptyResponse, ImageError, PipelineError
-from .export import ExportReport, export_output, export_partition
-from .gate import RequestGate
-from .images import ImageLoader, ImagePayload
-from .ledger import JobLock, StateStore, Write
-from .manifest import ManifestInfo, ManifestReader, Row
-from .request import RequestBuilder, answer_params_digest, input_digest, render_prompt, request_key
-from .results import RESULT_COLUMNS, ResultRow, rows_from_completion
-from .report import (
+from pipeline.core.config import Config
+from pipeline.core.errors import (
+    BudgetExceeded,
+    ConfigError,
+    EmptyResponse,
+    ImageError,
+    PipelineError,
+)
+from pipeline.core.request import (
+    RequestBuilder,
+    answer_params_digest,
+    input_digest,
+    render_prompt,
+    request_key,
+)
+from pipeline.core.results import RESULT_COLUMNS, ResultRow, rows_from_completion
+from pipeline.edges.client import ChatClient, StreamOutcome
+from pipeline.edges.images import ImageLoader, ImagePayload
+from pipeline.edges.ledger import JobLock, StateStore, Write
+from pipeline.edges.manifest import ManifestInfo, ManifestReader, Row
+from pipeline.edges.writer import LedgerWriter, Staged, ledger_writer
+from pipeline.ops.export import ExportReport, export_output, export_partition
+from pipeline.ops.report import (
     build_report,
     notify_wanted,
     post_webhook,
@@ -43,8 +55,8 @@ from .report import (
     write_prometheus,
     write_reports,
 )
-from .retry import retry_policy
-from .writer import LedgerWriter, Staged, ledger_writer
+from pipeline.run.gate import RequestGate
+from pipeline.run.retry import retry_policy
 
 log = logging.getLogger("pipeline")
 
@@ -236,7 +248,7 @@ class Runner:
         """The embedded endpoint's fault rules, parsed (a bad spec is a config error, caught up front)."""
         if not self.config.endpoint.is_local:
             return []
-        from .server import parse_fault_spec
+        from pipeline.server import parse_fault_spec
 
         rules = []
         for index, spec in enumerate(self.config.endpoint.local.faults):
@@ -344,7 +356,7 @@ class Runner:
         if not endpoint.is_local:
             yield None
             return
-        from .server import FaultPlan, LocalEndpoint
+        from pipeline.server import FaultPlan, LocalEndpoint
 
         local = endpoint.local
         key = endpoint.api_key.get_secret_value() if endpoint.api_key else None

@@ -12,11 +12,18 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .client import StreamOutcome
-from .config import Config
-from .errors import PipelineError
-from .limits import AdaptiveConcurrency, BudgetGuard, CircuitBreaker, Permit, RateLimiter, is_overload
-from .tokens import TokenEstimate, TokenEstimator
+from pipeline.core.config import Config
+from pipeline.core.errors import PipelineError
+from pipeline.core.tokens import TokenEstimate, TokenEstimator
+from pipeline.edges.client import StreamOutcome
+from pipeline.run.limits import (
+    AdaptiveConcurrency,
+    BudgetGuard,
+    CircuitBreaker,
+    Permit,
+    RateLimiter,
+    is_overload,
+)
 
 Send = Callable[[dict[str, Any]], Awaitable[StreamOutcome]]
 _NOTHING = TokenEstimate(raw_prompt=0, prompt=0, completion=0)  # when nothing counts tokens

@@ -23,10 +23,10 @@ from typing import Any, Self
 import orjson
 from yarl import URL
 
-from . import __version__
-from .accumulate import ChoiceAccumulator, Completion
-from .config import EndpointConfig, Timeouts
-from .errors import (
+from pipeline import __version__
+from pipeline.core.accumulate import ChoiceAccumulator, Completion
+from pipeline.core.config import EndpointConfig, Timeouts
+from pipeline.core.errors import (
     ConfigError,
     ConnectError,
     EndpointError,
@@ -36,9 +36,19 @@ from .errors import (
     TruncatedStream,
     error_for_status,
 )
-from .http import ConnectionPool, HTTPConnection, ProtocolError, ResponseHead, request_head
-from .retry import RateLimitHeaders, parse_rate_limit_headers, server_wait
-from .sse import SSEDecoder
+from pipeline.core.ratelimit import (
+    RateLimitHeaders,
+    parse_rate_limit_headers,
+    server_wait,
+)
+from pipeline.core.sse import SSEDecoder
+from pipeline.edges.http import (
+    ConnectionPool,
+    HTTPConnection,
+    ProtocolError,
+    ResponseHead,
+    request_head,
+)
 
 log = logging.getLogger("pipeline")
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from .errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 SCHEMA_VERSION = 1
 

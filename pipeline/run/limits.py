@@ -16,7 +16,7 @@ Every one takes an injectable ``clock`` (and ``sleep`` where it waits), so its t
   success lets everybody go again. Failures that belong to the outage are flagged so the runner does not
   charge them to the row's retry budget.
 * :class:`BudgetGuard`: ``max_requests`` / ``max_total_tokens`` / ``max_cost`` raise
-  :class:`~pipeline.errors.BudgetExceeded` *before* a request that would pass them.
+  :class:`~pipeline.core.errors.BudgetExceeded` *before* a request that would pass them.
 
 Intended runner wiring, per row (``estimator``, ``limiter``, ``concurrency``, ``breaker``, ``budget`` are
 shared by all workers; ``image_sizes`` = the payload's ``(sent_width, sent_height)``)::
@@ -72,7 +72,7 @@ from enum import StrEnum
 from types import TracebackType
 from typing import TypeVar
 
-from .errors import (
+from pipeline.core.errors import (
     BudgetExceeded,
     ConfigError,
     ConnectError,
@@ -83,8 +83,8 @@ from .errors import (
     ServerError,
     StreamError,
 )
-from .retry import RateLimitHeaders
-from .tokens import TokenEstimate
+from pipeline.core.ratelimit import RateLimitHeaders
+from pipeline.core.tokens import TokenEstimate
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
@@ -423,7 +423,7 @@ class AdaptiveConcurrency:
         return True
 
     def observe(self, headers: RateLimitHeaders, *, tokens_per_request: float | None = None) -> bool:
-        """:meth:`observe_headers` from a parsed :class:`~pipeline.retry.RateLimitHeaders`."""
+        """:meth:`observe_headers` from a parsed :class:`~pipeline.run.retry.RateLimitHeaders`."""
         return self.observe_headers(headers.remaining_requests, headers.remaining_tokens,
                                     tokens_per_request=tokens_per_request)
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .ledger import StateStore, Write
+from pipeline.edges.ledger import StateStore, Write
 
 __all__ = ["GroupWriter", "InlineWriter", "LedgerWriter", "Staged", "ledger_writer"]
 
