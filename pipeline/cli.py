@@ -24,14 +24,13 @@ from tqdm import tqdm
 from pipeline import __version__
 from pipeline.api import run_coroutine
 from pipeline.core.config import load_config
-from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.errors import ConfigError, ExitCode, PipelineError
 from pipeline.edges.ledger import LockHeld
 from pipeline.ops.jobs import export_job, job_status, run_history
 from pipeline.ops.logs import configure_logging, run_log_path
 from pipeline.run.runner import Progress, Runner, RunSummary, job_secrets
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_INTERRUPTED, EXIT_BUDGET = 0, 1, 2, 3, 4, 5
 
 log = logging.getLogger("pipeline")
 
@@ -144,10 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except LockHeld as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_LOCKED
+        return ExitCode.LOCKED
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -155,7 +154,7 @@ def _validate(args: argparse.Namespace) -> int:
     info = Runner(config).check()
     print(f"ok: {args.config}: {info.rows} rows in {info.source} (columns: {', '.join(info.columns)}); "
           f"output {config.output.path} ({config.output.output_format})")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -262,7 +261,7 @@ def _status(args: argparse.Namespace) -> int:
     report = job_status(config)
     if args.json:
         print(json.dumps(report, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     counts = report["rows"]
     print(f"job {args.config} · ledger {report['ledger']}")
     print(f"manifest rows: {report['manifest_rows']}")
@@ -280,7 +279,7 @@ def _status(args: argparse.Namespace) -> int:
     if report["last_run"]:
         run = report["last_run"]
         print(f"last run: #{run['run_id']} {run['command']} {run['status']} at {run['started_at']}")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -288,7 +287,7 @@ def _runs(args: argparse.Namespace) -> int:
     history = run_history(config)
     if args.json:
         print(json.dumps(history, indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     header = f"{'run':>4}  {'command':<7}  {'status':<11}  {'started (UTC)':<19}  {'took':>7}  " \
              f"{'new':>6}  {'skipped':>7}  {'ok':>6}  {'failed':>6}  {'sent':>6}"
     print(header)
@@ -301,7 +300,7 @@ def _runs(args: argparse.Namespace) -> int:
               f"{s.get('rows_failed', 0):>6}  {s.get('attempts', 0):>6}")
     if not history:
         print("(no runs yet)")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _estimate(args: argparse.Namespace) -> int:
@@ -311,7 +310,7 @@ def _estimate(args: argparse.Namespace) -> int:
     report = estimate_job(config)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
-        return EXIT_OK
+        return ExitCode.OK
     detail = config.images.detail or "auto"
     print(f"estimate for {args.config} (model {report.model}; nothing was sent)")
     print(f"  manifest rows   {report.manifest_rows:>12,}")
@@ -325,7 +324,7 @@ def _estimate(args: argparse.Namespace) -> int:
     print(f"  output tokens   {report.output_tokens:>12,}  ({report.output_basis})")
     cost = f"{report.cost:>12.4f}" if report.cost is not None else f"{'unknown':>12}"
     print(f"  cost            {cost}  ({report.cost_basis})")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -333,7 +332,7 @@ def _export(args: argparse.Namespace) -> int:
     report = export_job(config)
     print(f"wrote {config.output.path}: {report.rows} rows ({report.ok} ok, {report.failed} failed, "
           f"{report.manifest_rows_done} manifest rows with an outcome)")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _schedule(args: argparse.Namespace) -> int:
@@ -365,7 +364,7 @@ def _schedule(args: argparse.Namespace) -> int:
     else:
         print(render_schedule(config_path, args.cron, name=args.name, **where))
     print(ENVIRONMENT_NOTE)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _scheduler(args: argparse.Namespace) -> int:
@@ -397,7 +396,7 @@ def _scheduler(args: argparse.Namespace) -> int:
         await Scheduler(jobs, runner=runner, stop=stop, on_event=report).run()
 
     asyncio.run(loop())
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -417,7 +416,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--fault: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
-    return EXIT_OK
+    return ExitCode.OK
 
 
 if __name__ == "__main__":  # pragma: no cover

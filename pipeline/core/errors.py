@@ -27,7 +27,20 @@ message. Nothing here imports I/O libraries: aiohttp/asyncio errors are translat
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import ClassVar
+
+
+class ExitCode(IntEnum):
+    """The process exit codes of ``pipeline run`` / ``retry`` (and ``RunSummary.exit_code``), defined once:
+    schedulers, cron wrappers and CI read them, so their values never change."""
+
+    OK = 0  # every output row ok (or failed rows within run.max_failed_fraction)
+    FAILED_ROWS = 1  # some rows failed; the output still has every row
+    BAD_INPUT = 2  # bad config or manifest: nothing was sent
+    LOCKED = 3  # another run of the same job holds its lock
+    INTERRUPTED = 4  # Ctrl-C / SIGTERM: run the same command again to resume
+    BUDGET = 5  # a budget guard stopped the run: raise it and run again
 
 #: HTTP statuses that are worth another attempt.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})

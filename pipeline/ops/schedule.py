@@ -31,11 +31,10 @@ from typing import Literal
 
 from croniter import croniter
 
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, ExitCode
 
 log = logging.getLogger("pipeline.ops.schedule")
 
-EXIT_LOCKED = 3  # the CLI's exit code when another run of the job holds its lock
 
 #: Cron's shorthands, spelled out so that they convert exactly (``@weekly`` is Sunday in cron but Monday
 #: in systemd's own ``weekly``).
@@ -460,7 +459,7 @@ class Scheduler:
         except Exception as exc:  # one job's failure to start must not stop the others
             self._record(SchedulerEvent(job.config, due, "error", None, f"{type(exc).__name__}: {exc}"))
             return
-        if code == EXIT_LOCKED:
+        if code == ExitCode.LOCKED:
             self._record(SchedulerEvent(job.config, due, "skip", code, "another run of the job holds its lock"))
         else:
             self._record(SchedulerEvent(job.config, due, "run", code))

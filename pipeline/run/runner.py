@@ -29,6 +29,7 @@ from pipeline.core.errors import (
     BudgetExceeded,
     ConfigError,
     EmptyResponse,
+    ExitCode,
     ImageError,
     PipelineError,
 )
@@ -116,11 +117,11 @@ class RunSummary:
     def exit_code(self) -> int:
         """0 every output row ok, 1 some rows failed, 4 interrupted (run again to finish), 5 budget reached."""
         if self.stop_reason == "budget":
-            return 5
+            return ExitCode.BUDGET
         if self.interrupted:
-            return 4
+            return ExitCode.INTERRUPTED
         tolerated = self.max_failed_fraction * self.output_ok_or_failed
-        return 1 if self.output_failed > tolerated else 0
+        return ExitCode.FAILED_ROWS if self.output_failed > tolerated else ExitCode.OK
 
     @property
     def output_ok_or_failed(self) -> int:
