@@ -8,6 +8,7 @@ the embedded endpoint covers keep-alive reuse and the ordinary answers.
 from __future__ import annotations
 
 import asyncio
+import time
 import gzip
 import json
 import ssl
@@ -289,9 +290,12 @@ async def test_no_answer_is_a_first_byte_timeout() -> None:
 async def test_a_stall_mid_stream_is_an_idle_timeout_after_the_reads_so_far() -> None:
     wire = chunked(sse_events(["a", "b"]))
     async with ScriptedServer([Reply([SSE_HEAD, wire[0], wire[1]], hang=True)]) as server:
+        started = time.monotonic()
         with pytest.raises(EndpointTimeout, match=r"no data for 0.2s \(idle timeout\)") as caught:
-            await answer(server, idle=0.2)
+            await answer(server, idle=0.2, first_byte=60)
     assert caught.value.phase == "idle"
+    # the stall is noticed one idle gap after the last read, not at the (much later) first-byte deadline
+    assert time.monotonic() - started < 30
 
 
 async def test_a_stream_that_keeps_trickling_is_cut_by_the_total_timeout() -> None:

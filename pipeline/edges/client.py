@@ -224,6 +224,7 @@ class _ChatExchange:
         if self.ttft is None:
             self.ttft = (now - self.start) * 1000
             self.phase = "idle"
+            self._arm_idle_timer(now)
         try:
             self._take(self._inflate.decompress(data) if self._inflate is not None else data)
         except PipelineError as exc:
@@ -339,6 +340,13 @@ class _ChatExchange:
         if self._connection is not None:
             self._connection.done()
             self._connection = None
+
+    def _arm_idle_timer(self, now: float) -> None:
+        """The first body bytes end the first-byte wait: from now on a gap longer than ``idle`` is a stall,
+        so the timer must not sleep on until the (usually much later) first-byte deadline."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self.loop.call_at(min(now + self.timeouts.idle, self.deadline), self._on_timer)
 
     def _on_timer(self) -> None:
         now = self.loop.time() + 0.001  # the loop may run a timer up to its clock resolution early
