@@ -129,7 +129,9 @@ def test_second_run_of_the_same_job_is_refused_while_the_first_holds_the_lock(tm
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=60)
     assert first.returncode == 4
-    # once the holder is gone, the job runs again
+    # once the holder is gone, the job runs again (more streams: the request keys, so the ledger, are the same)
+    job = yaml.safe_load(config.read_text())
+    config.write_text(yaml.safe_dump({**job, "run": {**job["run"], "concurrency": 8}}))
     resumed = subprocess.run([sys.executable, "-m", "pipeline", "run", str(config), "--no-progress"],
                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
