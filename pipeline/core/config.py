@@ -273,7 +273,7 @@ class PriceConfig(_Model):
 
 
 class LimitsConfig(_Model):
-    """Rate limits, adaptive concurrency, circuit breaker and budgets (see ``limits.py``); all optional.
+    """Rate limits, adaptive concurrency, circuit breaker and budgets (see ``pipeline.run.limits``); all optional.
 
     ``run.concurrency`` stays the ceiling; with ``adaptive`` the in-flight limit moves between
     ``min_concurrency`` and it (a ``min_concurrency`` above it is clamped to it).
