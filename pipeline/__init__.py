@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from pipeline.core.version import __version__
+
 __all__ = ["run_job", "run_job_async", "__version__"]
 
 

@@ -12,8 +12,9 @@ import os
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Literal, TypeVar
 
-from pipeline.core.config import Config, config_from_dict, load_config
+from pipeline.core.config import Config, config_from_dict
 from pipeline.core.errors import ConfigError
+from pipeline.edges.configfile import load_config
 from pipeline.run.runner import Command, ProgressCallback, Runner, RunSummary
 
 

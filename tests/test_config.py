@@ -4,13 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.core.config import (
-    config_from_dict,
-    interpolate,
-    load_config,
-    template_fields,
-)
+from pipeline.core.config import config_from_dict, template_fields
 from pipeline.core.errors import ConfigError
+from pipeline.edges.configfile import interpolate, load_config
 
 MINIMAL = """
 request: {model: m}

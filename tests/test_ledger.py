@@ -108,6 +108,20 @@ def test_status_queries(store):
     assert store.oldest_pending()["id"] == "d"
 
 
+def test_per_run_queries_see_only_that_run(store):
+    first = store.start_run("run", "cfg")
+    store.commit([Write("k1", "failed", 2, "timeout", "slow", [{}], (("a", "d"),)), ok("k2", "b")], first)
+    second = store.start_run("retry", "cfg")
+    store.commit([Write("k3", "failed", 1, "bad_request", "HTTP 400", [{}], (("c", "d"),))], second)
+    assert store.run_record(second)["command"] == "retry" and store.run_record(second + 1) is None
+    assert store.failure_groups(run_id=first) == [("timeout", 1, [("a", "slow")])]
+    assert [group[0] for group in store.failure_groups()] == ["bad_request", "timeout"]
+    finished = sorted(store.finished_requests(first, ["content", "choice_index"]), key=str)
+    assert finished == [("failed", 2, "timeout", None, None), ("ok", 1, None, "a caption", 0)]
+    with pytest.raises(ValueError, match="not a result field"):
+        list(store.finished_requests(first, ["x') FROM meta --"]))
+
+
 def test_many_ids_are_queried_in_chunks(store):
     rows = [f"r{i}" for i in range(2500)]
     store.commit([ok(f"k{i}", r) for i, r in enumerate(rows)], 1)

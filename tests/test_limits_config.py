@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.core.config import LimitsConfig, config_from_dict, load_config
+from pipeline.core.config import LimitsConfig, config_from_dict
 from pipeline.core.errors import ConfigError
+from pipeline.edges.configfile import load_config
 from pipeline.run.limits import BudgetGuard
 
 BASE: dict[str, Any] = {

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from croniter import croniter
 
-from pipeline.core.config import load_config
+from pipeline.edges.configfile import load_config
 from pipeline.edges.ledger import JobLock
 from pipeline.ops.schedule import (
     ScheduleError,

@@ -1,22 +1,19 @@
-"""The one validated, frozen config object, and the loader that turns a YAML/TOML file into it.
+"""The one validated, frozen config object: the model, its validation messages and ``config_from_dict``.
 
-The model is pure (no I/O); ``load_config`` reads the file, interpolates ``${VAR}`` / ``${VAR:-default}``
-from the environment it is handed, and turns every validation failure into one ``ConfigError`` whose
-lines read ``file: key.path: what is wrong, got <value>``.
+Pure (no I/O, no environment): reading a YAML/TOML file and interpolating ``${VAR}`` lives in
+``pipeline.edges.configfile``. Every validation failure becomes one ``ConfigError`` whose lines read
+``source: key.path: what is wrong, got <value>``.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import string
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -276,7 +273,7 @@ class PriceConfig(_Model):
 
 
 class LimitsConfig(_Model):
-    """Rate limits, adaptive concurrency, circuit breaker and budgets (see ``limits.py``); all optional.
+    """Rate limits, adaptive concurrency, circuit breaker and budgets (see ``pipeline.run.limits``); all optional.
 
     ``run.concurrency`` stays the ceiling; with ``adaptive`` the in-flight limit moves between
     ``min_concurrency`` and it (a ``min_concurrency`` above it is clamped to it).
@@ -390,66 +387,7 @@ def template_fields(template: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# loading
-
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def interpolate(value: Any, env: Mapping[str, str], path: str = "") -> Any:
-    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a parsed document; ``$$`` is ``$``."""
-    if isinstance(value, dict):
-        return {k: interpolate(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
-    if not isinstance(value, str) or "$" not in value:
-        return value
-
-    def replace(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name, default = match.group(1), match.group(2)
-        if name in env and env[name] != "":
-            return env[name]
-        if default is not None:
-            return default
-        raise ConfigError(
-            f"{path}: environment variable {name} is not set; "
-            f"export it or write ${{{name}:-default}}"
-        )
-
-    return _VAR.sub(replace, value)
-
-
-def parse_document(text: str, suffix: str) -> Any:
-    """YAML by default, TOML for ``.toml`` files."""
-    if suffix == ".toml":
-        return tomllib.loads(text)
-    return yaml.safe_load(text)
-
-
-def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
-    """Read, interpolate and validate a config file; every problem becomes one ``ConfigError``."""
-    path = Path(path)
-    env = os.environ if env is None else env
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-    try:
-        document = parse_document(text, path.suffix.lower())
-    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {exc}") from None
-    if document is None:
-        document = {}
-    if not isinstance(document, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (endpoint, request, ...)")
-    try:
-        document = interpolate(document, env)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    return config_from_dict(document, source=str(path))
+# validation
 
 
 def config_from_dict(document: Mapping[str, Any], source: str = "<config>") -> Config:

@@ -23,7 +23,6 @@ from typing import Any, Self
 import orjson
 from yarl import URL
 
-from pipeline import __version__
 from pipeline.core.accumulate import ChoiceAccumulator, Completion
 from pipeline.core.config import EndpointConfig, Timeouts
 from pipeline.core.errors import (
@@ -42,6 +41,7 @@ from pipeline.core.ratelimit import (
     server_wait,
 )
 from pipeline.core.sse import SSEDecoder
+from pipeline.core.version import __version__
 from pipeline.edges.http import (
     ConnectionPool,
     HTTPConnection,

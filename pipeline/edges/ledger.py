@@ -213,6 +213,15 @@ class StateStore:
                 (status, utc_now(), json.dumps(summary), run_id),
             )
 
+    def run_record(self, run_id: int) -> dict[str, Any] | None:
+        """One run's row (command, status, times, config digest), or None if there is no such run."""
+        row = self.db.execute(
+            "SELECT command, status, started_at, finished_at, config_digest FROM runs WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return dict(zip(("command", "status", "started_at", "finished_at", "config_digest"), row, strict=True))
+
     def runs(self) -> list[dict[str, Any]]:
         rows = self.db.execute(
             "SELECT run_id, command, status, started_at, finished_at, summary FROM runs ORDER BY run_id"
@@ -342,20 +351,41 @@ class StateStore:
 
     def error_breakdown(self, examples: int = 3) -> list[dict[str, Any]]:
         """Failed rows by error type, most common first, with a few example rows and messages."""
-        rows = self.db.execute(
+        return [{"error_type": error_type, "count": count,
+                 "examples": [{"id": row_id, "message": message} for row_id, message in sample]}
+                for error_type, count, sample in self.failure_groups(examples)]
+
+    def failure_groups(self, examples: int = 3, run_id: int | None = None
+                       ) -> list[tuple[str | None, int, list[tuple[str, str | None]]]]:
+        """Manifest rows whose request failed, as (error type, count, [(row id, message)] examples), most
+        common type first; with ``run_id`` only the requests that run failed (for its run report)."""
+        only_run, params = ("", ()) if run_id is None else (" AND r.run_id = ?", (run_id,))
+        groups = self.db.execute(
             "SELECT r.error_type, COUNT(*) FROM items i JOIN requests r ON r.key = i.request_key "
-            "WHERE r.status = 'failed' GROUP BY r.error_type ORDER BY COUNT(*) DESC, r.error_type"
+            f"WHERE r.status = 'failed'{only_run} GROUP BY r.error_type ORDER BY COUNT(*) DESC, r.error_type",
+            params,
         ).fetchall()
         out = []
-        for error_type, count in rows:
+        for error_type, count in groups:
             sample = self.db.execute(
                 "SELECT i.row_id, r.error_message FROM items i JOIN requests r ON r.key = i.request_key "
-                "WHERE r.status = 'failed' AND r.error_type IS ? ORDER BY i.row_id LIMIT ?",
-                (error_type, examples),
+                f"WHERE r.status = 'failed'{only_run} AND r.error_type IS ? ORDER BY i.row_id LIMIT ?",
+                (*params, error_type, examples),
             ).fetchall()
-            out.append({"error_type": error_type, "count": count,
-                        "examples": [{"id": s[0], "message": s[1]} for s in sample]})
+            out.append((error_type, count, sample))
         return out
+
+    def finished_requests(self, run_id: int, result_fields: Sequence[str]) -> Iterator[tuple[Any, ...]]:
+        """(status, attempts, error_type, *fields of the first result) of every request run ``run_id``
+        finished, streamed from SQLite so a large run is folded without loading it whole."""
+        for name in result_fields:
+            if not name.isidentifier():
+                raise ValueError(f"not a result field name: {name!r}")
+        columns = "".join(f", json_extract(result, '$[0].{name}')" for name in result_fields)
+        yield from self.db.execute(
+            f"SELECT status, attempts, error_type{columns} FROM requests "
+            "WHERE run_id = ? AND status IN ('ok', 'failed')", (run_id,)
+        )
 
     def mean_usage(self) -> tuple[float | None, float | None]:
         """Mean prompt and completion tokens per finished request so far (for estimates)."""

@@ -54,7 +54,10 @@ def export_partition(config: Config, reader: ManifestReader, store: StateStore, 
     tables = [t for t in _tables(reader, store, schema, report, run_id=run_id) if t.num_rows]
     if not tables:
         return None
-    started = store.db.execute("SELECT started_at FROM runs WHERE run_id = ?", (run_id,)).fetchone()[0]
+    run = store.run_record(run_id)
+    if run is None:
+        raise ValueError(f"{store.path}: no run #{run_id} in the ledger")
+    started = run["started_at"]
     fmt = config.output.output_format or "parquet"
     path = config.output.partitions / f"run_date={started[:10]}" / f"part-run{run_id:05d}.{fmt}"
     write_atomic(tables, path, fmt, schema)

@@ -77,12 +77,10 @@ def _price_lookup(prices: Mapping[str, Any] | None, default_model: str | None) -
 
 
 def _run_row(store: StateStore, run_id: int) -> dict[str, Any]:
-    row = store.db.execute(
-        "SELECT command, status, started_at, finished_at, config_digest FROM runs WHERE run_id = ?", (run_id,)
-    ).fetchone()
-    if row is None:
+    run = store.run_record(run_id)
+    if run is None:
         raise ValueError(f"{store.path}: no run #{run_id} in the ledger")
-    return dict(zip(("command", "status", "started_at", "finished_at", "config_digest"), row, strict=True))
+    return run
 
 
 _REQUEST_FIELDS = ("model", "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms", "image_bytes",
@@ -112,13 +110,9 @@ class _RunNumbers:
 def _run_requests(store: StateStore, run_id: int, price_for: Any, default_model: str | None) -> _RunNumbers:
     """Fold every request this run finished; the first result stands for the request (usage, latency and
     image sizes are per request and repeated on every choice's result)."""
-    columns = ", ".join(f"json_extract(result, '$[0].{name}')" for name in _REQUEST_FIELDS)
     numbers = _RunNumbers()
     numbers.retries["retried_then_ok"] = 0
-    for status, attempts, error_type, *values in store.db.execute(
-        f"SELECT status, attempts, error_type, {columns} FROM requests "
-        "WHERE run_id = ? AND status IN ('ok', 'failed')", (run_id,)
-    ):
+    for status, attempts, error_type, *values in store.finished_requests(run_id, _REQUEST_FIELDS):
         attempts = int(attempts or 0)
         numbers.extra_attempts += max(attempts - 1, 0)
         if status == "failed":
@@ -154,19 +148,8 @@ def run_failures(store: StateStore, run_id: int, examples: int = EXAMPLES_PER_ER
     """Manifest rows whose request failed in this run, by error type (most common first), with a few
     example rows. ``StateStore.error_breakdown`` restricted to one run; messages are redacted and cut."""
     secrets = tuple(secrets)
-    db = store.db
-    rows = db.execute(
-        "SELECT r.error_type, COUNT(*) FROM items i JOIN requests r ON r.key = i.request_key "
-        "WHERE r.status = 'failed' AND r.run_id = ? GROUP BY r.error_type ORDER BY COUNT(*) DESC, r.error_type",
-        (run_id,),
-    ).fetchall()
     out = []
-    for error_type, count in rows:
-        sample = db.execute(
-            "SELECT i.row_id, r.error_message FROM items i JOIN requests r ON r.key = i.request_key "
-            "WHERE r.status = 'failed' AND r.run_id = ? AND r.error_type IS ? ORDER BY i.row_id LIMIT ?",
-            (run_id, error_type, examples),
-        ).fetchall()
+    for error_type, count, sample in store.failure_groups(examples, run_id=run_id):
         out.append({
             "error_type": error_type or "error", "count": int(count),
             "examples": [{"id": row_id, "message": _short(redact(message or "", secrets))}

@@ -1,4 +1,4 @@
-"""The request gate: every limit of ``limits.py`` around one attempt, in the order that wastes nothing.
+"""The request gate: every limit of ``pipeline.run.limits`` around one attempt, in the order that wastes nothing.
 
 Breaker outermost (a worker waiting out an outage holds no slot and no tokens), then the adaptive
 concurrency slot, the budget check, and the rate buckets last, right before the request leaves. Failures
