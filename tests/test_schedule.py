@@ -22,9 +22,9 @@ import yaml
 from croniter import croniter
 
 from pipeline.core.config import load_config
+from pipeline.core.errors import ScheduleError
 from pipeline.edges.ledger import JobLock
 from pipeline.ops.schedule import (
-    ScheduleError,
     Scheduler,
     SchedulerEvent,
     cron_to_calendar,

@@ -33,6 +33,7 @@ from pipeline.core.errors import (
     EndpointTimeout,
     MalformedChunk,
     PipelineError,
+    ProtocolError,
     TruncatedStream,
     error_for_status,
 )
@@ -45,7 +46,6 @@ from pipeline.core.sse import SSEDecoder
 from pipeline.edges.http import (
     ConnectionPool,
     HTTPConnection,
-    ProtocolError,
     ResponseHead,
     request_head,
 )

@@ -31,7 +31,7 @@ from typing import Literal
 
 from croniter import croniter
 
-from pipeline.core.errors import ConfigError, ExitCode
+from pipeline.core.errors import ExitCode, ScheduleError
 
 log = logging.getLogger("pipeline.ops.schedule")
 
@@ -46,12 +46,6 @@ _MONTHS = {name: i for i, name in enumerate(
     ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), start=1)}
 _DAYS = {name: i for i, name in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))}
 _SYSTEMD_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")  # systemd's order, Monday first
-
-
-class ScheduleError(ConfigError):
-    """A cron expression that is invalid, or that cannot be expressed for the chosen scheduler."""
-
-    error_type = "schedule_error"
 
 
 # --- cron expressions -------------------------------------------------------------------------------
