@@ -1,8 +1,9 @@
 """One exception tree for the whole pipeline.
 
-Every failure a row can meet is one of these, so the runner decides "retry or record" by asking
-``error.retryable`` and the output records ``error.error_type`` (a stable snake_case name) and the
-message. Nothing here imports I/O libraries: aiohttp/asyncio errors are translated in ``edges/client.py`` and ``edges/images.py``.
+Every exception the package raises on purpose is one of these (the embedded test endpoint,
+``pipeline.server``, keeps its own). The runner decides "retry or record" by asking ``error.retryable``,
+and the output records ``error.error_type`` (a stable snake_case name) and the message. Nothing here
+imports I/O libraries: aiohttp/asyncio errors are translated in ``edges/client.py`` and ``edges/images.py``.
 
 ::
 

@@ -12,7 +12,7 @@ exponential with full jitter but defers to the server's own delay when it sent o
   budget is spent (or is not given). On other statuses these headers describe the account, not the
   failure, so they are not a reason to wait.
 
-The request policy's predicate and waits are below. A server may ask for an hour. ``max_server_wait`` caps that: a longer request stops the row's retries at
+A server may ask for an hour. ``max_server_wait`` caps that: a longer request stops the row's retries at
 once with :class:`ServerWaitTooLong` (the endpoint's message plus why), instead of parking a worker.
 """
 

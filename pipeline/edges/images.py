@@ -25,6 +25,7 @@ import aiohttp
 
 from pipeline.core.config import ImagesConfig
 from pipeline.core.errors import RETRYABLE_STATUSES, ImageError, TransientDownloadError
+from pipeline.core.redact import redact_url
 from pipeline.core.retry import download_retry_policy
 from pipeline.edges.preflight import (
     MIME_BY_FORMAT,
@@ -254,20 +255,6 @@ def _scheme(source: str) -> str | None:
         return "data"
     match = _URL_SCHEME.match(source)
     return match.group(1).lower() if match else None
-
-
-def redact_url(url: str) -> str:
-    """The URL without credentials, query or fragment, so signed URLs never reach logs or outputs."""
-    if url[:5].lower() == "data:":
-        return "data:... URI"
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<unparseable URL>"
-    query = "?..." if parts.query else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}{query}"
 
 
 def file_url_path(url: str) -> Path:

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipeline.core.redact import redact, redact_url
 from pipeline.edges.ledger import StateStore
-from pipeline.ops.logs import redact
 
 log = logging.getLogger("pipeline.ops.report")
 
@@ -525,16 +525,6 @@ def notify_wanted(report: Mapping[str, Any], when: str = "always") -> bool:
     return when == "always" or not report["success"]
 
 
-def _safe_url(url: str) -> str:
-    """Scheme and host only: a webhook URL's path is often its secret (Slack's /services/T.../B.../...)."""
-    parts = urlsplit(url)
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        port = ""
-    return f"{parts.scheme or '?'}://{parts.hostname or '?'}{port}"
-
-
 async def post_webhook(url: str, report: Mapping[str, Any], *, timeout: float = 10.0) -> bool:
     """POST the report as JSON; True on a 2xx answer. Never raises: a broken webhook is logged as a
     warning and must not turn a good run into a failed one."""
@@ -546,9 +536,9 @@ async def post_webhook(url: str, report: Mapping[str, Any], *, timeout: float = 
             if 200 <= response.status < 300:
                 return True
             body = _short(await response.text(errors="replace"))[:200]
-            log.warning("webhook %s answered HTTP %d: %s", _safe_url(url), response.status, body)
+            log.warning("webhook %s answered HTTP %d: %s", redact_url(url, keep_path=False), response.status, body)
     except Exception as exc:  # any failure here is reported, never raised
         path = urlsplit(url).path
         detail = redact(str(exc), [url] + ([path] if len(path) > 1 else [])) or "no detail"
-        log.warning("webhook %s failed: %s: %s", _safe_url(url), type(exc).__name__, detail)
+        log.warning("webhook %s failed: %s: %s", redact_url(url, keep_path=False), type(exc).__name__, detail)
     return False
