@@ -19,12 +19,9 @@ Requests that failed on their only attempt (a 400, a broken image) were not retr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import tempfile
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pipeline.core.redact import redact, redact_url
+from pipeline.edges.files import atomic_write_text
 from pipeline.edges.ledger import StateStore
 
 log = logging.getLogger("pipeline.ops.report")
@@ -259,25 +257,6 @@ def build_report(store: StateStore, run_id: int, summary: Mapping[str, Any] | An
 
 
 # --- files ------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a reader (a
-    dashboard, node_exporter) sees the old file or the new one, never half of one. The temporary name
-    does not end in ``.prom``/``.json``, so a collector globbing the folder never picks it up."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def report_paths(output_path: Path) -> tuple[Path, Path]:

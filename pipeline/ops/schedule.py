@@ -32,6 +32,7 @@ from typing import Literal
 from croniter import croniter
 
 from pipeline.core.errors import ExitCode, ScheduleError
+from pipeline.edges.files import atomic_write_text
 
 log = logging.getLogger("pipeline.ops.schedule")
 
@@ -310,8 +311,6 @@ def default_unit_dir() -> Path:
 
 def install_systemd_units(units: Mapping[str, str], unit_dir: Path | None = None) -> list[Path]:
     """Write the unit files (atomically; an existing pair is replaced); returns their paths."""
-    from pipeline.ops.report import atomic_write_text
-
     folder = unit_dir if unit_dir is not None else default_unit_dir()
     paths = []
     for filename, text in units.items():
