@@ -3,8 +3,8 @@
 One mechanism (tenacity, asking ``error.retryable``) for the two things that retry: a row's requests to
 the endpoint (:func:`retry_policy`) and an image download (:func:`download_retry_policy`).
 
-tenacity drives the loop; this module supplies the predicate (``error.retryable``) and a wait that is
-exponential with full jitter but defers to the server's own delay when it sent one:
+For requests, the wait is exponential with full jitter but defers to the server's own delay when it sent
+one:
 
 * ``retry-after-ms`` (milliseconds), else ``Retry-After`` (seconds or an HTTP date), on any status;
 * else, on a 429 only, OpenAI's ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens`` (durations
@@ -105,8 +105,8 @@ def retry_policy(run: RunConfig, *, max_server_wait: float | None = None) -> Asy
     )
 
 
-#: A download's backoff: 0.25 s, 0.5 s, 1 s, then 2 s between attempts (an image server that is down for
-#: longer fails the row; the next run tries it again).
+#: A download's backoff: 0.25 s, 0.5 s, 1 s, then 2 s between attempts (an image server that stays down
+#: longer fails the row with ``image_remote_error``; ``pipeline retry`` sends it again).
 DOWNLOAD_BACKOFF_BASE_S, DOWNLOAD_BACKOFF_MAX_S = 0.25, 2.0
 
 
