@@ -23,9 +23,8 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.api import run_coroutine
-from pipeline.core.errors import ConfigError, ExitCode, PipelineError
+from pipeline.core.errors import ConfigError, ExitCode, LockHeld, PipelineError
 from pipeline.edges.configfile import load_config
-from pipeline.edges.ledger import LockHeld
 from pipeline.ops.jobs import export_job, job_status, run_history
 from pipeline.ops.logs import configure_logging, run_log_path
 from pipeline.run.runner import Progress, Runner, RunSummary, job_secrets

@@ -8,10 +8,10 @@ the embedded endpoint covers keep-alive reuse and the ordinary answers.
 from __future__ import annotations
 
 import asyncio
-import time
 import gzip
 import json
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any

@@ -22,11 +22,11 @@ from PIL import Image
 
 from pipeline.core.config import ImagesConfig, config_from_dict
 from pipeline.core.errors import ConfigError, ImageError
+from pipeline.core.redact import redact_url
 from pipeline.edges.images import (
     ImageLoader,
     ImagePayload,
     read_image_file,
-    redact_url,
     sniff_mime,
 )
 from pipeline.edges.preflight import prepare, target_size
@@ -97,6 +97,14 @@ def test_redact_url_hides_credentials_and_query() -> None:
     assert redact_url("https://user:pw@host.example:8443/a/b.jpg?X-Amz-Signature=abc#f") == \
         "https://host.example:8443/a/b.jpg?..."
     assert redact_url("data:image/png;base64,AAAA") == "data:... URI"
+
+
+def test_redact_url_origin_only_hides_a_secret_path() -> None:
+    """Webhook URLs carry their secret in the path: the report's warnings show scheme, host and port only."""
+    assert redact_url("https://hooks.example/services/T0/B0/secret-token", keep_path=False) == "https://hooks.example"
+    assert redact_url("http://user:pw@127.0.0.1:8080/hook?k=v", keep_path=False) == "http://127.0.0.1:8080"
+    assert redact_url("not a url", keep_path=False) == "?://?"
+    assert redact_url("http://host.example:99999/x") == "<unparseable URL>"
 
 
 # --- local files: pass-through, re-encoding, limits ------------------------------------------------

@@ -7,11 +7,10 @@ import sqlite3
 
 import pytest
 
+from pipeline.core.errors import LedgerError, LockHeld
 from pipeline.edges.ledger import (
     SCHEMA_VERSION,
     JobLock,
-    LedgerError,
-    LockHeld,
     StateStore,
     Write,
 )

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.redact import redact
 from pipeline.ops.logs import (
     JsonFormatter,
     RedactingFilter,
     configure_logging,
-    redact,
     run_log_path,
 )
 

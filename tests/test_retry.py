@@ -5,14 +5,17 @@ import email.utils
 import pytest
 from tenacity import RetryCallState
 
-from pipeline.core.config import RunConfig
+from pipeline.core.config import ImagesConfig, RunConfig
 from pipeline.core.errors import (
     AuthError,
     ConnectError,
+    ImageError,
     MalformedChunk,
     PermanentEndpointError,
     RateLimited,
     ServerError,
+    ServerWaitTooLong,
+    TransientDownloadError,
     TruncatedStream,
     error_for_status,
 )
@@ -23,8 +26,8 @@ from pipeline.core.ratelimit import (
     parse_retry_after,
     server_wait,
 )
-from pipeline.run.retry import (
-    ServerWaitTooLong,
+from pipeline.core.retry import (
+    download_retry_policy,
     is_retryable,
     retry_policy,
     stop_if_server_wait_exceeds,
@@ -185,3 +188,20 @@ async def test_policy_stops_instead_of_sleeping_too_long(failures, max_wait, att
         assert result.__cause__ is failures[0]
     else:
         assert result is failures[-1]
+
+
+async def test_download_policy_retries_transient_failures_only():
+    """Downloads share the request mechanism: retryable errors get ``download_attempts`` tries with a capped
+    backoff (0.25 s doubling to 2 s), and the last error comes out as it was raised."""
+    policy = download_retry_policy(ImagesConfig(download_attempts=2))
+    state = _state_with(TransientDownloadError("HTTP 503"))
+    waits = []
+    for attempt_number in range(1, 6):
+        state.attempt_number = attempt_number
+        waits.append(policy.wait(state))
+    assert waits == [0.25, 0.5, 1.0, 2.0, 2.0]
+    failures = [TransientDownloadError("HTTP 503"), TransientDownloadError("timed out after 1 s")]
+    assert await _run(policy, failures) == (2, failures[-1])
+    refused = ImageError("x.jpg: download answered HTTP 404", error_type="image_remote_error")
+    assert await _run(download_retry_policy(ImagesConfig(download_attempts=3)), [refused]) == (1, refused)
+    assert await _run(policy, [TransientDownloadError("HTTP 429")]) == (2, "ok")

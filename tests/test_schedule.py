@@ -21,10 +21,10 @@ import pytest
 import yaml
 from croniter import croniter
 
+from pipeline.core.errors import ScheduleError
 from pipeline.edges.configfile import load_config
 from pipeline.edges.ledger import JobLock
 from pipeline.ops.schedule import (
-    ScheduleError,
     Scheduler,
     SchedulerEvent,
     cron_to_calendar,

@@ -1,28 +1,41 @@
 """One exception tree for the whole pipeline.
 
-Every failure a row can meet is one of these, so the runner decides "retry or record" by asking
-``error.retryable`` and the output records ``error.error_type`` (a stable snake_case name) and the
-message. Nothing here imports I/O libraries: aiohttp/asyncio errors are translated in ``client.py``.
+Every exception the package raises on purpose is one of these (the embedded test endpoint,
+``pipeline.server``, keeps its own). The runner decides "retry or record" by asking ``error.retryable``,
+and the output records ``error.error_type`` (a stable snake_case name) and the message. Nothing here
+imports I/O libraries: aiohttp/asyncio errors are translated in ``edges/client.py`` and ``edges/images.py``.
 
 ::
 
     PipelineError
     ├── ConfigError                  bad config file / key / value            (never retried)
+    │   └── ScheduleError            a cron expression the scheduler cannot take
     ├── ManifestError                missing column, duplicate id, empty      (never retried)
     ├── ImageError                   per-row: missing / empty / unsupported   (never retried)
+    │   └── TransientDownloadError   one download attempt failed (connect, timeout, 408/429/5xx):
+    │                                retried by the download, then reported as an ImageError
     ├── BudgetExceeded               max_requests / max_total_tokens / max_cost reached: stop cleanly
+    ├── LockHeld                     another run of the same job holds the ledger lock
+    ├── LedgerError                  the ledger file is corrupt or from a newer pipeline
     ├── EndpointError                HTTP-level answer or transport failure
     │   ├── TransientEndpointError   connect, timeouts, 408/409/429/5xx       (retryable)
     │   │   ├── ConnectError
+    │   │   │   └── ProtocolError    the server's bytes are not valid HTTP/1.1
     │   │   ├── EndpointTimeout      connect / first_byte / idle / total
     │   │   ├── RateLimited          429
     │   │   └── ServerError          5xx, 408, 409
-    │   └── PermanentEndpointError   400/401/403/404/413/422 ...              (not retried)
+    │   ├── PermanentEndpointError   400/401/403/404/413/422 ...              (not retried)
+    │   │   ├── AuthError            401/403: the key, not the row
+    │   │   └── NotFound             404: usually the model name or base_url
+    │   └── ServerWaitTooLong        the server asked to wait past max_retry_wait (not retried)
     └── StreamError                  problems inside a 200 SSE stream
         ├── TruncatedStream          closed before [DONE] with unfinished choices (retryable)
         ├── MalformedChunk           a data line that is not valid JSON        (retryable)
         ├── EmptyResponse            [DONE] without any choice                 (retryable)
         └── StreamErrorEvent         an error object / ``event: error``        (retryable unless 4xx-like)
+
+``ExitCode`` (the process exit codes) lives here too, so the CLI, the run summary and the scheduler share
+one definition.
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ class ExitCode(IntEnum):
     LOCKED = 3  # another run of the same job holds its lock
     INTERRUPTED = 4  # Ctrl-C / SIGTERM: run the same command again to resume
     BUDGET = 5  # a budget guard stopped the run: raise it and run again
+
 
 #: HTTP statuses that are worth another attempt.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
@@ -75,6 +89,12 @@ class ManifestError(PipelineError):
     error_type = "manifest_error"
 
 
+class ScheduleError(ConfigError):
+    """A cron expression that is invalid, or that cannot be expressed for the chosen scheduler."""
+
+    error_type = "schedule_error"
+
+
 class ImageError(PipelineError):
     """One row's image cannot be sent; only that row fails."""
 
@@ -85,6 +105,16 @@ class ImageError(PipelineError):
         super().__init__(message)
         if error_type:
             self.error_type = error_type  # type: ignore[misc]
+
+
+class TransientDownloadError(ImageError):
+    """One download attempt failed in a way another attempt may not (connection, timeout, 408/429/5xx).
+
+    The download retries it; after the last attempt the row fails with a plain ``ImageError`` naming it.
+    """
+
+    error_type = "image_remote_error"
+    retryable = True
 
 
 class BudgetExceeded(PipelineError):
@@ -98,6 +128,18 @@ class BudgetExceeded(PipelineError):
     def __init__(self, message: str, *, limit: str) -> None:
         super().__init__(message)
         self.limit = limit
+
+
+class LockHeld(PipelineError):
+    """Another run of the same job holds the ledger lock."""
+
+    error_type = "lock_held"
+
+
+class LedgerError(PipelineError):
+    """The ledger file is unusable (corrupt, or written by a newer pipeline)."""
+
+    error_type = "ledger_error"
 
 
 class EndpointError(PipelineError):
@@ -138,6 +180,12 @@ class EndpointTimeout(TransientEndpointError):
         self.phase = phase
 
 
+class ProtocolError(ConnectError):
+    """The server's bytes are not valid HTTP/1.1 (the connection is dropped; the request may be tried again)."""
+
+    error_type = "protocol_error"
+
+
 class RateLimited(TransientEndpointError):
     error_type = "rate_limited"
 
@@ -163,6 +211,25 @@ class NotFound(PermanentEndpointError):
 
     error_type = "not_found"
     row_specific = False
+
+
+class ServerWaitTooLong(EndpointError):
+    """The endpoint asked to wait longer than ``max_server_wait``: the row fails now, not in an hour.
+
+    Keeps the original error's ``error_type`` (e.g. ``rate_limited``) and message, and says why it was
+    not retried; the original is the ``__cause__``. Not retryable by construction.
+    """
+
+    retryable = False
+
+    def __init__(self, original: PipelineError, wait: float, limit: float) -> None:
+        super().__init__(
+            f"{original.message} (the endpoint asked to wait {wait:g}s, more than "
+            f"max_retry_wait={limit:g}s; not retried)",
+            status=getattr(original, "status", None), retry_after=wait, code=getattr(original, "code", None),
+        )
+        self.error_type = original.error_type  # type: ignore[misc]
+        self.original = original
 
 
 class StreamError(PipelineError):

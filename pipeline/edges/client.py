@@ -32,6 +32,7 @@ from pipeline.core.errors import (
     EndpointTimeout,
     MalformedChunk,
     PipelineError,
+    ProtocolError,
     TruncatedStream,
     error_for_status,
 )
@@ -45,7 +46,6 @@ from pipeline.core.version import __version__
 from pipeline.edges.http import (
     ConnectionPool,
     HTTPConnection,
-    ProtocolError,
     ResponseHead,
     request_head,
 )

@@ -18,15 +18,13 @@ from typing import Protocol
 import httptools
 from yarl import URL
 
-__all__ = ["ConnectionPool", "Exchange", "HTTPConnection", "ProtocolError", "ResponseHead", "request_head"]
+from pipeline.core.errors import ProtocolError
+
+__all__ = ["ConnectionPool", "Exchange", "HTTPConnection", "ResponseHead", "request_head"]
 
 #: How long a connection whose answer is in hand may take to finish its response (say the zero-length
 #: chunk after ``[DONE]``) and go back to the pool; after that it is closed.
 DRAIN_GRACE_S = 1.0
-
-
-class ProtocolError(Exception):
-    """The server's bytes are not valid HTTP/1.1."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,9 @@ from typing import Any
 import aiohttp
 
 from pipeline.core.config import ImagesConfig
-from pipeline.core.errors import RETRYABLE_STATUSES, ImageError
+from pipeline.core.errors import RETRYABLE_STATUSES, ImageError, TransientDownloadError
+from pipeline.core.redact import redact_url
+from pipeline.core.retry import download_retry_policy
 from pipeline.edges.preflight import (
     MIME_BY_FORMAT,
     Prepared,
@@ -48,7 +50,6 @@ _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+)://")
 #: Types whose original bytes may be sent, so worth a header look on the event loop.
 _PASSABLE_MIMES = frozenset(MIME_BY_FORMAT.values())
 _DOWNLOAD_CHUNK = 1 << 16
-_BACKOFF_BASE_S, _BACKOFF_MAX_S = 0.25, 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,19 +183,14 @@ class ImageLoader:
     # -- remote images ----------------------------------------------------------------------------
 
     async def _download(self, url: str, label: str) -> bytes:
-        """GET with a size cap, a per-attempt timeout and retries on transient failures."""
-        attempts = self._policy.download_attempts
-        problem = ""
-        for attempt in range(1, attempts + 1):
-            try:
-                return await self._fetch(url, label)
-            except _TransientDownload as exc:
-                problem = str(exc)
-            if attempt < attempts:
-                await asyncio.sleep(min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** (attempt - 1)))
-        raise ImageError(f"{label}: download failed after {attempts} attempt(s), last: {problem}; check the "
-                         "URL and the server, or raise images.download_attempts / download_timeout",
-                         error_type="image_remote_error")
+        """GET with a size cap, a per-attempt timeout and retries on transient failures (the same tenacity
+        mechanism as requests; ``images.download_attempts`` tries)."""
+        try:
+            return await download_retry_policy(self._policy)(self._fetch, url, label)
+        except TransientDownloadError as exc:
+            raise ImageError(f"{label}: download failed after {self._policy.download_attempts} attempt(s), "
+                             f"last: {exc}; check the URL and the server, or raise images.download_attempts / "
+                             "download_timeout", error_type="image_remote_error") from None
 
     async def _fetch(self, url: str, label: str) -> bytes:
         cap = self._policy.max_source_bytes
@@ -202,7 +198,7 @@ class ImageLoader:
         try:
             async with self._downloads().get(url, timeout=timeout) as response:
                 if response.status in RETRYABLE_STATUSES or response.status >= 500:
-                    raise _TransientDownload(f"HTTP {response.status} {response.reason or ''}".strip())
+                    raise TransientDownloadError(f"HTTP {response.status} {response.reason or ''}".strip())
                 if response.status >= 400:
                     raise ImageError(f"{label}: download answered HTTP {response.status} "
                                      f"{response.reason or ''}; fix the URL or its access rights",
@@ -218,7 +214,7 @@ class ImageLoader:
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
             reason = f"timed out after {self._policy.download_timeout:g} s" if isinstance(exc, TimeoutError) \
                 else f"{type(exc).__name__}: {exc}"
-            raise _TransientDownload(reason) from None
+            raise TransientDownloadError(reason) from None
         except aiohttp.ClientError as exc:  # invalid URL, too many redirects ...: another try won't help
             raise ImageError(f"{label}: download failed ({type(exc).__name__}: {exc}); fix the URL",
                              error_type="image_remote_error") from None
@@ -241,10 +237,6 @@ def _base64_text(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-class _TransientDownload(Exception):
-    """A download failure worth another attempt (connection, timeout, 408/429/5xx)."""
-
-
 def _too_big(label: str, what: str, cap: int) -> ImageError:
     return ImageError(f"{label}: download {what}, over images.max_source_bytes={cap}; raise the cap or "
                       "use a smaller image", error_type="image_too_large")
@@ -263,20 +255,6 @@ def _scheme(source: str) -> str | None:
         return "data"
     match = _URL_SCHEME.match(source)
     return match.group(1).lower() if match else None
-
-
-def redact_url(url: str) -> str:
-    """The URL without credentials, query or fragment, so signed URLs never reach logs or outputs."""
-    if url[:5].lower() == "data:":
-        return "data:... URI"
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<unparseable URL>"
-    query = "?..." if parts.query else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}{query}"
 
 
 def file_url_path(url: str) -> Path:

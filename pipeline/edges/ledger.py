@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import LedgerError, LockHeld
 
 SCHEMA_VERSION = 1
 
@@ -66,18 +66,6 @@ MIGRATIONS: dict[int, str] = {
 
 #: SQLite's default limit on bound parameters is 999 in old builds; stay below it.
 _IN_CHUNK = 900
-
-
-class LockHeld(PipelineError):
-    """Another run of the same job holds the ledger lock."""
-
-    error_type = "lock_held"
-
-
-class LedgerError(PipelineError):
-    """The ledger file is unusable (corrupt, or written by a newer pipeline)."""
-
-    error_type = "ledger_error"
 
 
 @dataclass(frozen=True, slots=True)

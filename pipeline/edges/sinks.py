@@ -1,13 +1,13 @@
 """Output writers: Parquet, CSV and JSONL under one schema, streamed batch by batch and made atomic.
 
 The output is always derived from the ledger. It is written under a temporary name beside the target,
-fsynced, then renamed into place: a reader sees the old file or the new one, never half of one.
+fsynced, then renamed into place (``edges/files.py``): a reader sees the old file or the new one, never
+half of one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -15,6 +15,8 @@ from typing import IO, Any, Protocol
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+
+from pipeline.edges.files import atomic_path
 
 _JSONL_BATCH = 10_000
 
@@ -82,20 +84,13 @@ SINKS: dict[str, type[ParquetSink] | type[CsvSink] | type[JsonlSink]] = {
 
 def write_atomic(tables: Iterable[pa.Table], path: Path, fmt: str, schema: pa.Schema) -> int:
     """Stream ``tables`` into ``path`` via a temporary file, fsync and rename; returns rows written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     rows = 0
-    try:
-        sink = SINKS[fmt](tmp, schema)
+    with atomic_path(path) as temporary:
+        sink = SINKS[fmt](temporary, schema)
         try:
             for table in tables:
                 sink.write(table)
                 rows += table.num_rows
         finally:
             sink.close()
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return rows

@@ -6,71 +6,30 @@ an exception message with a header in it, a debug dump of a body holding a multi
 Masking at the handler means no code path has to remember to do it, and the log file and stderr see the
 same redacted text. The masking is idempotent, so a record passing two handlers is not mangled twice.
 
-Nothing here reads the environment: the caller passes the level, the format, the file and the secret
-values (the configured API key, a webhook URL) to mask.
+The masking itself is ``pipeline.core.redact`` (shared with reports and image errors); this module applies
+it to every record. Nothing here reads the environment: the caller passes the level, the format, the file
+and the secret values (the configured API key, a webhook URL) to mask.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TextIO
+
+from pipeline.core.redact import redact, redact_value
 
 LogFormat = Literal["text", "json"]
 
 TEXT_FORMAT = "%(levelname)s %(name)s: %(message)s"
 FILE_TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-MASK = "***"
-
-#: ``data:image/png;base64,iVBOR...`` (a data URI's payload is useless in a log and can be huge).
-_DATA_URI = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64,([A-Za-z0-9+/]+={0,2})")
-#: OpenAI-style keys (``sk-...``, ``sk-proj-...``), anywhere a word starts.
-_SK_KEY = re.compile(r"\bsk-[A-Za-z0-9_-]{8,}")
-#: ``Authorization: Bearer <token>``, in headers, reprs and curl lines alike.
-_BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+")
-#: Azure's ``api-key`` header, and ``api_key=...`` / ``"api_key": "..."`` in reprs, query strings, JSON.
-_API_KEY_FIELD = re.compile(r"""(?i)\b(api[-_]?key["']?\s*[:=]\s*["']?)([^\s"',;&}\])]+)""")
 
 #: Attributes every LogRecord has; anything else on a record came from ``extra=`` and is logged as a field.
 _STANDARD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-
-
-def _payload_size(payload: str) -> int:
-    """Decoded size of a Base64 payload, without decoding it."""
-    return len(payload) * 3 // 4 - payload.count("=", len(payload) - 2)
-
-
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with API keys, bearer tokens, the given secret values and image payloads masked.
-
-    A data URI keeps its media type and says how big its payload was (``data:image/png;base64,<812 bytes>``),
-    which is what a reader debugging a request actually needs. Every non-empty secret is replaced verbatim,
-    longest first (so a secret that contains another is masked whole).
-    """
-    if not text:
-        return text
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, MASK)
-    text = _DATA_URI.sub(lambda m: f"data:{m.group(1)};base64,<{_payload_size(m.group(2))} bytes>", text)
-    text = _SK_KEY.sub("sk-" + MASK, text)
-    text = _BEARER.sub(lambda m: m.group(1) + MASK, text)
-    return _API_KEY_FIELD.sub(lambda m: m.group(1) + MASK, text)
-
-
-def redact_value(value: Any, secrets: Sequence[str] = ()) -> Any:
-    """``redact`` applied to every string inside nested dicts, lists and tuples (for structured fields)."""
-    if isinstance(value, str):
-        return redact(value, secrets)
-    if isinstance(value, Mapping):
-        return {key: redact_value(item, secrets) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact_value(item, secrets) for item in value]
-    return value
 
 
 class RedactingFilter(logging.Filter):

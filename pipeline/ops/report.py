@@ -19,12 +19,9 @@ Requests that failed on their only attempt (a 400, a broken image) were not retr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import tempfile
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,8 +31,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipeline.core.redact import redact, redact_url
+from pipeline.edges.files import atomic_write_text
 from pipeline.edges.ledger import StateStore
-from pipeline.ops.logs import redact
 
 log = logging.getLogger("pipeline.ops.report")
 
@@ -242,25 +240,6 @@ def build_report(store: StateStore, run_id: int, summary: Mapping[str, Any] | An
 
 
 # --- files ------------------------------------------------------------------------------------------
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``: a reader (a
-    dashboard, node_exporter) sees the old file or the new one, never half of one. The temporary name
-    does not end in ``.prom``/``.json``, so a collector globbing the folder never picks it up."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def report_paths(output_path: Path) -> tuple[Path, Path]:
@@ -508,16 +487,6 @@ def notify_wanted(report: Mapping[str, Any], when: str = "always") -> bool:
     return when == "always" or not report["success"]
 
 
-def _safe_url(url: str) -> str:
-    """Scheme and host only: a webhook URL's path is often its secret (Slack's /services/T.../B.../...)."""
-    parts = urlsplit(url)
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        port = ""
-    return f"{parts.scheme or '?'}://{parts.hostname or '?'}{port}"
-
-
 async def post_webhook(url: str, report: Mapping[str, Any], *, timeout: float = 10.0) -> bool:
     """POST the report as JSON; True on a 2xx answer. Never raises: a broken webhook is logged as a
     warning and must not turn a good run into a failed one."""
@@ -529,9 +498,9 @@ async def post_webhook(url: str, report: Mapping[str, Any], *, timeout: float = 
             if 200 <= response.status < 300:
                 return True
             body = _short(await response.text(errors="replace"))[:200]
-            log.warning("webhook %s answered HTTP %d: %s", _safe_url(url), response.status, body)
+            log.warning("webhook %s answered HTTP %d: %s", redact_url(url, keep_path=False), response.status, body)
     except Exception as exc:  # any failure here is reported, never raised
         path = urlsplit(url).path
         detail = redact(str(exc), [url] + ([path] if len(path) > 1 else [])) or "no detail"
-        log.warning("webhook %s failed: %s: %s", _safe_url(url), type(exc).__name__, detail)
+        log.warning("webhook %s failed: %s: %s", redact_url(url, keep_path=False), type(exc).__name__, detail)
     return False

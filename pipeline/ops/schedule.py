@@ -31,7 +31,8 @@ from typing import Literal
 
 from croniter import croniter
 
-from pipeline.core.errors import ConfigError, ExitCode
+from pipeline.core.errors import ExitCode, ScheduleError
+from pipeline.edges.files import atomic_write_text
 
 log = logging.getLogger("pipeline.ops.schedule")
 
@@ -46,12 +47,6 @@ _MONTHS = {name: i for i, name in enumerate(
     ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), start=1)}
 _DAYS = {name: i for i, name in enumerate(("sun", "mon", "tue", "wed", "thu", "fri", "sat"))}
 _SYSTEMD_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")  # systemd's order, Monday first
-
-
-class ScheduleError(ConfigError):
-    """A cron expression that is invalid, or that cannot be expressed for the chosen scheduler."""
-
-    error_type = "schedule_error"
 
 
 # --- cron expressions -------------------------------------------------------------------------------
@@ -316,8 +311,6 @@ def default_unit_dir() -> Path:
 
 def install_systemd_units(units: Mapping[str, str], unit_dir: Path | None = None) -> list[Path]:
     """Write the unit files (atomically; an existing pair is replaced); returns their paths."""
-    from pipeline.ops.report import atomic_write_text
-
     folder = unit_dir if unit_dir is not None else default_unit_dir()
     paths = []
     for filename, text in units.items():

@@ -41,6 +41,7 @@ from pipeline.core.request import (
     request_key,
 )
 from pipeline.core.results import RESULT_COLUMNS, ResultRow, rows_from_completion
+from pipeline.core.retry import retry_policy
 from pipeline.edges.client import ChatClient, StreamOutcome
 from pipeline.edges.images import ImageLoader, ImagePayload
 from pipeline.edges.ledger import JobLock, StateStore, Write
@@ -57,7 +58,6 @@ from pipeline.ops.report import (
     write_reports,
 )
 from pipeline.run.gate import RequestGate
-from pipeline.run.retry import retry_policy
 
 log = logging.getLogger("pipeline")
 

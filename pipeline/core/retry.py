@@ -1,7 +1,10 @@
-"""Retry policy: which failures get another attempt, and how long to wait before it.
+"""Retry policies: which failures get another attempt, and how long to wait before it.
 
-tenacity drives the loop; this module supplies the predicate (``error.retryable``) and a wait that is
-exponential with full jitter but defers to the server's own delay when it sent one:
+One mechanism (tenacity, asking ``error.retryable``) for the two things that retry: a row's requests to
+the endpoint (:func:`retry_policy`) and an image download (:func:`download_retry_policy`).
+
+For requests, the wait is exponential with full jitter but defers to the server's own delay when it sent
+one:
 
 * ``retry-after-ms`` (milliseconds), else ``Retry-After`` (seconds or an HTTP date), on any status;
 * else, on a 429 only, OpenAI's ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens`` (durations
@@ -24,29 +27,10 @@ from tenacity import (
     stop_after_attempt,
 )
 from tenacity.stop import stop_base
-from tenacity.wait import wait_base, wait_random_exponential
+from tenacity.wait import wait_base, wait_exponential, wait_random_exponential
 
-from pipeline.core.config import RunConfig
-from pipeline.core.errors import EndpointError, PipelineError
-
-
-class ServerWaitTooLong(EndpointError):
-    """The endpoint asked to wait longer than ``max_server_wait``: the row fails now, not in an hour.
-
-    Keeps the original error's ``error_type`` (e.g. ``rate_limited``) and message, and says why it was
-    not retried; the original is the ``__cause__``. Not retryable by construction.
-    """
-
-    retryable = False
-
-    def __init__(self, original: PipelineError, wait: float, limit: float) -> None:
-        super().__init__(
-            f"{original.message} (the endpoint asked to wait {wait:g}s, more than "
-            f"max_retry_wait={limit:g}s; not retried)",
-            status=getattr(original, "status", None), retry_after=wait, code=getattr(original, "code", None),
-        )
-        self.error_type = original.error_type  # type: ignore[misc]
-        self.original = original
+from pipeline.core.config import ImagesConfig, RunConfig
+from pipeline.core.errors import PipelineError, ServerWaitTooLong
 
 
 def _hinted_wait(retry_state: RetryCallState) -> float | None:
@@ -118,4 +102,20 @@ def retry_policy(run: RunConfig, *, max_server_wait: float | None = None) -> Asy
         wait=wait_retry_after(run.backoff_base, run.backoff_max, max_server_wait),
         retry=retry_if_exception(is_retryable),
         retry_error_callback=_give_up(run.max_attempts, max_server_wait),
+    )
+
+
+#: A download's backoff: 0.25 s, 0.5 s, 1 s, then 2 s between attempts (an image server that stays down
+#: longer fails the row with ``image_remote_error``; ``pipeline retry`` sends it again).
+DOWNLOAD_BACKOFF_BASE_S, DOWNLOAD_BACKOFF_MAX_S = 0.25, 2.0
+
+
+def download_retry_policy(images: ImagesConfig) -> AsyncRetrying:
+    """A fresh tenacity controller for one image download: ``images.download_attempts`` tries of a
+    retryable error (``TransientDownloadError``), then the last one is re-raised for the caller to report."""
+    return AsyncRetrying(
+        stop=stop_after_attempt(images.download_attempts),
+        wait=wait_exponential(multiplier=DOWNLOAD_BACKOFF_BASE_S, max=DOWNLOAD_BACKOFF_MAX_S),
+        retry=retry_if_exception(is_retryable),
+        reraise=True,
     )
