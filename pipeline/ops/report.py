@@ -179,23 +179,10 @@ def build_report(store: StateStore, run_id: int, summary: Mapping[str, Any] | An
     data = dict(summary.to_dict() if hasattr(summary, "to_dict") else summary)
     run = _run_row(store, run_id)
     numbers = _run_requests(store, run_id, _price_lookup(prices, default_model) if prices else None, default_model)
-    latency, ttft = numbers.latency, numbers.ttft
     prompt_tokens, completion_tokens = numbers.prompt_tokens, numbers.completion_tokens
-    cost: dict[str, Any] = {"total": None, "by_model": {}, "unpriced_requests": 0}
-    if prices:
-        cost.update(by_model=dict(sorted(numbers.by_model.items())), total=sum(numbers.by_model.values()),
-                    unpriced_requests=numbers.unpriced)
-    retries, extra_attempts = numbers.retries, numbers.extra_attempts
-    read_bytes, sent_bytes = numbers.image_bytes, numbers.sent_bytes
-
-    started, finished = _parse_time(run["started_at"]), _parse_time(run["finished_at"])
-    elapsed = float(data.get("elapsed_s") or 0.0)
-    if not elapsed and started is not None:
-        elapsed = ((finished or datetime.now(UTC)) - started).total_seconds()
-    rows_ok, interrupted = int(data.get("rows_ok", 0)), bool(data.get("interrupted", False))
-    output_failed = int(data.get("output_failed", 0))
+    elapsed = _elapsed(data, run)
+    interrupted, output_failed = bool(data.get("interrupted", False)), int(data.get("output_failed", 0))
     success = (exit_code == 0) if exit_code is not None else (not interrupted and not output_failed)
-
     return {
         "report_version": REPORT_VERSION,
         "run_id": run_id,
@@ -211,32 +198,51 @@ def build_report(store: StateStore, run_id: int, summary: Mapping[str, Any] | An
         "interrupted": interrupted,
         "stop_reason": data.get("stop_reason"),  # "signal" or "budget" when the run stopped early
         "budget_message": data.get("budget_message"),
-        "rows": {
-            "total": data.get("rows_total", 0), "new": data.get("rows_new", 0),
-            "changed": data.get("rows_changed", 0), "resumed": data.get("rows_resumed", 0),
-            "retried": data.get("rows_retried", 0), "skipped": data.get("rows_skipped", 0),
-            "ok": rows_ok, "failed": data.get("rows_failed", 0),
-            "deduplicated": data.get("rows_deduplicated", 0), "not_run": data.get("rows_not_run", 0),
-        },
+        "rows": {name: data.get(f"rows_{name}", 0) for name in _ROW_COUNTS},
         "output_rows": {"total": data.get("output_rows", 0), "ok": data.get("output_ok", 0),
                         "failed": output_failed},
         "requests": {"sent": data.get("attempts", 0), "ok": numbers.ok, "failed": numbers.failed,
-                     "extra_attempts": extra_attempts},
+                     "extra_attempts": numbers.extra_attempts},
         "tokens": {"prompt": prompt_tokens, "completion": completion_tokens,
                    "total": prompt_tokens + completion_tokens},
-        "cost": cost,
-        "throughput": {
-            "rows_per_s": (rows_ok / elapsed) if elapsed > 0 else None,
-            "requests_per_s": (numbers.ok + numbers.failed) / elapsed if elapsed > 0 else None,
-            "completion_tokens_per_s": completion_tokens / elapsed if elapsed > 0 else None,
-        },
-        "latency_ms": _distribution(latency),
-        "ttft_ms": _distribution(ttft),
-        "retries": dict(retries),
+        "cost": _cost(numbers, bool(prices)),
+        "throughput": _throughput(numbers, int(data.get("rows_ok", 0)), elapsed),
+        "latency_ms": _distribution(numbers.latency),
+        "ttft_ms": _distribution(numbers.ttft),
+        "retries": dict(numbers.retries),
         "failures": run_failures(store, run_id, secrets=secrets),
-        "preflight": {"images": numbers.images, "image_bytes": read_bytes, "sent_bytes": sent_bytes,
-                      "bytes_saved": read_bytes - sent_bytes},
+        "preflight": {"images": numbers.images, "image_bytes": numbers.image_bytes, "sent_bytes": numbers.sent_bytes,
+                      "bytes_saved": numbers.image_bytes - numbers.sent_bytes},
     }
+
+
+#: The summary's ``rows_*`` counters, in the order the report lists them.
+_ROW_COUNTS = ("total", "new", "changed", "resumed", "retried", "skipped", "ok", "failed", "deduplicated", "not_run")
+
+
+def _elapsed(data: Mapping[str, Any], run: Mapping[str, Any]) -> float:
+    """The summary's own duration, else the ledger's start/finish times (a run that died has no summary)."""
+    elapsed = float(data.get("elapsed_s") or 0.0)
+    started, finished = _parse_time(run["started_at"]), _parse_time(run["finished_at"])
+    if not elapsed and started is not None:
+        elapsed = ((finished or datetime.now(UTC)) - started).total_seconds()
+    return elapsed
+
+
+def _cost(numbers: _RunNumbers, priced: bool) -> dict[str, Any]:
+    """Cost by model and in total; all ``None``/empty without ``limits.prices`` (no guessing at prices)."""
+    if not priced:
+        return {"total": None, "by_model": {}, "unpriced_requests": 0}
+    return {"total": sum(numbers.by_model.values()), "by_model": dict(sorted(numbers.by_model.items())),
+            "unpriced_requests": numbers.unpriced}
+
+
+def _throughput(numbers: _RunNumbers, rows_ok: int, elapsed: float) -> dict[str, float | None]:
+    def per_second(count: float) -> float | None:
+        return count / elapsed if elapsed > 0 else None
+
+    return {"rows_per_s": per_second(rows_ok), "requests_per_s": per_second(numbers.ok + numbers.failed),
+            "completion_tokens_per_s": per_second(numbers.completion_tokens)}
 
 
 # --- files ------------------------------------------------------------------------------------------
