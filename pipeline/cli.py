@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS,
                         help="log level for messages on stderr (default: WARNING)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    logging_options = _logging_options()
+    _add_job_commands(commands, logging_options)
+    _add_schedule_commands(commands, logging_options)
+    _add_serve_command(commands)
+    return parser
+
+
+def _logging_options() -> argparse.ArgumentParser:
+    """Options shared by the commands that run jobs."""
     logging_options = argparse.ArgumentParser(add_help=False)
     group = logging_options.add_argument_group("logging")
     group.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
@@ -60,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--log-file", type=Path, metavar="PATH",
                        help="log file for this run (default: <output folder>/logs/<stem>.<start time>.log)")
     group.add_argument("--no-log-file", action="store_true", help="do not write a log file for the run")
+    return logging_options
 
+
+def _add_job_commands(commands: Any, logging_options: argparse.ArgumentParser) -> None:
+    """run, retry, status, runs, estimate, export, validate."""
     run = commands.add_parser("run", help="run a job: caption every row not yet done", parents=[logging_options],
                               description="Run a job described by a config file. Rows already done (same "
                               "image, prompt and parameters) are skipped; a stopped run resumes where it "
@@ -102,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prints 'ok' or one precise error.")
     validate.add_argument("config", type=Path, help="YAML or TOML job config")
 
+
+
+def _add_schedule_commands(commands: Any, logging_options: argparse.ArgumentParser) -> None:
     schedule = commands.add_parser(
         "schedule", help="print (or install) a crontab line and systemd units that run a job",
         description="Print a crontab line and a systemd service + timer pair that run the job on a cron "
@@ -123,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler.add_argument("jobs", nargs="+", metavar="CONFIG[=CRON]", help="job configs, each with its schedule")
     scheduler.add_argument("--cron", metavar="EXPR", help="schedule for jobs given without one")
 
+
+
+def _add_serve_command(commands: Any) -> None:
     serve = commands.add_parser("serve", help="run the embedded local endpoint on 127.0.0.1",
                                 description="Serve the embedded OpenAI-compatible vision endpoint (a "
                                 "deterministic Pillow-based describer, not a model) for other tools to use.")
@@ -134,7 +153,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--first-byte-delay", type=float, default=0.0, help="seconds before the first byte")
     serve.add_argument("--api-key-env", metavar="VAR",
                        help="require 'Authorization: Bearer <key>' with the key read from this variable")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
