@@ -116,7 +116,6 @@ def _add_job_commands(commands: Any, logging_options: argparse.ArgumentParser) -
     validate.add_argument("config", type=Path, help="YAML or TOML job config")
 
 
-
 def _add_schedule_commands(commands: Any, logging_options: argparse.ArgumentParser) -> None:
     schedule = commands.add_parser(
         "schedule", help="print (or install) a crontab line and systemd units that run a job",
@@ -138,7 +137,6 @@ def _add_schedule_commands(commands: Any, logging_options: argparse.ArgumentPars
         "while the job's previous run still holds its lock. Stop with Ctrl-C / SIGTERM.")
     scheduler.add_argument("jobs", nargs="+", metavar="CONFIG[=CRON]", help="job configs, each with its schedule")
     scheduler.add_argument("--cron", metavar="EXPR", help="schedule for jobs given without one")
-
 
 
 def _add_serve_command(commands: Any) -> None:
