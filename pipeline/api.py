@@ -8,14 +8,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable, Coroutine, Mapping
-from typing import Any, Literal, TypeVar
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pipeline.core.config import Config, config_from_dict
 from pipeline.core.errors import ConfigError
 from pipeline.edges.configfile import load_config
-from pipeline.run.runner import Command, ProgressCallback, Runner, RunSummary
+from pipeline.run.summary import Command, ProgressCallback, RunSummary
+
+if TYPE_CHECKING:
+    from pipeline.ops.jobrun import JobRun
 
 
 def _as_config(config: Config | Mapping[str, Any] | str | os.PathLike[str]) -> Config:
@@ -30,9 +34,53 @@ async def run_job_async(config: Config | Mapping[str, Any] | str | os.PathLike[s
                         fresh: bool = False, error_type: str | None = None,
                         on_progress: ProgressCallback | None = None) -> RunSummary:
     """Run (or resume, or ``command="retry"``) a job inside the caller's event loop."""
-    runner = Runner(_as_config(config), on_progress=on_progress, command=command, fresh=fresh,
-                    error_type=error_type)
-    return await runner.run()
+    # imported here: aiohttp and pyarrow load when a job runs, not on import
+    from pipeline.ops.jobrun import JobRun
+
+    job = JobRun(_as_config(config), on_progress=on_progress, command=command, fresh=fresh,
+                 error_type=error_type)
+    return await run_with_endpoint(job)
+
+
+async def run_with_endpoint(job: JobRun) -> RunSummary:
+    """Run ``job``, against the embedded endpoint started for it when ``endpoint.base_url`` is ``local``."""
+    async with local_endpoint(job.config) as base_url:
+        return await job.run(base_url)
+
+
+def local_fault_rules(config: Config) -> list[Any]:
+    """The embedded endpoint's fault rules, parsed (a bad spec is a config error, caught up front)."""
+    if not config.endpoint.is_local or not config.endpoint.local.faults:
+        return []
+    from pipeline.server import parse_fault_spec
+
+    rules = []
+    for index, spec in enumerate(config.endpoint.local.faults):
+        try:
+            rules.append(parse_fault_spec(spec))
+        except ValueError as exc:
+            raise ConfigError(f"endpoint.local.faults[{index}]: {exc}") from None
+    return rules
+
+
+@contextlib.asynccontextmanager
+async def local_endpoint(config: Config) -> AsyncIterator[str | None]:
+    """Start the embedded endpoint in this event loop when ``base_url: local``; yields its URL (else None)."""
+    endpoint = config.endpoint
+    if not endpoint.is_local:
+        yield None
+        return
+    from pipeline.server import FaultPlan, LocalEndpoint
+
+    local = endpoint.local
+    key = endpoint.api_key.get_secret_value() if endpoint.api_key else None
+    server = LocalEndpoint(FaultPlan(local_fault_rules(config)), api_key=key, chunk_delay=local.chunk_delay,
+                           first_byte_delay=local.first_byte_delay)
+    base_url = await server.start()
+    try:
+        yield base_url
+    finally:
+        await server.stop()
 
 
 def run_job(config: Config | Mapping[str, Any] | str | os.PathLike[str], **options: Any) -> RunSummary:

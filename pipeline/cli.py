@@ -1,7 +1,10 @@
-"""The command line: parse arguments, load the config, call the runner, print, map outcomes to exit codes.
+"""The command line: parse arguments, load the config, run the job, print, map outcomes to exit codes.
 
 Exit codes: 0 every row ok; 1 some rows failed; 2 bad config or manifest; 3 another run of the job holds
 its lock; 4 interrupted (run again to finish); 5 a budget guard stopped the run.
+
+Each command imports what it needs inside its handler, so ``--help`` and the light commands (validate,
+status) start without loading the HTTP client, Pillow or the engines.
 """
 
 from __future__ import annotations
@@ -17,17 +20,18 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
-from pipeline.api import run_coroutine
 from pipeline.core.errors import ConfigError, ExitCode, LockHeld, PipelineError
-from pipeline.edges.configfile import load_config
-from pipeline.ops.jobs import export_job, job_status, run_history
 from pipeline.ops.logs import configure_logging, run_log_path
-from pipeline.run.runner import Progress, Runner, RunSummary, job_secrets
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from pipeline.core.config import Config
+    from pipeline.ops.jobrun import JobRun
+    from pipeline.run.summary import Progress, RunSummary
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -46,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS,
                         help="log level for messages on stderr (default: WARNING)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    logging_options = _logging_options()
+    _add_job_commands(commands, logging_options)
+    _add_schedule_commands(commands, logging_options)
+    _add_serve_command(commands)
+    return parser
+
+
+def _logging_options() -> argparse.ArgumentParser:
+    """Options shared by the commands that run jobs."""
     logging_options = argparse.ArgumentParser(add_help=False)
     group = logging_options.add_argument_group("logging")
     group.add_argument("--log-level", default=argparse.SUPPRESS, choices=LOG_LEVELS,
@@ -55,7 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--log-file", type=Path, metavar="PATH",
                        help="log file for this run (default: <output folder>/logs/<stem>.<start time>.log)")
     group.add_argument("--no-log-file", action="store_true", help="do not write a log file for the run")
+    return logging_options
 
+
+def _add_job_commands(commands: Any, logging_options: argparse.ArgumentParser) -> None:
+    """run, retry, status, runs, estimate, export, validate."""
     run = commands.add_parser("run", help="run a job: caption every row not yet done", parents=[logging_options],
                               description="Run a job described by a config file. Rows already done (same "
                               "image, prompt and parameters) are skipped; a stopped run resumes where it "
@@ -97,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "prints 'ok' or one precise error.")
     validate.add_argument("config", type=Path, help="YAML or TOML job config")
 
+
+def _add_schedule_commands(commands: Any, logging_options: argparse.ArgumentParser) -> None:
     schedule = commands.add_parser(
         "schedule", help="print (or install) a crontab line and systemd units that run a job",
         description="Print a crontab line and a systemd service + timer pair that run the job on a cron "
@@ -118,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler.add_argument("jobs", nargs="+", metavar="CONFIG[=CRON]", help="job configs, each with its schedule")
     scheduler.add_argument("--cron", metavar="EXPR", help="schedule for jobs given without one")
 
+
+def _add_serve_command(commands: Any) -> None:
     serve = commands.add_parser("serve", help="run the embedded local endpoint on 127.0.0.1",
                                 description="Serve the embedded OpenAI-compatible vision endpoint (a "
                                 "deterministic Pillow-based describer, not a model) for other tools to use.")
@@ -129,7 +150,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--first-byte-delay", type=float, default=0.0, help="seconds before the first byte")
     serve.add_argument("--api-key-env", metavar="VAR",
                        help="require 'Authorization: Bearer <key>' with the key read from this variable")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -148,54 +168,71 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.BAD_INPUT
 
 
+def load_config(path: Path) -> Config:
+    """The job's config (pydantic is imported here, once a command needs it)."""
+    from pipeline.edges.configfile import load_config as load
+
+    return load(path)
+
+
 def _validate(args: argparse.Namespace) -> int:
+    from pipeline.api import local_fault_rules
+    from pipeline.run.plan import Plan
+
     config = load_config(args.config)
-    info = Runner(config).check()
+    local_fault_rules(config)
+    info = Plan(config).check()
     print(f"ok: {args.config}: {info.rows} rows in {info.source} (columns: {', '.join(info.columns)}); "
           f"output {config.output.path} ({config.output.output_format})")
     return ExitCode.OK
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pipeline.api import run_coroutine
+    from pipeline.ops.jobrun import JobRun
+    from pipeline.ops.publish import job_secrets
+
     config = load_config(args.config)
     log_file = None if args.no_log_file else args.log_file or run_log_path(config.output.path, datetime.now(UTC))
     configure_logging(args.log_level, args.log_format, log_file, secrets=job_secrets(config), file_level="INFO")
     bar = None if args.no_progress else _ProgressBar()
-    runner = Runner(config, on_progress=bar.update if bar else None, command=args.command,
-                    fresh=getattr(args, "fresh", False), error_type=getattr(args, "error_type", None))
-    summary = run_coroutine(_run_async(runner, bar), config.run.event_loop)
-    _print_summary(summary, runner.report)
+    job = JobRun(config, on_progress=bar.update if bar else None, command=args.command,
+                 fresh=getattr(args, "fresh", False), error_type=getattr(args, "error_type", None))
+    summary = run_coroutine(_run_async(job, bar), config.run.event_loop)
+    _print_summary(summary, job.report)
     return summary.exit_code
 
 
-async def _run_async(runner: Runner, bar: _ProgressBar | None) -> RunSummary:
-    _install_stop_handlers(runner)
+async def _run_async(job: JobRun, bar: _ProgressBar | None) -> RunSummary:
+    from pipeline.api import run_with_endpoint
+
+    _install_stop_handlers(job)
     try:
-        return await runner.run()
+        return await run_with_endpoint(job)
     finally:
         if bar:
             bar.close()
 
 
-def _install_stop_handlers(runner: Runner) -> None:
+def _install_stop_handlers(job: JobRun) -> None:
     """First Ctrl-C / SIGTERM: stop cleanly and keep finished work; a second Ctrl-C aborts."""
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
 
     def stop() -> None:
-        if runner.summary.interrupted and main_task is not None:
+        if job.summary.interrupted and main_task is not None:
             main_task.cancel()
             return
         print("\nstopping: cancelling in-flight requests, writing finished results "
               "(Ctrl-C again to abort)", file=sys.stderr)
-        runner.stop()
+        job.stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
 
 
 class _ProgressBar:
-    """tqdm fed from the runner's callback, redrawn at most every 0.2 s (a row costs well under that)."""
+    """tqdm fed from the engine's progress callback, redrawn at most every 0.2 s (a row costs well under that)."""
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
@@ -207,6 +244,8 @@ class _ProgressBar:
             return
         self._next_draw = now + 0.2
         if self.bar is None:
+            from tqdm import tqdm
+
             self.bar = tqdm(total=progress.total, unit="img", dynamic_ncols=True, mininterval=0.25,
                             file=sys.stderr)
         if self.bar.total != progress.total:
@@ -256,6 +295,8 @@ def _print_summary(summary: RunSummary, report: dict[str, Any]) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from pipeline.ops.jobs import job_status
+
     config = load_config(args.config)
     report = job_status(config)
     if args.json:
@@ -282,6 +323,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
+    from pipeline.ops.jobs import run_history
+
     config = load_config(args.config)
     history = run_history(config)
     if args.json:
@@ -303,9 +346,11 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
+    from pipeline.api import local_fault_rules
     from pipeline.ops.estimate import estimate_job
 
     config = load_config(args.config)
+    local_fault_rules(config)  # a bad spec fails here as it would in the run
     report = estimate_job(config)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -327,6 +372,8 @@ def _estimate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from pipeline.ops.jobs import export_job
+
     config = load_config(args.config)
     report = export_job(config)
     print(f"wrote {config.output.path}: {report.rows} rows ({report.ok} ok, {report.failed} failed, "

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
+from pipeline.api import run_job_async
 from pipeline.ops.estimate import estimate_job
-from pipeline.run.runner import run_job
 from pipeline.server import FaultPlan, LocalEndpoint
 
 from .helpers import job_config, make_image, read_rows
@@ -62,7 +62,7 @@ async def test_estimate_knows_what_is_done_and_uses_history(tmp_path):
     out = tmp_path / "out.parquet"
     async with LocalEndpoint(FaultPlan()) as ep:
         config = job_config(manifest, out, ep.base_url, request={"model": "m", "prompt": "Describe."})
-        await run_job(config)
+        await run_job_async(config)
     completion = [r["completion_tokens"] for r in read_rows(out) if r["status"] == "ok"]
     with open(manifest, "a", newline="") as handle:
         csv.writer(handle).writerow(["row-new", "img_0.png"])

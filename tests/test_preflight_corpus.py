@@ -359,8 +359,8 @@ async def test_the_whole_corpus_through_a_real_run(corpus: Path, tmp_path: Path)
 
     import pyarrow.parquet as pq
 
+    from pipeline.api import run_job_async
     from pipeline.core.config import config_from_dict
-    from pipeline.run.runner import run_job
     from pipeline.server import LocalEndpoint
 
     names = sorted(CORPUS) + ["missing.jpg", "escape.jpg", "../../../../../../etc/passwd"]
@@ -379,7 +379,7 @@ async def test_the_whole_corpus_through_a_real_run(corpus: Path, tmp_path: Path)
             "run": {"concurrency": 4, "backoff_base": 0.01},
             "output": {"path": str(out)},
         })
-        summary = await run_job(config)
+        summary = await run_job_async(config)
         sent = endpoint.stats.snapshot()["requests"]
     rows = {r["path"]: r for r in pq.read_table(out).to_pylist()}
     assert sorted(rows) == sorted(names)  # one outcome per manifest row

@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeline.api import run_job_async
 from pipeline.edges.ledger import StateStore
 from pipeline.ops.report import (
     build_report,
@@ -24,7 +25,6 @@ from pipeline.ops.report import (
     write_prometheus,
     write_reports,
 )
-from pipeline.run.runner import run_job
 from pipeline.server import FaultPlan, LocalEndpoint
 
 from .helpers import job_config, make_manifest
@@ -54,7 +54,7 @@ async def job(tmp_path: Path) -> dict[str, Any]:
         config = job_config(manifest, output, endpoint.base_url)
         state["config"] = config
         for which in ("first", "second", "third"):
-            summary = await run_job(config)
+            summary = await run_job_async(config)
             with StateStore(config.ledger_path) as store:
                 state[which] = {
                     "summary": summary,

@@ -6,8 +6,9 @@ import csv
 
 import pytest
 
+from pipeline.api import run_job_async
+from pipeline.ops.jobrun import JobRun
 from pipeline.ops.jobs import export_job, job_status, run_history
-from pipeline.run.runner import Runner, run_job
 from pipeline.server import FaultPlan, LocalEndpoint
 
 from .helpers import COLOURS, job_config, make_image, make_manifest, read_rows
@@ -31,22 +32,22 @@ async def test_second_run_sends_nothing_adding_rows_sends_only_them_editing_prom
     out = tmp_path / "out" / "captions.parquet"
     config = job_config(manifest, out, endpoint.base_url)
 
-    first = await run_job(config)
+    first = await run_job_async(config)
     assert first.rows_new == 10 and requests_seen(endpoint) == 10
 
-    second = await run_job(config)
+    second = await run_job_async(config)
     assert requests_seen(endpoint) == 10
     assert second.rows_skipped == 10 and second.rows_new == 0 and second.attempts == 0
     assert len(read_rows(out)) == 10 and second.exit_code == 0
 
     append_rows(manifest, 10, 5)
-    third = await run_job(config)
+    third = await run_job_async(config)
     assert requests_seen(endpoint) == 15
     assert third.rows_new == 5 and third.rows_skipped == 10
     assert [r["id"] for r in read_rows(out)] == [f"row-{i}" for i in range(15)]
 
     edited = job_config(manifest, out, endpoint.base_url, request={"model": "test-model", "prompt": "Caption {id}!"})
-    fourth = await run_job(edited)
+    fourth = await run_job_async(edited)
     assert requests_seen(endpoint) == 30
     assert fourth.rows_changed == 15
     assert [h["command"] for h in run_history(config)] == ["run"] * 4
@@ -63,14 +64,14 @@ async def test_both_ledger_writers_record_every_row_once_and_resume(tmp_path, en
     out = tmp_path / "captions.parquet"
     config = job_config(manifest, out, endpoint.base_url, ledger={"synchronous": synchronous},
                         request={"model": "m", "prompt": "Describe it."}, run={"concurrency": 6})
-    first = await run_job(config)
+    first = await run_job_async(config)
     assert (first.rows_ok, first.rows_failed, first.rows_deduplicated) == (12, 1, 1)
     assert requests_seen(endpoint) == 11  # 13 rows: one missing image, one duplicate answered from its twin
     rows = {r["id"]: r for r in read_rows(out)}
     assert len(rows) == 13 and rows["row-5"]["error_type"] == "image_missing"
     assert rows["row-copy"]["content"] == rows["row-2"]["content"]
     assert job_status(config)["rows"] == {"ok": 12, "failed": 1}  # no mark left in flight
-    again = await run_job(config)
+    again = await run_job_async(config)
     assert again.rows_skipped == 13 and again.attempts == 0 and requests_seen(endpoint) == 11
 
 
@@ -78,9 +79,9 @@ async def test_changed_image_is_sent_again_unchanged_one_is_not(tmp_path, endpoi
     manifest = make_manifest(tmp_path / "in", 3)
     out = tmp_path / "captions.parquet"
     config = job_config(manifest, out, endpoint.base_url)
-    await run_job(config)
+    await run_job_async(config)
     make_image(tmp_path / "in" / "img_001.png", (1, 2, 3), size=(99, 77))
-    summary = await run_job(config)
+    summary = await run_job_async(config)
     assert summary.rows_changed == 1 and summary.rows_skipped == 2
     assert requests_seen(endpoint) == 4
     assert "99x77" in read_rows(out)[1]["content"]
@@ -95,7 +96,7 @@ async def test_same_image_listed_twice_is_sent_once(tmp_path, endpoint):
     out = tmp_path / "captions.parquet"
     config = job_config(manifest, out, endpoint.base_url, request={"model": "m", "prompt": "Describe it."},
                         run={"concurrency": 8})
-    summary = await run_job(config)
+    summary = await run_job_async(config)
     assert requests_seen(endpoint) == 4
     assert summary.rows_deduplicated == 1
     rows = {r["id"]: r for r in read_rows(out)}
@@ -109,24 +110,24 @@ async def test_run_retries_transient_failures_retry_also_resends_row_specific_on
     endpoint.faults.add("status:code=500,message=flaky,match=row-2,times=3")
     out = tmp_path / "captions.parquet"
     config = job_config(manifest, out, endpoint.base_url)
-    first = await run_job(config)
+    first = await run_job_async(config)
     assert first.rows_failed == 3 and first.exit_code == 1
     assert requests_seen(endpoint) == 1 + 3 + 3  # row-1 once (400), row-2 three times (500), three ok rows
 
     # a later run leaves row-specific failures alone but tries the server error again
-    again = await run_job(config)
+    again = await run_job_async(config)
     assert again.rows_retried == 1 and again.rows_skipped == 5
     assert requests_seen(endpoint) == 8 and again.exit_code == 1
     assert {r["id"]: r["status"] for r in read_rows(out)}["row-2"] == "ok"
-    assert (await run_job(config)).attempts == 0  # nothing left that a plain run would change
+    assert (await run_job_async(config)).attempts == 0  # nothing left that a plain run would change
 
     endpoint.faults.clear()
-    only_bad_requests = await Runner(config, command="retry", error_type="bad_request").run()
+    only_bad_requests = await JobRun(config, command="retry", error_type="bad_request").run()
     assert only_bad_requests.requeued == 1 and requests_seen(endpoint) == 9
     statuses = {r["id"]: (r["status"], r["error_type"]) for r in read_rows(out)}
     assert statuses["row-1"] == ("ok", None) and statuses["row-4"] == ("failed", "image_missing")
 
-    everything = await Runner(config, command="retry").run()
+    everything = await JobRun(config, command="retry").run()
     assert everything.requeued == 1  # row-4: its image is still missing, so no request is sent
     assert requests_seen(endpoint) == 9 and everything.rows_failed == 1
     assert [h["command"] for h in run_history(config)] == ["run", "run", "run", "retry", "retry"]
@@ -137,9 +138,9 @@ async def test_auth_failure_is_retried_by_the_next_run_once_the_key_is_fixed(tmp
     manifest = make_manifest(tmp_path / "in", 2)
     out = tmp_path / "captions.parquet"
     async with LocalEndpoint(FaultPlan(), api_key=secret) as ep:
-        wrong = await run_job(job_config(manifest, out, ep.base_url, endpoint={"api_key": "sk-wrong-0000000000000"}))
+        wrong = await run_job_async(job_config(manifest, out, ep.base_url, endpoint={"api_key": "sk-wrong-0000000000000"}))
         assert wrong.errors == {"auth_error": 2}
-        fixed = await run_job(job_config(manifest, out, ep.base_url, endpoint={"api_key": secret}))
+        fixed = await run_job_async(job_config(manifest, out, ep.base_url, endpoint={"api_key": secret}))
     assert fixed.rows_retried == 2 and fixed.rows_ok == 2
     assert [r["status"] for r in read_rows(out)] == ["ok", "ok"]
 
@@ -148,8 +149,8 @@ async def test_fresh_keeps_a_backup_and_sends_everything(tmp_path, endpoint):
     manifest = make_manifest(tmp_path / "in", 3)
     out = tmp_path / "captions.parquet"
     config = job_config(manifest, out, endpoint.base_url)
-    await run_job(config)
-    summary = await Runner(config, fresh=True).run()
+    await run_job_async(config)
+    summary = await JobRun(config, fresh=True).run()
     assert summary.rows_new == 3 and requests_seen(endpoint) == 6
     backups = list(tmp_path.glob("captions.ledger.sqlite.bak-*"))
     assert backups and not any(b.name.endswith("-wal") for b in backups if b.stat().st_size == 0)
@@ -159,7 +160,7 @@ async def test_status_and_export_match_the_ledger(tmp_path, endpoint):
     manifest = make_manifest(tmp_path / "in", 5, missing={3})
     out = tmp_path / "captions.jsonl"
     config = job_config(manifest, out, endpoint.base_url)
-    await run_job(config)
+    await run_job_async(config)
     append_rows(manifest, 5, 2)
     status = job_status(config)
     assert status["manifest_rows"] == 7
@@ -179,13 +180,13 @@ async def test_interrupted_run_resumes_without_resending_finished_rows(tmp_path)
     out = tmp_path / "captions.parquet"
     async with LocalEndpoint(FaultPlan(), chunk_delay=0.02) as ep:
         config = job_config(manifest, out, ep.base_url, run={"concurrency": 3, "stop_grace": 0})
-        runner = Runner(config, on_progress=lambda p: runner.stop() if p.done >= 6 else None)
+        runner = JobRun(config, on_progress=lambda p: runner.stop() if p.done >= 6 else None)
         first = await runner.run()
         assert first.interrupted and first.exit_code == 4
         done_before = len(read_rows(out))
         sent_before = requests_seen(ep)
         assert 6 <= done_before < 30
-        second = await run_job(config)
+        second = await run_job_async(config)
         assert second.rows_skipped == done_before
         assert second.rows_new + second.rows_resumed == 30 - done_before
         # only rows without a committed answer were sent again (at most the ones cancelled in flight)
@@ -199,17 +200,17 @@ async def test_output_is_rebuilt_only_when_something_it_shows_changed(tmp_path, 
     manifest = make_manifest(tmp_path / "in", 4)
     out = tmp_path / "captions.parquet"
     config = job_config(manifest, out, endpoint.base_url)
-    await run_job(config)
+    await run_job_async(config)
     written = out.stat().st_mtime_ns
-    await run_job(config)
+    await run_job_async(config)
     assert out.stat().st_mtime_ns == written  # nothing changed: the file is left alone
 
     lines = manifest.read_text().splitlines()
     manifest.write_text("\n".join(lines[:-1]) + "\n")  # drop the last manifest row
-    summary = await run_job(config)
+    summary = await run_job_async(config)
     assert summary.attempts == 0
     assert [r["id"] for r in read_rows(out)] == ["row-0", "row-1", "row-2"]
 
     out.unlink()
-    summary = await run_job(config)
+    summary = await run_job_async(config)
     assert out.exists() and summary.output_rows == 3 and summary.exit_code == 0

@@ -1,4 +1,4 @@
-"""End-to-end runs of the runner over real HTTP against the embedded endpoint and its fault knobs."""
+"""End-to-end runs of a job over real HTTP against the embedded endpoint and its fault knobs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import logging
 import pyarrow.csv as pa_csv
 import pytest
 
-from pipeline.run.runner import Runner, run_job
+from pipeline.api import run_job_async
+from pipeline.ops.jobrun import JobRun
 from pipeline.server import FaultPlan, LocalEndpoint, parse_fault_spec
 
 from .helpers import job_config, make_manifest, read_rows
@@ -23,7 +24,7 @@ def add_faults(ep: LocalEndpoint, *specs: str) -> None:
 async def test_plain_run_writes_one_ok_row_per_image_in_manifest_order(tmp_path, endpoint):
     manifest = make_manifest(tmp_path / "in", 12)
     out = tmp_path / "out" / "captions.parquet"
-    summary = await run_job(job_config(manifest, out, endpoint.base_url))
+    summary = await run_job_async(job_config(manifest, out, endpoint.base_url))
     rows = read_rows(out)
     assert [r["id"] for r in rows] == [f"row-{i}" for i in range(12)]
     assert all(r["status"] == "ok" and r["content"] for r in rows)
@@ -40,7 +41,7 @@ async def test_plain_run_writes_one_ok_row_per_image_in_manifest_order(tmp_path,
 async def test_n2_gives_two_rows_per_image_with_choice_index(tmp_path, endpoint):
     manifest = make_manifest(tmp_path / "in", 3)
     out = tmp_path / "captions.parquet"
-    await run_job(job_config(manifest, out, endpoint.base_url, request={"model": "m", "n": 2}))
+    await run_job_async(job_config(manifest, out, endpoint.base_url, request={"model": "m", "n": 2}))
     rows = read_rows(out)
     assert [(r["id"], r["choice_index"]) for r in rows] == [
         ("row-0", 0), ("row-0", 1), ("row-1", 0), ("row-1", 1), ("row-2", 0), ("row-2", 1)]
@@ -51,7 +52,7 @@ async def test_n2_gives_two_rows_per_image_with_choice_index(tmp_path, endpoint)
 async def test_usage_lands_in_token_columns(tmp_path, endpoint):
     manifest = make_manifest(tmp_path / "in", 2)
     out = tmp_path / "captions.parquet"
-    summary = await run_job(job_config(manifest, out, endpoint.base_url))
+    summary = await run_job_async(job_config(manifest, out, endpoint.base_url))
     for row in read_rows(out):
         assert row["prompt_tokens"] > 85  # at least one image tile's worth
         assert row["completion_tokens"] == len(row["content"].split())
@@ -66,7 +67,7 @@ async def test_tools_request_yields_accumulated_tool_calls(tmp_path, endpoint):
     tool = {"type": "function", "function": {"name": "record_caption", "parameters": {
         "type": "object", "properties": {"caption": {"type": "string"}, "width": {"type": "integer"}}}}}
     request = {"model": "m", "tools": [tool], "tool_choice": {"type": "function", "function": {"name": "record_caption"}}}
-    await run_job(job_config(manifest, out, endpoint.base_url, request=request))
+    await run_job_async(job_config(manifest, out, endpoint.base_url, request=request))
     rows = read_rows(out)
     assert all(r["status"] == "ok" and r["finish_reason"] == "tool_calls" for r in rows)
     calls = json.loads(rows[0]["tool_calls"])
@@ -79,7 +80,7 @@ async def test_truncated_stream_is_retried_then_succeeds(tmp_path, endpoint):
     add_faults(endpoint, "truncate:after=2,per_image=1")
     manifest = make_manifest(tmp_path / "in", 6)
     out = tmp_path / "captions.parquet"
-    summary = await run_job(job_config(manifest, out, endpoint.base_url))
+    summary = await run_job_async(job_config(manifest, out, endpoint.base_url))
     rows = read_rows(out)
     assert all(r["status"] == "ok" for r in rows)
     assert {r["attempts"] for r in rows} == {2}
@@ -95,7 +96,7 @@ async def test_transient_faults_are_retried(tmp_path, endpoint, spec):
     add_faults(endpoint, spec)
     manifest = make_manifest(tmp_path / "in", 3)
     out = tmp_path / "captions.parquet"
-    await run_job(job_config(manifest, out, endpoint.base_url))
+    await run_job_async(job_config(manifest, out, endpoint.base_url))
     rows = read_rows(out)
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert {r["attempts"] for r in rows} == {2}
@@ -106,7 +107,7 @@ async def test_stalled_stream_is_cut_by_idle_timeout_and_retried(tmp_path, endpo
     manifest = make_manifest(tmp_path / "in", 2)
     out = tmp_path / "captions.parquet"
     config = job_config(manifest, out, endpoint.base_url, endpoint={"timeout": {"idle": 0.3, "first_byte": 0.5}})
-    await run_job(config)
+    await run_job_async(config)
     rows = read_rows(out)
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert [r["attempts"] for r in rows] == [2, 3]  # row-1: a first-byte stall, then an idle stall
@@ -117,7 +118,7 @@ async def test_400_is_not_retried_and_row_carries_endpoint_message(tmp_path, end
     manifest = make_manifest(tmp_path / "in", 5)
     out = tmp_path / "captions.parquet"
     with caplog.at_level(logging.WARNING, logger="pipeline"):
-        summary = await run_job(job_config(manifest, out, endpoint.base_url))
+        summary = await run_job_async(job_config(manifest, out, endpoint.base_url))
     rows = {r["id"]: r for r in read_rows(out)}
     bad = rows["row-3"]
     assert bad["status"] == "failed" and bad["attempts"] == 1
@@ -134,7 +135,7 @@ async def test_retries_exhausted_records_last_error(tmp_path, endpoint):
     add_faults(endpoint, "status:code=500,message=boom,match=row-0")
     manifest = make_manifest(tmp_path / "in", 2)
     out = tmp_path / "captions.parquet"
-    await run_job(job_config(manifest, out, endpoint.base_url))
+    await run_job_async(job_config(manifest, out, endpoint.base_url))
     rows = read_rows(out)
     assert rows[0]["status"] == "failed" and rows[0]["attempts"] == 3
     assert rows[0]["error_type"] == "server_error" and "boom" in rows[0]["error_message"]
@@ -145,7 +146,7 @@ async def test_missing_and_broken_images_fail_only_their_rows(tmp_path, endpoint
     manifest = make_manifest(tmp_path / "in", 4, missing={1})
     (tmp_path / "in" / "img_002.png").write_text("not an image at all")
     out = tmp_path / "captions.parquet"
-    summary = await run_job(job_config(manifest, out, endpoint.base_url))
+    summary = await run_job_async(job_config(manifest, out, endpoint.base_url))
     rows = read_rows(out)
     assert [r["status"] for r in rows] == ["ok", "failed", "failed", "ok"]
     assert rows[1]["error_type"] == "image_missing" and "img_001.png" in rows[1]["error_message"]
@@ -159,7 +160,7 @@ async def test_missing_and_broken_images_fail_only_their_rows(tmp_path, endpoint
 async def test_csv_and_jsonl_outputs_share_the_schema(tmp_path, endpoint, suffix):
     manifest = make_manifest(tmp_path / "in", 3)
     out = tmp_path / f"captions.{suffix}"
-    await run_job(job_config(manifest, out, endpoint.base_url))
+    await run_job_async(job_config(manifest, out, endpoint.base_url))
     if suffix == "csv":
         rows = pa_csv.read_csv(out).to_pylist()
     else:
@@ -176,10 +177,10 @@ async def test_api_key_is_sent_and_never_written(tmp_path, caplog):
     async with LocalEndpoint(FaultPlan(), api_key=secret) as ep:
         wrong = job_config(manifest, out, ep.base_url, endpoint={"api_key": "sk-wrong-key-000000000000000"})
         with caplog.at_level(logging.DEBUG):
-            await run_job(wrong)
+            await run_job_async(wrong)
         rows = [json.loads(line) for line in out.read_text().splitlines()]
         assert rows[0]["error_type"] == "auth_error" and rows[0]["attempts"] == 1
-        await run_job(job_config(manifest, out, ep.base_url, endpoint={"api_key": secret}))
+        await run_job_async(job_config(manifest, out, ep.base_url, endpoint={"api_key": secret}))
     text = out.read_text()
     assert '"status": "ok"' in text
     assert secret not in text and "sk-wrong" not in text
@@ -197,7 +198,7 @@ async def test_stop_keeps_finished_results(tmp_path):
             if p.done >= 5:
                 done.set()
 
-        runner = Runner(job_config(manifest, out, ep.base_url), on_progress=progress)
+        runner = JobRun(job_config(manifest, out, ep.base_url), on_progress=progress)
         task = asyncio.create_task(runner.run())
         await done.wait()
         runner.stop()
@@ -213,7 +214,7 @@ async def test_embedded_endpoint_from_config(tmp_path):
     manifest = make_manifest(tmp_path / "in", 3)
     out = tmp_path / "captions.parquet"
     config = job_config(manifest, out, "local", endpoint={"local": {"faults": ["truncate:after=1,per_image=1"]}})
-    summary = await run_job(config)
+    summary = await run_job_async(config)
     assert summary.rows_ok == 3
     assert {r["attempts"] for r in read_rows(out)} == {2}
 
@@ -223,7 +224,7 @@ async def test_reading_stops_at_done_even_if_the_connection_stays_open(tmp_path,
     manifest = make_manifest(tmp_path / "in", 3)
     out = tmp_path / "captions.parquet"
     # idle timeout far below the linger: had the client waited for the connection to close, rows would fail
-    await run_job(job_config(manifest, out, endpoint.base_url, endpoint={"timeout": {"idle": 2, "total": 5}}))
+    await run_job_async(job_config(manifest, out, endpoint.base_url, endpoint={"timeout": {"idle": 2, "total": 5}}))
     rows = read_rows(out)
     assert [(r["status"], r["attempts"]) for r in rows] == [("ok", 1)] * 3
     assert max(r["latency_ms"] for r in rows) < 2000
@@ -233,7 +234,7 @@ async def test_html_instead_of_a_stream_is_a_clear_error(tmp_path, endpoint):
     add_faults(endpoint, "html")
     manifest = make_manifest(tmp_path / "in", 1)
     out = tmp_path / "captions.parquet"
-    await run_job(job_config(manifest, out, endpoint.base_url, run={"max_attempts": 2}))
+    await run_job_async(job_config(manifest, out, endpoint.base_url, run={"max_attempts": 2}))
     row = read_rows(out)[0]
     assert row["status"] == "failed" and row["attempts"] == 2
     assert row["error_type"] == "malformed_chunk"
@@ -245,7 +246,7 @@ async def test_per_row_prompt_column_reaches_the_wire(tmp_path, endpoint):
     manifest = make_manifest(tmp_path / "in", 3, extra={"question": prompts})
     add_faults(endpoint, "status:code=400,message=saw the per-row prompt,match=Count the shapes")
     out = tmp_path / "captions.parquet"
-    await run_job(job_config(manifest, out, endpoint.base_url,
+    await run_job_async(job_config(manifest, out, endpoint.base_url,
                              input={"manifest": str(manifest), "prompt_column": "question"}))
     rows = read_rows(out)
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]  # row 1's empty prompt falls back to the template

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.edges.ledger import StateStore, Write
 from pipeline.edges.writer import GroupWriter, InlineWriter, ledger_writer
-from pipeline.run.runner import _RowAhead
+from pipeline.run.local import _RowAhead
 
 
 def ok(key: str, row: str) -> Write:

@@ -15,11 +15,12 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.core.config import Config
+from pipeline.core.request import RequestBuilder
 from pipeline.core.tokens import DEFAULT_OUTPUT_TOKENS, estimate_prompt_tokens
 from pipeline.edges.ledger import StateStore
 from pipeline.edges.preflight import target_size
 from pipeline.run.limits import BudgetGuard
-from pipeline.run.runner import RowTask, Runner
+from pipeline.run.plan import Plan, RowTask
 
 _EXAMPLES = 5
 
@@ -51,8 +52,9 @@ class Estimate:
 
 def estimate_job(config: Config) -> Estimate:
     """Classify every manifest row as the next run would, and price the ones it would send."""
-    runner = Runner(config)
-    info = runner.check()
+    plan = Plan(config)
+    info = plan.check()
+    builder = RequestBuilder(config.request, config.images)
     report = Estimate(manifest_rows=info.rows, model=config.request.model)
     mean_completion = None
     ledger = config.ledger_path
@@ -60,34 +62,34 @@ def estimate_job(config: Config) -> Estimate:
     try:
         if store is not None:
             mean_completion = store.mean_usage()[1]
-        for batch in runner.reader.batches():
-            for task in runner.triage(batch, store):
-                _add_row(report, runner, task)
+        for batch in plan.batches():
+            for task in plan.triage(batch, store):
+                _add_row(report, config, builder, task)
     finally:
         if store is not None:
             store.close()
-    summary = runner.summary
-    report.rows_new, report.rows_changed = summary.rows_new, summary.rows_changed
-    report.rows_pending = summary.rows_resumed + summary.rows_retried
-    report.rows_done = summary.rows_skipped
+    counts = plan.counts
+    report.rows_new, report.rows_changed = counts.new, counts.changed
+    report.rows_pending = counts.resumed + counts.retried
+    report.rows_done = counts.skipped
     report.rows_to_send = report.rows_new + report.rows_changed + report.rows_pending - report.rows_invalid
     _add_output(report, config, mean_completion)
     _add_cost(report, config)
     return report
 
 
-def _add_row(report: Estimate, runner: Runner, task: RowTask) -> None:
-    size = _sent_size(runner, task)
+def _add_row(report: Estimate, config: Config, builder: RequestBuilder, task: RowTask) -> None:
+    size = _sent_size(config, task)
     if isinstance(size, str):
         report.rows_invalid += 1
         if len(report.invalid_examples) < _EXAMPLES:
             report.invalid_examples.append({"id": task.row.id, "problem": size})
         return
-    body = runner.builder.build(task.prompt, "data:image/png;base64,")
-    report.input_tokens += estimate_prompt_tokens(body, [size] if size else None, runner.config.images.detail)
+    body = builder.build(task.prompt, "data:image/png;base64,")
+    report.input_tokens += estimate_prompt_tokens(body, [size] if size else None, config.images.detail)
 
 
-def _sent_size(runner: Runner, task: RowTask) -> tuple[int, int] | None | str:
+def _sent_size(config: Config, task: RowTask) -> tuple[int, int] | None | str:
     """The (width, height) that would be sent, None when unknown (a URL), or a problem description."""
     source = task.row.path
     if not source:
@@ -103,7 +105,7 @@ def _sent_size(runner: Runner, task: RowTask) -> tuple[int, int] | None | str:
         return f"image file not found: {path}"
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         return f"not a readable image ({type(exc).__name__}): {path}"
-    return target_size(width, height, runner.config.images)
+    return target_size(width, height, config.images)
 
 
 def _add_output(report: Estimate, config: Config, mean_completion: float | None) -> None:

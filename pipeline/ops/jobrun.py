@@ -1,0 +1,105 @@
+"""One run of a job: the plan's checks, the job's lock, the ledger's run record, the engine, the output
+and the report. The engine gets its endpoint URL from the caller (``pipeline.api`` starts the embedded
+endpoint for ``base_url: local``), so nothing here knows about the embedded server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.config import Config
+from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.edges.ledger import JobLock, StateStore
+from pipeline.edges.manifest import ManifestInfo
+from pipeline.ops.publish import export_run, publish_report, run_report
+from pipeline.run.local import LocalEngine
+from pipeline.run.plan import Plan
+from pipeline.run.summary import Command, ProgressCallback, RunSummary
+
+
+class JobRun:
+    """Runs one job described by a validated ``Config`` on the local engine, resuming from its ledger."""
+
+    def __init__(self, config: Config, *, on_progress: ProgressCallback | None = None, command: Command = "run",
+                 fresh: bool = False, error_type: str | None = None) -> None:
+        self.config = config
+        self.command = command
+        self.fresh = fresh
+        self.error_type = error_type
+        self.plan = Plan(config)
+        self.summary = RunSummary(output=config.output.path, command=command,
+                                  max_failed_fraction=config.run.max_failed_fraction)
+        self.engine = LocalEngine(config, self.plan, self.summary, on_progress=on_progress)
+        self.report: dict[str, Any] = {}
+
+    def stop(self) -> None:
+        """Stop taking rows; in-flight requests get ``run.stop_grace`` seconds to finish."""
+        self.engine.stop()
+
+    async def run(self, base_url: str | None = None) -> RunSummary:
+        """Run to the end (or the stop) against ``base_url`` (default: ``endpoint.base_url``)."""
+        if base_url is None and self.config.endpoint.is_local:
+            raise ConfigError("endpoint.base_url is 'local': run the job through pipeline.api.run_job_async "
+                              "(or the CLI), which starts the embedded endpoint")
+        started = time.monotonic()
+        info = await asyncio.to_thread(self.plan.check)
+        self.summary.rows_total = info.rows
+        ledger = self.config.ledger_path
+        with JobLock(ledger.with_name(ledger.name + ".lock")):
+            if self.fresh:
+                _backup(ledger)
+            synchronous = self.config.ledger.synchronous.upper()
+            with StateStore(ledger, synchronous=synchronous) as store, \
+                 StateStore(ledger, synchronous=synchronous) as lookups:
+                await self._run_locked(store, lookups, info, base_url, started)
+        await publish_report(self.config, self.summary, self.report)
+        return self.summary
+
+    async def _run_locked(self, store: StateStore, lookups: StateStore, info: ManifestInfo,
+                          base_url: str | None, started: float) -> None:
+        summary, digest = self.summary, _config_digest(self.config)
+        summary.run_id = store.start_run(self.command, digest)
+        store.reset_in_flight()
+        if self.command == "retry":
+            summary.requeued = store.requeue_failed(self.error_type)
+        try:
+            await self.engine.run(store, lookups, summary.run_id, info, base_url)
+        except ExceptionGroup as group:
+            store.finish_run(summary.run_id, "failed", summary.to_dict())
+            raise _first_pipeline_error(group) from None
+        await export_run(self.config, self.plan, lookups, info, summary)
+        summary.elapsed_s = time.monotonic() - started
+        store.finish_run(summary.run_id, "interrupted" if summary.interrupted else "finished", summary.to_dict())
+        self.report = run_report(self.config, store, summary, digest)
+
+
+def _first_pipeline_error(group: BaseExceptionGroup[Any]) -> BaseException:
+    """A job-level failure inside the task groups (say, an unreadable manifest block) as itself."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_pipeline_error(exc)
+        if isinstance(exc, PipelineError):
+            return exc
+    return group
+
+
+def _backup(ledger: Path) -> None:
+    """``--fresh``: keep the old ledger (and its WAL files) under a timestamped name."""
+    if not ledger.exists():
+        return
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    for suffix in ("", "-wal", "-shm"):
+        source = ledger.with_name(ledger.name + suffix)
+        if source.exists():
+            shutil.move(source, ledger.with_name(f"{ledger.name}.bak-{stamp}{suffix}"))
+
+
+def _config_digest(config: Config) -> str:
+    """Identifies the job's settings in the run history (secrets are masked by the dump)."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]

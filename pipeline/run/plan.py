@@ -1,0 +1,113 @@
+"""The plan of a run: the checks made before anything is sent, and the triage of manifest rows against
+the ledger into the ``RowTask``s that still need work.
+
+Shared by every command that has to know what a run would do (``run``, ``retry``, ``estimate``,
+``validate``) and by every engine, so that they all count rows the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.core.config import Config
+from pipeline.core.errors import ConfigError
+from pipeline.core.request import answer_params_digest, input_digest, render_prompt
+from pipeline.core.results import RESULT_COLUMNS
+from pipeline.edges.ledger import StateStore
+from pipeline.edges.manifest import ManifestInfo, ManifestReader, Row
+
+Fingerprint = Callable[[str, Path], str]
+
+
+@dataclass(slots=True)
+class RowTask:
+    """One manifest row that needs work, with its rendered prompt."""
+
+    row: Row
+    prompt: str
+    digest: str  # input digest: unchanged inputs => unchanged digest
+
+
+@dataclass
+class TriageCounts:
+    """Why rows are (or are not) in the run, counted as the manifest is read."""
+
+    new: int = 0  # never seen by the ledger
+    changed: int = 0  # image, prompt or parameters changed since their last outcome
+    resumed: int = 0  # pending from an earlier run that stopped (or re-queued by retry)
+    retried: int = 0  # failed earlier for a reason that may pass now
+    skipped: int = 0  # unchanged and already finished (ok or failed)
+
+
+class Plan:
+    """Checks a job's inputs and sorts its manifest rows into work to do and work already done."""
+
+    def __init__(self, config: Config, *, fingerprint: Fingerprint | None = None) -> None:
+        """``fingerprint`` identifies an image cheaply (default: the image loader's, one ``stat``)."""
+        self.config = config
+        self.reader = ManifestReader(config.input, reserved=RESULT_COLUMNS)
+        self.params = answer_params_digest(config.request, config.images)
+        self.counts = TriageCounts()
+        self._fingerprint = fingerprint
+        self._manifest_ids = hashlib.sha256()  # every row id in order: the manifest as the output sees it
+
+    def check(self) -> ManifestInfo:
+        """Everything about the manifest and output that can be checked before a request is sent
+        (raises ManifestError/ConfigError)."""
+        info = self.reader.check([self.config.request.prompt])
+        output = self.config.output
+        if output.if_exists == "error" and output.path.exists():
+            raise ConfigError(
+                f"output.path {output.path} exists and output.if_exists is 'error'; "
+                "move it away or set output.if_exists: overwrite"
+            )
+        return info
+
+    def batches(self) -> Iterator[list[Row]]:
+        return self.reader.batches()
+
+    @property
+    def manifest_digest(self) -> str:
+        """Digest of the row ids triaged so far, in order (the whole manifest once triage is done)."""
+        return self._manifest_ids.hexdigest()
+
+    def triage(self, batch: list[Row], store: StateStore | None) -> list[RowTask]:
+        """The rows of ``batch`` that need work, counted into ``counts`` by why (new, changed, ...).
+
+        Runs in a thread: one ledger query for the batch and one ``stat`` per row, no image reads.
+        """
+        ids = [row.id for row in batch]
+        self._manifest_ids.update("\0".join(ids).encode())
+        self._manifest_ids.update(b"\1")
+        states = store.item_states(ids) if store is not None else {}
+        fingerprint, params = self._image_fingerprint(), self.params
+        template, counts = self.config.request.prompt, self.counts
+        tasks = []
+        for row in batch:
+            prompt = row.prompt or render_prompt(template, row.columns)
+            digest = input_digest(params, fingerprint(row.path, row.base_dir), prompt)
+            state = states.get(row.id)
+            if state is None:
+                counts.new += 1
+            elif state.input_digest != digest:
+                counts.changed += 1
+            elif state.settled:
+                counts.skipped += 1
+                continue
+            elif state.status == "failed":
+                counts.retried += 1
+            else:
+                counts.resumed += 1
+            tasks.append(RowTask(row, prompt, digest))
+        return tasks
+
+    def _image_fingerprint(self) -> Fingerprint:
+        if self._fingerprint is None:
+            # imported here: checking a manifest (validate) needs neither aiohttp nor Pillow
+            from pipeline.edges.images import ImageLoader
+
+            self._fingerprint = ImageLoader(self.config.images, root=self.config.input.root).fingerprint
+        return self._fingerprint

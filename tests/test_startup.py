@@ -1,0 +1,32 @@
+"""Fast start: the CLI loads the HTTP client, Pillow, Arrow and pydantic only in the commands that use
+them, so ``--help`` stays instant and ``validate`` does not pay for what it never calls."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from .helpers import job_config, make_manifest
+
+HEAVY = ("pyarrow", "aiohttp", "PIL", "pydantic")
+
+
+def modules_loaded_after(code: str) -> set[str]:
+    """The ``HEAVY`` top-level modules imported by ``code`` in a fresh interpreter."""
+    probe = f"{code}\nimport sys\nprint(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split())
+
+
+def test_importing_the_cli_and_building_its_parser_loads_nothing_heavy():
+    assert modules_loaded_after("import pipeline.cli; pipeline.cli.build_parser()") == set()
+
+
+def test_validate_loads_neither_the_http_client_nor_pillow(tmp_path):
+    manifest = make_manifest(tmp_path / "in", 3)
+    config = job_config(manifest, tmp_path / "out.parquet", "http://127.0.0.1:9")
+    path = tmp_path / "job.json"  # JSON is YAML: the config file as the CLI reads it
+    path.write_text(config.model_dump_json(exclude_none=True))
+    loaded = modules_loaded_after(f"from pipeline.cli import main\nassert main(['validate', {str(path)!r}]) == 0")
+    assert "aiohttp" not in loaded and "PIL" not in loaded
