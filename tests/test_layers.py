@@ -56,3 +56,14 @@ def test_a_crossing_import_breaks_its_contract(tmp_path: Path, module: str, line
     assert result.returncode == 1, result.stdout + result.stderr
     broken = result.stdout.split("Broken contracts", 1)[1]
     assert f"{contract}\n" in broken and chain in broken, result.stdout
+
+
+def test_no_function_in_the_package_is_over_60_lines(tmp_path: Path) -> None:
+    """House rule: short functions. The checker itself must catch a long one, or its silence means nothing."""
+    checker = [sys.executable, str(ROOT / "scripts" / "check_function_length.py")]
+    kept = subprocess.run([*checker, str(ROOT / "pipeline")], capture_output=True, text=True, timeout=60)
+    assert kept.returncode == 0, kept.stdout
+    long_one = tmp_path / "long.py"
+    long_one.write_text("def long():\n" + "    x = 1\n" * 61)
+    caught = subprocess.run([*checker, str(long_one)], capture_output=True, text=True, timeout=60)
+    assert caught.returncode == 1 and "long is 62 lines" in caught.stdout

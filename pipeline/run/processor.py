@@ -6,8 +6,8 @@ nothing of queues, ledgers, progress bars or the CLI, and never raises for a row
 outcome, so an engine (the local worker pool, a Ray actor) only has to store what comes back.
 
 Two steps, so an engine can overlap them: ``prepare`` (image read + body, the CPU part) and ``send``
-(the network part). ``on_answer`` hands over a good answer the moment its stream is complete, before
-the connection is released, so an engine can stage it for storage ahead of the return.
+(the network part). ``on_answer`` hands over a good answer the moment its stream is complete (inside
+the read that completes it), so an engine can stage it for storage before the sending task even wakes.
 """
 
 from __future__ import annotations
