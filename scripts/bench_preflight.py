@@ -26,8 +26,8 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.edges import preflight  # noqa: E402
 from pipeline.core.config import ImagesConfig  # noqa: E402
+from pipeline.edges import preflight  # noqa: E402
 from pipeline.edges.images import ImageLoader  # noqa: E402
 
 

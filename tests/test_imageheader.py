@@ -8,6 +8,9 @@ here as ``pillow_pass_through``): the same bytes, mime and report, the same None
 The corpus: JPEGs in L/RGB/CMYK, baseline and progressive, EXIF orientation 1..8 in both byte orders,
 JFIF/Adobe, restart markers, comments, ICC profiles, XMP, Photoshop blocks, MPO; PNGs of every colour
 type and bit depth, tRNS, text chunks, iCCP, eXIf, APNG; then truncations, byte mutations and garbage.
+
+Pillow is not pinned: all of this runs against whichever Pillow is installed, so a release that reads a
+header differently fails here rather than in a run (the reader then leaves that case to Pillow).
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from typing import Any
 import pytest
 from PIL import Image, PngImagePlugin
 
-from pipeline.edges import preflight
 from pipeline.core.config import ImagesConfig
 from pipeline.core.errors import ImageError
+from pipeline.edges import preflight
 from pipeline.edges.imageheader import ImageHeader, read_header
 from pipeline.edges.preflight import Prepared, pass_through, prepare
 
@@ -221,6 +224,10 @@ def jpeg_cases() -> dict[str, Callable[[], bytes]]:
         "jpeg JPG13 before the frame": lambda: before_marker(jpeg(), 0xC0, b"\xff\xfd"),
         "jpeg EOI before the frame": lambda: before_marker(jpeg(), 0xC0, b"\xff\xd9"),
         "jpeg APP15 and COM": lambda: after_soi(jpeg(), segment(0xEF, b"vendor"), segment(0xFE, b"")),
+        "jpeg APP12 Ducky": lambda: after_soi(jpeg(), segment(0xEC, b"Ducky\0\1\0\4\0\0\0\x50\0\0")),
+        "jpeg APP1 extended XMP": lambda: after_soi(jpeg(), segment(0xE1, b"http://ns.adobe.com/xmp/extension/\0x")),
+        "jpeg APP0 JFXX": lambda: after_soi(jpeg(), segment(0xE0, b"JFXX\0\x13")),
+        "jpeg APP2 FlashPix": lambda: after_soi(jpeg(), segment(0xE2, b"FPXR\0\0\0\1")),
         "jpeg empty APP1": lambda: after_soi(jpeg(), segment(0xE1, b"")),
         "jpeg DQT with trailing byte": lambda: before_marker(jpeg(), 0xC0, segment(0xDB, bytes(66))),
         "jpeg 16-bit DQT": lambda: before_marker(jpeg(), 0xC0, segment(0xDB, b"\x11" + bytes(128))),
@@ -382,6 +389,9 @@ def png_cases() -> dict[str, Callable[[], bytes]]:
         "png short tRNS for RGB (Pillow fails)": lambda: before_idat(png(), chunk(b"tRNS", bytes(4))),
         "png tRNS for RGBA (ignored)": lambda: before_idat(png("RGBA"), chunk(b"tRNS", b"\0")),
         "png private chunk": lambda: before_idat(png(), chunk(b"prVt", b"anything")),
+        "png bKGD tIME sBIT": lambda: before_idat(png(), chunk(b"bKGD", bytes(6)), chunk(b"tIME", bytes(7)),
+                                                  chunk(b"sBIT", b"\x08\x08\x08")),
+        "png cICP": lambda: before_idat(png(), chunk(b"cICP", b"\x01\x0d\x00\x01")),
         "png unknown critical chunk": lambda: before_idat(png(), chunk(b"CRIT", b"anything")),
         "png chunk type with a digit": lambda: before_idat(png(), chunk(b"ab1d", b"")),
         "png bad CRC before IDAT": lambda: bad_crc(before_idat(png(), chunk(b"tEXt", b"k\0v"))),
@@ -446,8 +456,13 @@ ANSWERED = [
     "png 1", "png L", "png LA", "png P", "png P 2-bit", "png P with tRNS index", "png RGB", "png RGBA",
     "png I;16", "png RGB 16-bit", "png tEXt", "png iTXt", "png iCCP", "png iCCP incompressible", "png APNG",
     "png Pillow eXIf orientation 6", "png eXIf < orientation 8", "png gAMA cHRM sRGB", "png APNG one frame",
-    "png APNG default image plus one frame", "png fcTL without acTL",
+    "png APNG default image plus one frame", "png fcTL without acTL", "png bKGD tIME sBIT",
+    "jpeg APP0 JFXX", "jpeg APP2 FlashPix",
 ]
+
+#: Segments and chunks the reader does not know: a later Pillow may read them, so Pillow decides.
+UNKNOWN_TO_THE_READER = ["jpeg APP15 and COM", "jpeg APP12 Ducky", "jpeg APP1 extended XMP", "jpeg MPF Ultra HDR",
+                         "png private chunk", "png cICP", "png zTXt", "png iTXt compressed"]
 
 
 # --- the reference: the Pillow-only path -----------------------------------------------------------
@@ -530,6 +545,13 @@ def test_everyday_files_are_answered_without_pillow(name: str) -> None:
     assert read_header(CASES[name]()) is not None
 
 
+@pytest.mark.parametrize("name", UNKNOWN_TO_THE_READER)
+def test_what_the_reader_does_not_know_is_left_to_pillow(name: str) -> None:
+    data = CASES[name]()
+    assert read_header(data) is None
+    assert outcome(pass_through, data, ImagesConfig())[0] == "sent"  # Pillow's path still sends it as it is
+
+
 def test_plain_files_pass_through_by_header() -> None:
     """The common case really takes the fast path: same answer, and it is an answer."""
     for data in (jpeg(), jpeg("L", progressive=True), png("RGBA"), png("P", transparency=3), mpo()):
@@ -608,3 +630,10 @@ def scan_start(data: bytes) -> int:
     """Where the header ends: JPEG's SOS segment, PNG's first IDAT (the whole data when neither is found)."""
     at = data.find(b"\xff\xda") if data.startswith(b"\xff\xd8") else data.find(b"IDAT")
     return at + 8 if at >= 0 else len(data)
+
+
+def test_a_palette_png_without_its_palette_fails_as_corrupt() -> None:
+    """Re-encoding it (here to JPEG) must end as a precise error, not as Pillow's AssertionError."""
+    data, to_jpeg = CASES["png P without PLTE"](), ImagesConfig(format="jpeg")
+    assert read_header(data) is None and outcome(pass_through, data, to_jpeg) == ("none",)
+    assert outcome(prepare, data, to_jpeg)[:3] == ("error", ImageError, "image_corrupt")

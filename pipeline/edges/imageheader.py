@@ -4,8 +4,9 @@ Pillow's lazy ``Image.open`` spends tens of microseconds in Python-level header 
 the same JPEG segments / PNG chunks by their lengths takes a few. ``read_header`` answers only for files
 whose header is well formed in every respect that Pillow's opener looks at, and then its answer (size,
 mode, EXIF orientation, ...) is what Pillow would report. Anything unusual (truncation, lossless or
-arithmetic JPEG, junk between segments, a bad PNG CRC, a compressed text chunk ...) gives None, and the
-caller asks Pillow instead; ``tests/test_imageheader.py`` holds the two to the same answers.
+arithmetic JPEG, junk between segments, a bad PNG CRC, a compressed text chunk, an APPn segment or PNG
+chunk it does not know ...) gives None, and the caller asks Pillow instead. Pillow is not pinned:
+``tests/test_imageheader.py`` holds the two to the same answers with whichever Pillow is installed.
 """
 
 from __future__ import annotations
@@ -125,6 +126,15 @@ _SKIPPED_MARKERS = frozenset({0xC4, 0xDD, 0xFE})
 #: Markers without a length that Pillow steps over: RST0..RST7, SOI.
 _NO_LENGTH_MARKERS = frozenset(range(0xD0, 0xD9))
 _XMP_PREFIX = b"http://ns.adobe.com/xap/1.0/\x00"
+#: APPn marker -> the identifiers this reader knows Pillow's handling of (it parses JFIF, Exif, XMP, ICC,
+#: MPF, Photoshop and Adobe; it only stores JFXX thumbnails and FlashPix data). Others go to Pillow.
+_KNOWN_APPS: dict[int, tuple[bytes, ...]] = {
+    0xE0: (b"JFIF", b"JFXX"),
+    0xE1: (b"Exif\0\0", _XMP_PREFIX),
+    0xE2: (b"ICC_PROFILE\0", b"MPF\0", b"FPXR\0"),
+    0xED: (b"Photoshop 3.0\0",),
+    0xEE: (b"Adobe",),
+}
 _XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # Pillow's own pattern (Image.getexif)
 _EXIF_TAGS = frozenset({_ORIENTATION, _X_RESOLUTION, _RESOLUTION_UNIT})
 _MPF_TAGS = frozenset({_MP_NUMBER_OF_IMAGES, _MP_ENTRY})
@@ -226,15 +236,18 @@ def _tables_fit(data: bytes, start: int, stop: int) -> bool:
 
 
 def _note_app(data: bytes, marker: int, start: int, stop: int, parts: _JpegParts) -> bool:
-    """False where Pillow's APPn parsing would fail (short JFIF/Adobe/ICC) or where this reader leaves the
-    file to Pillow (a second Exif or MPF segment); notes Exif, XMP and MPF positions in ``parts``."""
+    """False where Pillow's APPn parsing would fail (short JFIF/Adobe/ICC), where this reader leaves the
+    file to Pillow (a second Exif or MPF segment) or where it does not know the segment (an APPn without
+    an identifier from ``_KNOWN_APPS``: a later Pillow may read it); notes Exif, XMP, MPF in ``parts``."""
+    if not data.startswith(_KNOWN_APPS.get(marker, ()), start, stop):
+        return False
     if marker == 0xE1:
         parts.app1.append((start, stop))
         if data.startswith(b"Exif\0\0", start, stop):
             if parts.exif is not None:  # Pillow 13 concatenates several, older versions kept the first
                 return False
             parts.exif = (start + 6, stop)
-        elif data.startswith(_XMP_PREFIX, start, stop):
+        else:
             parts.xmp = (start + len(_XMP_PREFIX), stop)
         return True
     if marker == 0xE2:
@@ -248,10 +261,8 @@ def _note_app(data: bytes, marker: int, start: int, stop: int, parts: _JpegParts
     if marker == 0xE0:
         return stop - start >= 7 or not data.startswith(b"JFIF", start, stop)  # JFIF version at byte 5
     if marker == 0xEE:
-        return stop - start >= 7 or not data.startswith(b"Adobe", start, stop)  # Adobe version at byte 5
-    if marker == 0xED and data.startswith(b"Photoshop 3.0\0", start, stop):
-        return _photoshop_blocks_ok(data, start, stop)
-    return True
+        return stop - start >= 7  # Adobe version at byte 5
+    return _photoshop_blocks_ok(data, start, stop)  # APP13 "Photoshop 3.0"
 
 
 def _photoshop_blocks_ok(data: bytes, start: int, stop: int) -> bool:
@@ -343,7 +354,9 @@ _PNG_MODES = {
 _PNG_MIN_LENGTHS = {b"gAMA": 4, b"cHRM": 32, b"sRGB": 1, b"pHYs": 9, b"acTL": 8, b"fcTL": 26}
 _TRNS_MIN_LENGTHS = {"1": 2, "L": 2, "I;16": 2, "RGB": 6}
 #: Ancillary chunks left to Pillow: zTXt is inflated at open; fdAT before IDAT is an unusual APNG.
-_PNG_LEFT_TO_PILLOW = frozenset({b"zTXt", b"fdAT"})
+#: Ancillary chunks that cannot change what Pillow reports at open (it skips them) and that this reader
+#: therefore steps over; any other chunk, known to Pillow or not (zTXt, fdAT, cICP ...), is left to Pillow.
+_PNG_INERT = frozenset({b"bKGD", b"tIME", b"sBIT", b"hIST", b"sPLT"})
 _PNG_CHUNK_HEAD = struct.Struct(">L4s").unpack_from
 _PNG_IHDR = struct.Struct(">LLBBBBB").unpack_from
 _PNG_FRAME = struct.Struct(">LLLLL").unpack_from  # fcTL: sequence, width, height, x offset, y offset
@@ -448,7 +461,7 @@ def _first_frame_ok(data: bytes, start: int, image: tuple[int, int, str]) -> boo
 
 def _png_chunk_ok(data: bytes, kind: bytes, start: int, stop: int, mode: str) -> bool:
     """True when Pillow's handler for this chunk cannot fail on it and it cannot change what the caller
-    needs; unknown ancillary chunks pass (Pillow only CRC-checks them), unknown critical ones do not."""
+    needs; chunks this reader does not know (ancillary or critical) are Pillow's to judge."""
     length = stop - start
     if kind in _PNG_MIN_LENGTHS:
         return length >= _PNG_MIN_LENGTHS[kind]
@@ -458,7 +471,7 @@ def _png_chunk_ok(data: bytes, kind: bytes, start: int, stop: int, mode: str) ->
         return _text_ok(data, kind, start, stop)
     if kind == b"iCCP":
         return _icc_ok(data, start, stop)
-    return kind == b"PLTE" or (kind[0] >= 0x61 and kind not in _PNG_LEFT_TO_PILLOW)
+    return kind in (b"PLTE", b"eXIf") or kind in _PNG_INERT
 
 
 def _text_ok(data: bytes, kind: bytes, start: int, stop: int) -> bool:

@@ -41,6 +41,10 @@ PASS_THROUGH_MODES: dict[str, frozenset[str]] = {
 MIME_BY_FORMAT = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
                   "WEBP": "image/webp"}
 
+#: ``sniff_mime`` answer -> the one Pillow opener to try (AVIF only where this Pillow build reads it).
+_FORMAT_BY_MIME = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF", "image/webp": "WEBP",
+                   "image/tiff": "TIFF", "image/bmp": "BMP", "image/avif": "AVIF"}
+
 #: ``images.format`` value -> Pillow format name of the encoder.
 TARGET_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
@@ -251,7 +255,7 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
     if mime == "image/heic":
         return _open_heif(data, source, "HEIC/HEIF", max_pixels)
     try:
-        return Image.open(io.BytesIO(data), formats=_openable_formats())
+        return Image.open(io.BytesIO(data), formats=_formats_for(mime))
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{source}: refused before decoding as a possible decompression bomb ({exc}); "
                          "images.max_image_pixels cannot lift Pillow's own hard limit",
@@ -270,6 +274,14 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
     except Exception as exc:  # Pillow plugins raise many kinds on hostile headers
         raise ImageError(f"{source}: image header cannot be parsed ({type(exc).__name__}: {exc}); the file "
                          "is truncated or corrupt; re-export it", error_type="image_corrupt") from None
+
+
+def _formats_for(mime: str | None) -> tuple[str, ...]:
+    """Only the sniffed format's opener when there is one (a JPEG's also yields MPO): trying the others
+    costs time and could only turn a corrupt file into a misread one; all readable formats otherwise."""
+    fmt = _FORMAT_BY_MIME.get(mime or "")
+    openable = _openable_formats()
+    return (fmt,) if fmt in openable else openable
 
 
 @functools.cache
@@ -367,6 +379,9 @@ def _decode(image: Image.Image, size: tuple[int, int], source: str, use_draft: b
     if use_draft and image.format in ("JPEG", "MPO") and size != image.size:
         image.draft(None, size)
     _load(image, source)
+    if image.mode in ("P", "PA") and image.palette is None:  # a PNG without PLTE: Pillow asserts later
+        raise ImageError(f"{source}: {_format_name(image)} palette image has no palette; the file is corrupt; "
+                         "re-export it", error_type="image_corrupt")
     return image
 
 
