@@ -26,6 +26,7 @@ from pipeline.core.redact import redact_url
 from pipeline.edges.images import (
     ImageLoader,
     ImagePayload,
+    image_fingerprint,
     read_image_file,
     sniff_mime,
 )
@@ -225,19 +226,17 @@ async def test_odd_paths_fail_their_row(tmp_path: Path) -> None:
 # --- fingerprints ---------------------------------------------------------------------------------------
 
 
-async def test_fingerprint_is_cheap_identity(tmp_path: Path) -> None:
-    loader = ImageLoader(ImagesConfig())
+def test_fingerprint_is_cheap_identity(tmp_path: Path) -> None:
     path = tmp_path / "a.png"
     path.write_bytes(b"one")
-    first = loader.fingerprint("a.png", tmp_path)
-    assert first.startswith(str(path)) and first == loader.fingerprint("a.png", tmp_path)
+    first = image_fingerprint("a.png", tmp_path)
+    assert first.startswith(str(path)) and first == image_fingerprint("a.png", tmp_path)
     path.write_bytes(b"three")
-    assert loader.fingerprint("a.png", tmp_path) != first
-    assert loader.fingerprint("nope.png", tmp_path) == f"missing:{tmp_path / 'nope.png'}"
-    assert loader.fingerprint("https://x.example/a.png", tmp_path) == "https://x.example/a.png"
-    assert loader.fingerprint(f"file://{path}", tmp_path) == loader.fingerprint("a.png", tmp_path)
-    assert loader.fingerprint("file://otherhost/a.png", tmp_path) == "file://otherhost/a.png"
-    await loader.aclose()
+    assert image_fingerprint("a.png", tmp_path) != first
+    assert image_fingerprint("nope.png", tmp_path) == f"missing:{tmp_path / 'nope.png'}"
+    assert image_fingerprint("https://x.example/a.png", tmp_path) == "https://x.example/a.png"
+    assert image_fingerprint(f"file://{path}", tmp_path) == image_fingerprint("a.png", tmp_path)
+    assert image_fingerprint("file://otherhost/a.png", tmp_path) == "file://otherhost/a.png"
 
 
 # --- remote images over real HTTP --------------------------------------------------------------------

@@ -122,23 +122,6 @@ class ImageLoader:
         data = await self._download(source, label)
         return self._quick_payload(data, label) or await self._in_pool(self._payload, data, label)
 
-    def fingerprint(self, source: str, base_dir: Path) -> str:
-        """Cheap identity of the input for resume checks: one ``stat``, the file is never read."""
-        if "://" in source:  # checked first: this runs once per manifest row on every resume
-            if _scheme(source) != "file":
-                return source
-            try:
-                absolute = os.path.abspath(file_url_path(source))
-            except ImageError:  # a file:// URL naming another host: load() will say so
-                return source
-        else:
-            absolute = os.path.abspath(os.path.join(base_dir, source))
-        try:
-            info = os.stat(absolute)
-        except (OSError, ValueError):
-            return f"missing:{absolute}"
-        return f"{absolute}|{info.st_size}|{info.st_mtime_ns}"
-
     # -- local files: small ones inline while no pixels are needed, the rest in one pool hop --------
 
     async def _load_local(self, path: Path, source: str) -> ImagePayload:
@@ -224,6 +207,24 @@ class ImageLoader:
         if self._session is None:
             self._session = aiohttp.ClientSession(headers={"User-Agent": "pipeline-image-preflight"})
         return self._session
+
+
+def image_fingerprint(source: str, base_dir: Path) -> str:
+    """Cheap identity of the input for resume checks: one ``stat``, the file is never read."""
+    if "://" in source:  # checked first: this runs once per manifest row on every resume
+        if _scheme(source) != "file":
+            return source
+        try:
+            absolute = os.path.abspath(file_url_path(source))
+        except ImageError:  # a file:// URL naming another host: load() will say so
+            return source
+    else:
+        absolute = os.path.abspath(os.path.join(base_dir, source))
+    try:
+        info = os.stat(absolute)
+    except (OSError, ValueError):
+        return f"missing:{absolute}"
+    return f"{absolute}|{info.st_size}|{info.st_mtime_ns}"
 
 
 def _to_payload(original: bytes, prepared: Prepared) -> ImagePayload:

@@ -8,7 +8,7 @@ half of one.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -22,44 +22,20 @@ _JSONL_BATCH = 10_000
 
 
 class SinkWriter(Protocol):
-    def write(self, table: pa.Table) -> None: ...
+    """What ``write_atomic`` needs of a writer: pyarrow's own streaming Parquet and CSV writers have it."""
+
+    def write_table(self, table: pa.Table) -> None: ...
 
     def close(self) -> None: ...
 
 
-class ParquetSink:
-    """Parquet with zstd, one row group per written batch."""
-
-    def __init__(self, path: Path, schema: pa.Schema) -> None:
-        self._writer = pq.ParquetWriter(path, schema, compression="zstd")
-
-    def write(self, table: pa.Table) -> None:
-        self._writer.write_table(table)
-
-    def close(self) -> None:
-        self._writer.close()
-
-
-class CsvSink:
-    """CSV with a header row; timestamps in ISO 8601."""
-
-    def __init__(self, path: Path, schema: pa.Schema) -> None:
-        self._writer = pa_csv.CSVWriter(path, schema)
-
-    def write(self, table: pa.Table) -> None:
-        self._writer.write_table(table)
-
-    def close(self) -> None:
-        self._writer.close()
-
-
-class JsonlSink:
-    """One JSON object per line, keys in schema order."""
+class JsonlWriter:
+    """One JSON object per line, keys in schema order (pyarrow has no JSON writer)."""
 
     def __init__(self, path: Path, schema: pa.Schema) -> None:
         self._handle: IO[str] = open(path, "w", encoding="utf-8")
 
-    def write(self, table: pa.Table) -> None:
+    def write_table(self, table: pa.Table) -> None:
         for batch in table.to_batches(max_chunksize=_JSONL_BATCH):
             lines = [json.dumps(record, ensure_ascii=False, default=_iso) for record in batch.to_pylist()]
             if lines:
@@ -75,10 +51,16 @@ def _iso(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-SINKS: dict[str, type[ParquetSink] | type[CsvSink] | type[JsonlSink]] = {
-    "parquet": ParquetSink,
-    "csv": CsvSink,
-    "jsonl": JsonlSink,
+def _parquet(path: Path, schema: pa.Schema) -> SinkWriter:
+    """Parquet with zstd, one row group per written batch."""
+    return pq.ParquetWriter(path, schema, compression="zstd")
+
+
+#: Output format -> a writer for ``(path, schema)``; CSV gets a header row and ISO 8601 timestamps.
+SINKS: dict[str, Callable[[Path, pa.Schema], SinkWriter]] = {
+    "parquet": _parquet,
+    "csv": pa_csv.CSVWriter,
+    "jsonl": JsonlWriter,
 }
 
 
@@ -89,7 +71,7 @@ def write_atomic(tables: Iterable[pa.Table], path: Path, fmt: str, schema: pa.Sc
         sink = SINKS[fmt](temporary, schema)
         try:
             for table in tables:
-                sink.write(table)
+                sink.write_table(table)
                 rows += table.num_rows
         finally:
             sink.close()

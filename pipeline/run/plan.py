@@ -46,7 +46,7 @@ class Plan:
     """Checks a job's inputs and sorts its manifest rows into work to do and work already done."""
 
     def __init__(self, config: Config, *, fingerprint: Fingerprint | None = None) -> None:
-        """``fingerprint`` identifies an image cheaply (default: the image loader's, one ``stat``)."""
+        """``fingerprint`` identifies an image cheaply (default: ``image_fingerprint``, one ``stat``)."""
         self.config = config
         self.reader = ManifestReader(config.input, reserved=RESULT_COLUMNS)
         self.params = answer_params_digest(config.request, config.images)
@@ -107,7 +107,7 @@ class Plan:
     def _image_fingerprint(self) -> Fingerprint:
         if self._fingerprint is None:
             # imported here: checking a manifest (validate) needs neither aiohttp nor Pillow
-            from pipeline.edges.images import ImageLoader
+            from pipeline.edges.images import image_fingerprint
 
-            self._fingerprint = ImageLoader(self.config.images, root=self.config.input.root).fingerprint
+            self._fingerprint = image_fingerprint
         return self._fingerprint
