@@ -287,13 +287,17 @@ async def image_server() -> AsyncIterator[ImageServer]:
     await runner.cleanup()
 
 
+#: The image server is on loopback, which downloads refuse unless allowed (tests/test_downloads.py).
+LOCAL_SERVER = ["127.0.0.1"]
+
+
 async def load_url(url: str, **policy: Any) -> ImagePayload:
     async with ImageLoader(ImagesConfig(**policy)) as loader:
         return await loader.load(url, Path("/nonexistent"))
 
 
 async def test_remote_inline_downloads_and_preflights(image_server: ImageServer) -> None:
-    payload = await load_url(f"{image_server.base}/img/photo.jpg", fit="openai-high")
+    payload = await load_url(f"{image_server.base}/img/photo.jpg", fit="openai-high", allow_hosts=LOCAL_SERVER)
     assert sent_image(payload).size == (1024, 768)
     assert payload.sha256 == hashlib.sha256(image_server.files["photo.jpg"]).hexdigest()
     assert payload.report["image_bytes"] == len(image_server.files["photo.jpg"])
@@ -310,14 +314,14 @@ async def test_remote_pass_through_sends_the_url_untouched(image_server: ImageSe
 
 
 async def test_remote_transient_failure_is_retried(image_server: ImageServer) -> None:
-    payload = await load_url(f"{image_server.base}/flaky/small.png")
+    payload = await load_url(f"{image_server.base}/flaky/small.png", allow_hosts=LOCAL_SERVER)
     assert payload.report["image_action"] == "pass_through"
     assert image_server.hits["/flaky/small.png"] == 2
 
 
 async def test_remote_client_error_fails_at_once_and_hides_the_query(image_server: ImageServer) -> None:
     with pytest.raises(ImageError) as info:
-        await load_url(f"{image_server.base}/status/404?X-Amz-Signature=SECRET")
+        await load_url(f"{image_server.base}/status/404?X-Amz-Signature=SECRET", allow_hosts=LOCAL_SERVER)
     assert info.value.error_type == "image_remote_error" and "HTTP 404" in str(info.value)
     assert "SECRET" not in str(info.value) and "/status/404?..." in str(info.value)
     assert image_server.hits["/status/404"] == 1
@@ -325,16 +329,17 @@ async def test_remote_client_error_fails_at_once_and_hides_the_query(image_serve
 
 async def test_remote_size_caps(image_server: ImageServer) -> None:
     with pytest.raises(ImageError) as info:
-        await load_url(f"{image_server.base}/img/photo.jpg", max_source_bytes=1000)
+        await load_url(f"{image_server.base}/img/photo.jpg", max_source_bytes=1000, allow_hosts=LOCAL_SERVER)
     assert info.value.error_type == "image_too_large" and "announces" in str(info.value)
     with pytest.raises(ImageError) as info:
-        await load_url(f"{image_server.base}/endless/x", max_source_bytes=10_000)
+        await load_url(f"{image_server.base}/endless/x", max_source_bytes=10_000, allow_hosts=LOCAL_SERVER)
     assert info.value.error_type == "image_too_large" and "sent more than 10000 bytes" in str(info.value)
 
 
 async def test_remote_timeout_is_retried_then_fails(image_server: ImageServer) -> None:
     with pytest.raises(ImageError) as info:
-        await load_url(f"{image_server.base}/hang/x", download_timeout=0.2, download_attempts=2)
+        await load_url(f"{image_server.base}/hang/x", download_timeout=0.2, download_attempts=2,
+                       allow_hosts=LOCAL_SERVER)
     assert info.value.error_type == "image_remote_error" and "timed out" in str(info.value)
     assert "2 attempt(s)" in str(info.value) and image_server.hits["/hang/x"] == 2
 
@@ -344,13 +349,13 @@ async def test_remote_connection_refused() -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with pytest.raises(ImageError) as info:
-        await load_url(f"http://127.0.0.1:{port}/a.jpg", download_attempts=1)
+        await load_url(f"http://127.0.0.1:{port}/a.jpg", download_attempts=1, allow_hosts=LOCAL_SERVER)
     assert info.value.error_type == "image_remote_error" and "1 attempt(s)" in str(info.value)
 
 
 async def test_remote_non_image_is_unsupported(image_server: ImageServer) -> None:
     with pytest.raises(ImageError) as info:
-        await load_url(f"{image_server.base}/img/note.jpg")
+        await load_url(f"{image_server.base}/img/note.jpg", allow_hosts=LOCAL_SERVER)
     assert info.value.error_type == "image_unsupported" and "/img/note.jpg" in str(info.value)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,6 +25,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.core.addresses import normalize_allow_entry
 from pipeline.core.errors import ConfigError
 
 #: Keys the pipeline itself owns in the request body; ``extra_body`` may not override them.
@@ -162,6 +164,8 @@ class ImagesConfig(_Model):
     max_source_bytes: Annotated[int, Field(ge=1)] = 100_000_000
     remote: Literal["inline", "pass_through"] = "inline"
     allow_schemes: tuple[Literal["http", "https", "file"], ...] = ("http", "https")
+    # what downloads may reach besides public addresses (host names, IPs, CIDRs): see core/addresses.py
+    allow_hosts: tuple[Annotated[str, AfterValidator(normalize_allow_entry)], ...] = ()
     download_timeout: Annotated[float, Field(gt=0)] = 30.0
     download_attempts: Annotated[int, Field(ge=1, le=10)] = 3
 

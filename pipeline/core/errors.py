@@ -3,7 +3,7 @@
 Every exception the package raises on purpose is one of these (the embedded test endpoint,
 ``pipeline.server``, keeps its own). The runner decides "retry or record" by asking ``error.retryable``,
 and the output records ``error.error_type`` (a stable snake_case name) and the message. Nothing here
-imports I/O libraries: aiohttp/asyncio errors are translated in ``edges/client.py`` and ``edges/images.py``.
+imports I/O libraries: aiohttp/asyncio errors are translated in ``edges/client.py`` and ``edges/downloads.py``.
 
 ::
 
@@ -12,8 +12,10 @@ imports I/O libraries: aiohttp/asyncio errors are translated in ``edges/client.p
     │   └── ScheduleError            a cron expression the scheduler cannot take
     ├── ManifestError                missing column, duplicate id, empty      (never retried)
     ├── ImageError                   per-row: missing / empty / unsupported   (never retried)
-    │   └── TransientDownloadError   one download attempt failed (connect, timeout, 408/429/5xx):
-    │                                retried by the download, then reported as an ImageError
+    │   ├── TransientDownloadError   one download attempt failed (connect, timeout, 408/429/5xx):
+    │   │                            retried by the download, then reported as an ImageError
+    │   └── DownloadBlocked          a download (or a redirect hop) would reach a loopback / private /
+    │                                link-local ... address not in images.allow_hosts (SSRF guard)
     ├── BudgetExceeded               max_requests / max_total_tokens / max_cost reached: stop cleanly
     ├── LockHeld                     another run of the same job holds the ledger lock
     ├── LedgerError                  the ledger file is corrupt or from a newer pipeline
@@ -115,6 +117,13 @@ class TransientDownloadError(ImageError):
 
     error_type = "image_remote_error"
     retryable = True
+
+
+class DownloadBlocked(ImageError):
+    """A download would connect to an address the SSRF guard refuses (``core/addresses.py``); permanent
+    until ``images.allow_hosts`` opens it, and nothing was sent to that address."""
+
+    error_type = "image_blocked"
 
 
 class BudgetExceeded(PipelineError):

@@ -1,5 +1,6 @@
 """Image pre-flight, the async edge: where an image comes from (local file, file:// or http(s) URL),
-path safety under ``input.root``, downloads, and the worker pool that keeps pixel work off the event loop.
+path safety under ``input.root``, downloads (``downloads.py``, behind the SSRF guard), and the worker pool
+that keeps pixel work off the event loop.
 
 ``ImageLoader.load`` turns one manifest ``path`` value into an ``ImagePayload`` or raises ``ImageError``
 for that row alone; the pixel decisions live in ``preflight.py``.
@@ -21,12 +22,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import aiohttp
-
 from pipeline.core.config import ImagesConfig
-from pipeline.core.errors import RETRYABLE_STATUSES, ImageError, TransientDownloadError
+from pipeline.core.errors import ImageError
 from pipeline.core.redact import redact_url
-from pipeline.core.retry import download_retry_policy
+from pipeline.edges.downloads import Downloader
 from pipeline.edges.preflight import (
     MIME_BY_FORMAT,
     Prepared,
@@ -49,7 +48,6 @@ REPORT_KEYS = ("image_format", "image_width", "image_height", "image_bytes", "se
 _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+)://")
 #: Types whose original bytes may be sent, so worth a header look on the event loop.
 _PASSABLE_MIMES = frozenset(MIME_BY_FORMAT.values())
-_DOWNLOAD_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +77,7 @@ class ImageLoader:
         self._use_draft = use_draft
         self._root = Path(os.path.realpath(root)) if root is not None else None
         self._pool = ThreadPoolExecutor(max_workers=workers or _cores(), thread_name_prefix="preflight")
-        self._session: aiohttp.ClientSession | None = None
+        self._downloader = Downloader(images)
 
     async def __aenter__(self) -> ImageLoader:
         return self
@@ -90,9 +88,7 @@ class ImageLoader:
 
     async def aclose(self) -> None:
         """Close the download session and stop the pool (work already running finishes on its own)."""
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._downloader.aclose()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def load(self, source: str, base_dir: Path) -> ImagePayload:
@@ -119,7 +115,7 @@ class ImageLoader:
             report: dict[str, Any] = dict.fromkeys(REPORT_KEYS)
             report["image_action"] = "remote_url"
             return ImagePayload(source, hashlib.sha256(source.encode("utf-8")).hexdigest(), report)
-        data = await self._download(source, label)
+        data = await self._downloader.get(source, label)
         return self._quick_payload(data, label) or await self._in_pool(self._payload, data, label)
 
     # -- local files: small ones inline while no pixels are needed, the rest in one pool hop --------
@@ -163,51 +159,6 @@ class ImageLoader:
     def _payload(self, data: bytes, label: str) -> ImagePayload:
         return _to_payload(data, prepare(data, label, self._policy, use_draft=self._use_draft))
 
-    # -- remote images ----------------------------------------------------------------------------
-
-    async def _download(self, url: str, label: str) -> bytes:
-        """GET with a size cap, a per-attempt timeout and retries on transient failures (the same tenacity
-        mechanism as requests; ``images.download_attempts`` tries)."""
-        try:
-            return await download_retry_policy(self._policy)(self._fetch, url, label)
-        except TransientDownloadError as exc:
-            raise ImageError(f"{label}: download failed after {self._policy.download_attempts} attempt(s), "
-                             f"last: {exc}; check the URL and the server, or raise images.download_attempts / "
-                             "download_timeout", error_type="image_remote_error") from None
-
-    async def _fetch(self, url: str, label: str) -> bytes:
-        cap = self._policy.max_source_bytes
-        timeout = aiohttp.ClientTimeout(total=self._policy.download_timeout)
-        try:
-            async with self._downloads().get(url, timeout=timeout) as response:
-                if response.status in RETRYABLE_STATUSES or response.status >= 500:
-                    raise TransientDownloadError(f"HTTP {response.status} {response.reason or ''}".strip())
-                if response.status >= 400:
-                    raise ImageError(f"{label}: download answered HTTP {response.status} "
-                                     f"{response.reason or ''}; fix the URL or its access rights",
-                                     error_type="image_remote_error")
-                if response.content_length is not None and response.content_length > cap:
-                    raise _too_big(label, f"announces {response.content_length} bytes", cap)
-                body = bytearray()
-                async for chunk in response.content.iter_chunked(_DOWNLOAD_CHUNK):
-                    body += chunk
-                    if len(body) > cap:
-                        raise _too_big(label, f"sent more than {cap} bytes", cap)
-                return bytes(body)
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
-            reason = f"timed out after {self._policy.download_timeout:g} s" if isinstance(exc, TimeoutError) \
-                else f"{type(exc).__name__}: {exc}"
-            raise TransientDownloadError(reason) from None
-        except aiohttp.ClientError as exc:  # invalid URL, too many redirects ...: another try won't help
-            raise ImageError(f"{label}: download failed ({type(exc).__name__}: {exc}); fix the URL",
-                             error_type="image_remote_error") from None
-
-    def _downloads(self) -> aiohttp.ClientSession:
-        """The loader's own session, opened on first use inside the running loop."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(headers={"User-Agent": "pipeline-image-preflight"})
-        return self._session
-
 
 def image_fingerprint(source: str, base_dir: Path) -> str:
     """Cheap identity of the input for resume checks: one ``stat``, the file is never read."""
@@ -236,11 +187,6 @@ def _base64_text(data: bytes) -> str:
     if _fast_base64 is not None:
         return _fast_base64.b64encode_as_string(data)  # type: ignore[no-any-return]
     return base64.b64encode(data).decode("ascii")
-
-
-def _too_big(label: str, what: str, cap: int) -> ImageError:
-    return ImageError(f"{label}: download {what}, over images.max_source_bytes={cap}; raise the cap or "
-                      "use a smaller image", error_type="image_too_large")
 
 
 def _cores() -> int:
