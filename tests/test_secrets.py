@@ -16,6 +16,7 @@ from pipeline.api import run_job_async
 from pipeline.core.config import ImagesConfig, config_from_dict, job_secrets
 from pipeline.core.errors import ConfigError, ImageError
 from pipeline.core.redact import redact
+from pipeline.edges.client import ChatClient
 from pipeline.edges.preflight import prepare
 from pipeline.server import FaultPlan, LocalEndpoint, parse_fault_spec
 
@@ -119,7 +120,8 @@ def test_base_url_credentials_are_not_shown_in_its_error(tmp_path):
 
 def test_the_config_repr_names_headers_and_query_keys_but_hides_their_values(tmp_path):
     config = config_from_dict(document(tmp_path / "m.csv", tmp_path / "o.parquet", "local"))
-    shown = repr(config) + str(config) + repr(config.endpoint)
+    client = ChatClient(config.endpoint, base_url="http://127.0.0.1:9")
+    shown = repr(config) + str(config) + repr(config.endpoint) + repr(client)
     assert "X-Tenant-Token" in shown and "sig" in shown
     for secret in (*SECRETS, PLAIN):
         assert secret not in shown
