@@ -19,6 +19,7 @@ from pipeline.edges.configfile import load_config
 from pipeline.run.summary import Command, ProgressCallback, RunSummary
 
 if TYPE_CHECKING:
+    from pipeline.edges.manifest import ManifestInfo
     from pipeline.ops.jobrun import JobRun
 
 
@@ -61,6 +62,21 @@ def local_fault_rules(config: Config) -> list[Any]:
         except ValueError as exc:
             raise ConfigError(f"endpoint.local.faults[{index}]: {exc}") from None
     return rules
+
+
+def check_job(config: Config) -> ManifestInfo:
+    """Every check ``run`` makes before its first request, with nothing sent and nothing written: what
+    ``pipeline validate`` runs, so a config it passes is one ``run`` accepts. It builds the same parts the
+    run builds (fault rules, event loop choice, limits and budget, the client's request head, the plan)."""
+    from pipeline.edges.client import ChatClient
+    from pipeline.run.gate import RequestGate
+    from pipeline.run.plan import Plan
+
+    local_fault_rules(config)
+    loop_factory(config.run.event_loop)
+    RequestGate.from_config(config)
+    ChatClient(config.endpoint, base_url="http://127.0.0.1:9" if config.endpoint.is_local else None)
+    return Plan(config).check()
 
 
 @contextlib.asynccontextmanager

@@ -176,12 +176,10 @@ def load_config(path: Path) -> Config:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from pipeline.api import local_fault_rules
-    from pipeline.run.plan import Plan
+    from pipeline.api import check_job
 
     config = load_config(args.config)
-    local_fault_rules(config)
-    info = Plan(config).check()
+    info = check_job(config)  # every check run makes, so validate and run refuse the same configs
     print(f"ok: {args.config}: {info.rows} rows in {info.source} (columns: {', '.join(info.columns)}); "
           f"output {config.output.path} ({config.output.output_format})")
     return ExitCode.OK

@@ -27,6 +27,7 @@ from pydantic import (
 
 from pipeline.core.addresses import normalize_allow_entry
 from pipeline.core.errors import ConfigError
+from pipeline.core.redact import MASK, redact_url
 
 #: Keys the pipeline itself owns in the request body; ``extra_body`` may not override them.
 RESERVED_BODY_KEYS = frozenset({"model", "messages", "stream"})
@@ -38,7 +39,8 @@ ManifestFormat = Literal["csv", "jsonl", "parquet"]
 class _Model(BaseModel):
     """Frozen, strict about unknown keys: a typo in a config must never be silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # hide_input_in_errors: a ValidationError that escapes (a model built by hand) never prints a value
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class Timeouts(_Model):
@@ -64,6 +66,8 @@ class EndpointConfig(_Model):
     auth_scheme: Literal["bearer", "api-key", "none"] = "bearer"
     headers: dict[str, str] = Field(default_factory=dict)
     query: dict[str, str] = Field(default_factory=dict)
+    # header or query parameter names whose values are secret, beyond those that look secret by name
+    secret_names: list[str] = Field(default_factory=list)
     timeout: Timeouts = Timeouts()
     local: LocalEndpointOptions = LocalEndpointOptions()
 
@@ -71,6 +75,16 @@ class EndpointConfig(_Model):
     @classmethod
     def _empty_key_is_none(cls, value: Any) -> Any:
         return None if value in ("", None) else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_fits_a_header(cls, value: SecretStr | None) -> SecretStr | None:
+        """The key travels in a header: refuse here what the wire would refuse at run time (never shown)."""
+        if value is not None:
+            problem = header_problem(value.get_secret_value())
+            if problem:
+                raise ValueError(f"the key {problem}; copy it again without the extra characters")
+        return value
 
     @field_validator("base_url")
     @classmethod
@@ -84,11 +98,39 @@ class EndpointConfig(_Model):
 
     @field_validator("headers")
     @classmethod
-    def _no_auth_header(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
+    def _headers_fit_the_wire(cls, value: dict[str, str]) -> dict[str, str]:
+        """The same header checks the client makes when it builds its requests, so ``validate`` and ``run``
+        refuse the same configs; a message names the header, never its value."""
+        for name, text in value.items():
             if name.lower() in ("authorization", "api-key"):
                 raise ValueError(f"set the key with endpoint.api_key, not headers.{name}")
+            if not name or ":" in name or header_problem(name):
+                raise ValueError(f"{name!r} is not a valid header name (no colon, line break, NUL or non-Latin-1)")
+            problem = header_problem(text)
+            if problem:
+                raise ValueError(f"the value of headers.{name} {problem}")
         return value
+
+    def __repr_args__(self) -> Any:
+        """Header and query values may be credentials: a repr names them, never shows them."""
+        for name, value in super().__repr_args__():
+            if name in ("headers", "query"):
+                value = {key: MASK for key in value}
+            yield name, value
+
+    def secret_values(self) -> list[str]:
+        """Every configured value sent to the endpoint that must never be stored or shown: the API key,
+        base_url credentials, and header / query values that look secret by name or are named in
+        ``secret_names``. An endpoint that echoes what it got (an error body quoting the key) is masked
+        with these before its message reaches the ledger or the logs."""
+        values = [self.api_key.get_secret_value()] if self.api_key is not None else []
+        password = _url_password(self.base_url)
+        values += [password] if password else []
+        marked = {name.lower() for name in self.secret_names}
+        for name, value in (*self.headers.items(), *self.query.items()):
+            if name.lower() in marked or (_SECRET_NAME.search(name) and len(value) >= _MIN_GUESSED_SECRET):
+                values.append(value)
+        return [v for v in values if v]
 
     @property
     def is_local(self) -> bool:
@@ -367,6 +409,44 @@ class Config(_Model):
         return out.with_name(f"{out.stem}.ledger.sqlite")
 
 
+def job_secrets(config: Config) -> list[str]:
+    """Values that must never appear in logs, the ledger, outputs or reports: the endpoint's secrets
+    (``EndpointConfig.secret_values``) and the webhook URL. Computed once per job by whoever masks."""
+    values = config.endpoint.secret_values()
+    if config.notify.webhook_url is not None:
+        values.append(config.notify.webhook_url.get_secret_value())
+    return [v for v in dict.fromkeys(values) if v]
+
+
+#: Header / query names whose values are credentials (``Authorization``, ``x-api-key``, ``X-Auth-Token``,
+#: ``?key=``, ``?sig=`` of a signed URL, ``?code=`` of an Azure Function, cookies, passwords).
+_SECRET_NAME = re.compile(r"(?i)auth|key|token|secret|passw|pwd|cookie|credential|session|signature|^sig$|^code$")
+#: A value guessed secret from its name alone is masked from this length on: a short value ("on", "1")
+#: is not a credential, and masking it everywhere would garble every message. Named ones are always masked.
+_MIN_GUESSED_SECRET = 8
+
+
+def header_problem(text: str) -> str | None:
+    """Why ``text`` cannot go into an HTTP header (None when it can); never quotes the text."""
+    if any(c in text for c in "\r\n\0"):
+        return "contains a line break or NUL"
+    try:
+        text.encode("latin-1")
+    except UnicodeEncodeError:
+        return "has a character HTTP headers cannot carry (use Latin-1)"
+    return None
+
+
+def _url_password(url: str) -> str | None:
+    """The password of ``https://user:password@host/...`` (proxy-style credentials in base_url), or a
+    token given as the user name."""
+    match = re.match(r"^[a-z][a-z0-9+.-]*://([^/@\s]*)@", url, re.IGNORECASE)
+    if not match:
+        return None
+    user, _, password = match.group(1).partition(":")
+    return password or (user if len(user) >= _MIN_GUESSED_SECRET else None)  # a token as the user name
+
+
 # ---------------------------------------------------------------------------------------------
 # templates
 
@@ -416,7 +496,10 @@ def _most_specific(errors: list[Any]) -> list[Any]:
     return kept
 
 
+#: Keys whose values are never echoed in a config error, at any depth (``endpoint.headers.X-Api-Key``).
 _SECRET_KEYS = ("api_key", "webhook_url")
+#: Sections whose values are never echoed: any header or query value may be a credential.
+_SECRET_SECTIONS = (("endpoint", "headers"), ("endpoint", "query"))
 
 
 def describe_error(err: Mapping[str, Any]) -> str:
@@ -433,7 +516,7 @@ def describe_error(err: Mapping[str, Any]) -> str:
     text = _MESSAGES.get(kind, "").format(**{k: _num(v) for k, v in ctx.items()}) or _lower_first(err["msg"])
     if kind == "value_error":
         text = _lower_first(str(ctx.get("error", err["msg"])))
-    shown = "<hidden>" if any(s in loc for s in _SECRET_KEYS) else _show(err.get("input"))
+    shown = _show_input(loc, err.get("input"))
     return f"{key}: {text}, got {shown}" if key else f"{text}"
 
 
@@ -483,6 +566,15 @@ def _num(value: Any) -> Any:
 
 def _lower_first(text: str) -> str:
     return text[:1].lower() + text[1:]
+
+
+def _show_input(loc: list[str], value: Any) -> str:
+    """The offending value as an error may show it: secrets hidden, URL credentials dropped."""
+    if any(s in loc for s in _SECRET_KEYS) or tuple(loc[:2]) in _SECRET_SECTIONS or loc == ["endpoint"]:
+        return "<hidden>"
+    if loc[-1:] == ["base_url"] and isinstance(value, str):
+        return _show(redact_url(value))
+    return _show(value)
 
 
 def _show(value: Any) -> str:

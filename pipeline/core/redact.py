@@ -23,6 +23,9 @@ _SK_KEY = re.compile(r"\bsk-[A-Za-z0-9_-]{8,}")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+")
 #: Azure's ``api-key`` header, and ``api_key=...`` / ``"api_key": "..."`` in reprs, query strings, JSON.
 _API_KEY_FIELD = re.compile(r"""(?i)\b(api[-_]?key["']?\s*[:=]\s*["']?)([^\s"',;&}\])]+)""")
+#: A secret of at least ``_CUT_MIN`` characters is recognised by its first ``_CUT_PREFIX`` ones, up to the
+#: end of the word it starts (a quote, comma or space ends it).
+_CUT_MIN, _CUT_PREFIX, _CUT_REST = 12, 8, r"""[^\s"',;]*"""
 
 
 def _payload_size(payload: str) -> int:
@@ -35,12 +38,17 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
 
     A data URI keeps its media type and says how big its payload was (``data:image/png;base64,<812 bytes>``),
     which is what a reader debugging a request actually needs. Every non-empty secret is replaced verbatim,
-    longest first (so a secret that contains another is masked whole). Idempotent: masking twice is masking once.
+    longest first (so a secret that contains another is masked whole), and so is a secret cut short (an
+    endpoint's error message truncated in the middle of the key it echoes): the run of characters that starts
+    with its first 8 is masked too (not for URLs, whose first 8 characters are ``https://``). Idempotent:
+    masking twice is masking once.
     """
     if not text:
         return text
     for secret in sorted((s for s in secrets if s), key=len, reverse=True):
         text = text.replace(secret, MASK)
+        if len(secret) >= _CUT_MIN and "://" not in secret and secret[:_CUT_PREFIX] in text:
+            text = re.sub(re.escape(secret[:_CUT_PREFIX]) + _CUT_REST, MASK, text)
     text = _DATA_URI.sub(lambda m: f"data:{m.group(1)};base64,<{_payload_size(m.group(2))} bytes>", text)
     text = _SK_KEY.sub("sk-" + MASK, text)
     text = _BEARER.sub(lambda m: m.group(1) + MASK, text)

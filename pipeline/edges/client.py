@@ -41,6 +41,7 @@ from pipeline.core.ratelimit import (
     parse_rate_limit_headers,
     server_wait,
 )
+from pipeline.core.redact import redact_url
 from pipeline.core.sse import SSEDecoder
 from pipeline.core.version import __version__
 from pipeline.edges.http import (
@@ -80,8 +81,8 @@ class ChatClient:
         except ValueError as exc:  # names the header, never its value
             raise ConfigError(f"endpoint.headers: {exc}") from None
 
-    def __repr__(self) -> str:  # never shows the key
-        return f"ChatClient(url={str(self.url)!r})"
+    def __repr__(self) -> str:  # never shows the key, nor query values (a signature, a key)
+        return f"ChatClient(url={redact_url(str(self.url))!r})"
 
     def _headers(self) -> dict[str, str]:
         headers = {"User-Agent": f"pipeline/{__version__}", "Accept": "text/event-stream",

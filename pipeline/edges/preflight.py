@@ -101,6 +101,55 @@ def sniff_mime(head: bytes) -> str | None:
     return None
 
 
+#: Leading bytes of the files most often found where an image was expected -> what to call them.
+_NON_IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF-", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive (or a document packed as one: docx, xlsx, epub)"),
+    (b"\x1f\x8b", "gzip-compressed data"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+    (b"Rar!\x1a\x07", "a RAR archive"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an old Microsoft Office document"),
+    (b"SQLite format 3\x00", "an SQLite database"),
+    (b"\x7fELF", "an executable (ELF)"),
+    (b"8BPS", "a Photoshop document (PSD)"),
+    (b"ID3", "an MP3 audio file"),
+    (b"OggS", "an Ogg audio/video file"),
+    (b"fLaC", "a FLAC audio file"),
+    (b"\x1a\x45\xdf\xa3", "a Matroska/WebM video"),
+)
+
+
+def describe_non_image(head: bytes) -> str:
+    """What a file that is not a readable image is, in words (``a PDF document``, ``an HTML page``), from its
+    first bytes. A message names the type and never quotes the bytes: they are someone's data."""
+    for magic, name in _NON_IMAGE_MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF":
+        return {b"WAVE": "a WAV audio file", b"AVI ": "an AVI video"}.get(head[8:12], "a RIFF media file")
+    if head[4:8] == b"ftyp":
+        return "an MP4/QuickTime video or other ISO media file"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a multi-byte character cut by the 512-byte window is still text
+        text = head[:exc.start].decode("utf-8") if exc.start > len(head) - 4 else ""
+    if not text or not all(c.isprintable() or c in "\t\r\n\f" for c in text):
+        return "binary data of an unknown type"
+    return _text_kind(text.lstrip("\ufeff \t\r\n").lower())
+
+
+def _text_kind(text: str) -> str:
+    if text.startswith(("<!doctype html", "<html")):
+        return "an HTML page (an error page saved in place of the image?)"
+    if "<svg" in text:
+        return "an SVG drawing (vector images are not sent; convert it to PNG)"
+    if text.startswith("<?xml"):
+        return "an XML document"
+    if text.startswith(("{", "[")):
+        return "JSON text"
+    return "plain text"
+
+
 def target_size(width: int, height: int, policy: ImagesConfig) -> tuple[int, int]:
     """The size to send: the policy's rules combined (smallest wins); never larger than the source.
 
@@ -267,7 +316,7 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
             raise ImageError(f"{source}: looks like {mime} but its header cannot be parsed; the file is "
                              "truncated or corrupt; re-export it", error_type="image_corrupt") from None
         raise ImageError(
-            f"{source}: not an image this pipeline can read (starts with {data[:8]!r}); "
+            f"{source}: not an image this pipeline can read: the file is {describe_non_image(data[:512])}; "
             f"readable formats: {', '.join(READABLE_FORMATS)}, HEIC (extra); fix the path or convert the file",
             error_type="image_unsupported",
         ) from None

@@ -10,7 +10,7 @@ import logging
 from dataclasses import asdict
 from typing import Any
 
-from pipeline.core.config import Config
+from pipeline.core.config import Config, job_secrets
 from pipeline.edges.ledger import StateStore
 from pipeline.edges.manifest import ManifestInfo
 from pipeline.ops.export import ExportReport, export_output, export_partition
@@ -73,9 +73,3 @@ async def publish_report(config: Config, summary: RunSummary, report: dict[str, 
         log.warning("could not write the run report: %s", exc)
     if config.notify.webhook_url is not None and notify_wanted(report, config.notify.when):
         await post_webhook(config.notify.webhook_url.get_secret_value(), report, timeout=config.notify.timeout)
-
-
-def job_secrets(config: Config) -> list[str]:
-    """Values that must never appear in logs or reports: the API key and the webhook URL."""
-    secrets = [config.endpoint.api_key, config.notify.webhook_url]
-    return [s.get_secret_value() for s in secrets if s is not None and s.get_secret_value()]

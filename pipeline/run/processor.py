@@ -20,13 +20,14 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from pipeline.core.config import Config
+from pipeline.core.config import Config, job_secrets
 from pipeline.core.errors import (
     BudgetExceeded,
     EmptyResponse,
     ImageError,
     PipelineError,
 )
+from pipeline.core.redact import redact
 from pipeline.core.request import RequestBuilder, answer_params_digest, request_key
 from pipeline.core.results import ResultRow, rows_from_completion
 from pipeline.core.retry import retry_policy
@@ -76,6 +77,7 @@ class RowProcessor:
         self.images = ImageLoader(config.images, root=config.input.root)
         self.params = answer_params_digest(config.request, config.images)
         self.gate = RequestGate.from_config(config)
+        self._secrets = tuple(job_secrets(config))  # masked out of every failure message (an echoed key)
         self._client = ChatClient(config.endpoint, base_url=base_url, pool_size=pool_size or config.run.concurrency)
         self._open = contextlib.AsyncExitStack()
 
@@ -172,14 +174,16 @@ class RowProcessor:
         )
         return RowOutcome(key, "ok", attempts, results=[r.to_json() for r in results])
 
-    @staticmethod
-    def _failure(key: str, task: RowTask, exc: PipelineError, attempts: int, started: datetime,
+    def _failure(self, key: str, task: RowTask, exc: PipelineError, attempts: int, started: datetime,
                  image: dict[str, Any] | None = None) -> RowOutcome:
+        """The failed row; its message masked here, once, so an endpoint that echoes the key (or a header)
+        cannot get it into the ledger, the outputs, ``pipeline status`` or the reports."""
         tries = f" after {attempts} attempt(s)" if attempts else ""
-        log.warning("%s failed%s: %s: %s", task.row.label, tries, exc.error_type, exc.message)
-        result = ResultRow(status="failed", attempts=attempts, error_type=exc.error_type, error_message=exc.message,
+        message = redact(exc.message, self._secrets)
+        log.warning("%s failed%s: %s: %s", task.row.label, tries, exc.error_type, message)
+        result = ResultRow(status="failed", attempts=attempts, error_type=exc.error_type, error_message=message,
                            started_at=started, finished_at=_now(), **(image or {}))
-        return RowOutcome(key, "failed", attempts, exc.error_type, exc.message, [result.to_json()],
+        return RowOutcome(key, "failed", attempts, exc.error_type, message, [result.to_json()],
                           final=exc.row_specific)
 
 

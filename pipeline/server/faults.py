@@ -29,7 +29,7 @@ from typing import Any
 #: Every fault kind, in the order the docs list them.
 FAULT_KINDS: tuple[str, ...] = (
     "status", "drop", "truncate", "stall", "stall_first_byte", "slow", "error_event", "malformed", "down",
-    "linger", "html", "concurrency_limit", "rpm_limit",
+    "linger", "html", "echo_auth", "concurrency_limit", "rpm_limit",
 )
 
 #: Kinds that limit load rather than misbehave; checked before the other rules.
@@ -51,6 +51,7 @@ KIND_OPTIONS: dict[str, tuple[str, ...]] = {
     "malformed": ("after",),
     "linger": ("seconds",),
     "html": (),
+    "echo_auth": ("code",),
     "down": ("seconds", "mode", "code"),
     "concurrency_limit": ("max",),
     "rpm_limit": ("rpm", "burst", "headers"),
@@ -133,8 +134,8 @@ class FaultRule:
 
     @property
     def status(self) -> int:
-        """The HTTP status a ``status`` or ``down`` rule answers with."""
-        return self.code if self.code is not None else (503 if self.kind == "down" else 500)
+        """The HTTP status a ``status``, ``down`` or ``echo_auth`` rule answers with."""
+        return self.code if self.code is not None else {"down": 503, "echo_auth": 401}.get(self.kind, 500)
 
     def headers(self) -> dict[str, str]:
         """Rate-limit style response headers requested by a ``status`` rule."""

@@ -93,7 +93,21 @@ async def answer_before_headers(ex: Exchange) -> web.StreamResponse | None:
         raise _limit_error(ex)
     if rule.kind == "html":  # a proxy or captive portal answering in place of the API
         return web.Response(text=HTML_PAGE, content_type="text/html")
+    if rule.kind == "echo_auth":
+        raise _echo_error(ex.request, rule.status)
     return None
+
+
+def _echo_error(request: web.Request, status: int) -> ApiError:
+    """What a careless gateway answers: the credentials it got, quoted back (the Authorization header's
+    token, ``api-key`` and every ``X-*`` header, the query string), so a test can prove none is stored."""
+    auth = request.headers.get("Authorization", "")
+    quoted = [f"Incorrect API key provided: {auth.partition(' ')[2] or auth or '(none)'}"]
+    quoted += [f"{name} was {value}" for name, value in request.headers.items()
+               if name.lower() == "api-key" or (name.lower().startswith("x-") and name.lower() != "x-fault")]
+    if request.query_string:
+        quoted.append(f"query was {request.query_string}")
+    return ApiError(status, "; ".join(quoted), code="invalid_api_key", error_type=error_type_for_status(status))
 
 
 def _status_error(rule: FaultRule) -> ApiError:
