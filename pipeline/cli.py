@@ -79,6 +79,8 @@ def _add_job_commands(commands: Any, logging_options: argparse.ArgumentParser) -
                               "stopped. The output file is rebuilt from the job's ledger at the end.")
     run.add_argument("config", type=Path, help="YAML or TOML job config")
     run.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
+    run.add_argument("--exit-line", action="store_true",
+                     help="end with one line: time, run id, exit code (what scheduled runs log)")
     run.add_argument("--fresh", action="store_true",
                      help="start over: keep the old ledger as a timestamped backup and send every row")
 
@@ -158,8 +160,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"run": _run, "retry": _run, "validate": _validate, "serve": _serve, "status": _status,
                 "runs": _runs, "export": _export, "estimate": _estimate, "schedule": _schedule,
                 "scheduler": _scheduler}
+    code = 1  # what Python exits with after an uncaught exception
     try:
-        return handlers[args.command](args)
+        code = _handle(handlers[args.command], args)
+        return code
+    finally:
+        if getattr(args, "exit_line", False):
+            from pipeline.ops.schedule import exit_line
+
+            summary = getattr(args, "summary", None)  # set by _run once the job exists
+            run_id = summary.run_id if summary else None
+            sys.stdout.flush()  # the summary first: both streams go to one log
+            print(exit_line(args.config.absolute(), run_id, code, when=datetime.now(UTC)), file=sys.stderr, flush=True)
+
+
+def _handle(handler: Any, args: argparse.Namespace) -> int:
+    try:
+        return handler(args)
     except LockHeld as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.LOCKED
@@ -196,6 +213,7 @@ def _run(args: argparse.Namespace) -> int:
     bar = None if args.no_progress else _ProgressBar()
     job = JobRun(config, on_progress=bar.update if bar else None, command=args.command,
                  fresh=getattr(args, "fresh", False), error_type=getattr(args, "error_type", None))
+    args.summary = job.summary  # its run id, for --exit-line
     summary = run_coroutine(_run_async(job, bar), config.run.event_loop)
     _print_summary(summary, job.report)
     return summary.exit_code
@@ -380,6 +398,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _schedule(args: argparse.Namespace) -> int:
+    import os
+
     from pipeline.ops.schedule import (
         ENVIRONMENT_NOTE,
         crontab_line,
@@ -387,14 +407,15 @@ def _schedule(args: argparse.Namespace) -> int:
         default_log_file,
         install_crontab,
         install_systemd_units,
+        prepare_schedule,
         render_schedule,
         systemd_enable_hint,
         systemd_units,
     )
 
-    load_config(args.config)  # a broken job must not be scheduled
-    where = dict(workdir=(args.workdir or Path.cwd()).absolute(), python=sys.executable,
-                 log_file=(args.log_file or default_log_file(args.config)).absolute(), env_file=args.env_file)
+    where = prepare_schedule(args.config, workdir=args.workdir or Path.cwd(), python=sys.executable,
+                             log_file=args.log_file or default_log_file(args.config), env_file=args.env_file,
+                             shell_env=os.environ)  # a job that could not start under cron is not scheduled
     config_path = args.config.absolute()
     if args.install == "systemd":
         units = systemd_units(config_path, args.cron, name=args.name, **where)
@@ -407,7 +428,8 @@ def _schedule(args: argparse.Namespace) -> int:
         print(crontab_line(config_path, args.cron, **where))
     else:
         print(render_schedule(config_path, args.cron, name=args.name, **where))
-    print(ENVIRONMENT_NOTE)
+    if args.env_file is None:
+        print(ENVIRONMENT_NOTE)
     return ExitCode.OK
 
 

@@ -8,6 +8,7 @@ import asyncio
 import configparser
 import json
 import os
+import re
 import shlex
 import sqlite3
 import stat
@@ -34,6 +35,8 @@ from pipeline.ops.schedule import (
     install_systemd_units,
     merge_crontab,
     normalize_cron,
+    prepare_schedule,
+    read_env_file,
     render_schedule,
     run_job_subprocess,
     scheduler_jobs,
@@ -187,13 +190,13 @@ def test_crontab_line_parses_back_and_runs_in_a_real_shell(paths, tmp_path):
     assert schedule == ["0", "2", "*", "*", "*"]
     command = command.replace("\\%", "%")  # what cron does before handing the command to sh
     assert shlex.split(command) == [
-        "cd", str(paths["root"]), "&&", "set", "-a", "&&", ".", str(paths["env"]), "&&", "set", "+a", "&&",
-        str(fake_python), "-m", "pipeline", "run", str(paths["config"]), "--no-progress",
+        "{", "cd", str(paths["root"]), "&&", "set", "-a", "&&", ".", str(paths["env"]), "&&", "set", "+a", "&&",
+        str(fake_python), "-m", "pipeline", "run", str(paths["config"]), "--no-progress", "--exit-line;", "}",
         ">>", str(paths["log"]), "2>&1"]
     paths["log"].parent.mkdir()
     subprocess.run(["sh", "-c", command], check=True, env={"PATH": os.defpath})
     ran = json.loads(record.read_text())
-    assert ran == {"argv": ["-m", "pipeline", "run", str(paths["config"]), "--no-progress"],
+    assert ran == {"argv": ["-m", "pipeline", "run", str(paths["config"]), "--no-progress", "--exit-line"],
                    "cwd": str(paths["root"]), "key": "from-env-file"}
     assert paths["log"].read_text() == "ran\n"
 
@@ -203,6 +206,8 @@ def test_crontab_refuses_seconds_and_newlines(paths):
         crontab_line(paths["config"], "* * * * * */2", workdir=paths["root"], log_file=paths["log"])
     with pytest.raises(ScheduleError, match="line break"):
         crontab_line(Path("a\nb.yaml"), "0 2 * * *", workdir=paths["root"], log_file=paths["log"])
+    with pytest.raises(ScheduleError, match="absolute path"):  # cron's PATH would not find it
+        crontab_line(paths["config"], "0 2 * * *", workdir=paths["root"], python="python3", log_file=paths["log"])
 
 
 @pytest.fixture
@@ -283,7 +288,8 @@ def test_systemd_units_parse_back(paths):
     assert body["Type"] == "oneshot"
     assert systemd_unescape(body["WorkingDirectory"]) == str(paths["root"])
     exec_start = shlex.split(systemd_unescape(body["ExecStart"]).replace("$$", "$"))
-    assert exec_start == ["/opt/venv/bin/python", "-m", "pipeline", "run", str(paths["config"]), "--no-progress"]
+    assert exec_start == ["/opt/venv/bin/python", "-m", "pipeline", "run", str(paths["config"]), "--no-progress",
+                          "--exit-line"]
     assert systemd_unescape(body["StandardOutput"]) == f"append:{paths['log']}"
     assert body["StandardError"] == body["StandardOutput"]
     assert systemd_unescape(body["EnvironmentFile"]) == str(paths["env"])
@@ -440,8 +446,8 @@ def write_job(folder: Path, rows: int = 3, **sections: dict[str, Any]) -> Path:
     return config
 
 
-def ledger_runs(config_path: Path) -> list[tuple[str, dict[str, Any]]]:
-    ledger = load_config(config_path).ledger_path
+def ledger_runs(config_path: Path, env: dict[str, str] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    ledger = load_config(config_path, env=env).ledger_path
     if not ledger.exists():
         return []
     with sqlite3.connect(ledger) as db:
@@ -508,3 +514,158 @@ async def test_run_job_subprocess_reports_a_bad_config(tmp_path):
     log_file = tmp_path / "run.log"
     assert await run_job_subprocess(config, log_file=log_file) == 2
     assert "error:" in log_file.read_text()
+
+
+# --- scheduled the way cron and systemd run it: a bare environment, only the env file -------------------
+
+KEY_NAME = "PIPELINE_SCHEDULE_TEST_KEY"
+KEY_VALUE = "sk-sched-test-1234567890abcdef"
+EXIT_LINE = r"^(\S+) run_id=(\S+) exit=(\d+) config=(.*)$"
+
+
+def pipeline_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m pipeline ...`` from a shell that does not have the test key (as a user's would not)."""
+    env = {name: value for name, value in os.environ.items() if name != KEY_NAME}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+@pytest.fixture
+def keyed_job(paths) -> dict[str, Path]:
+    """A job whose key comes from ``${KEY}`` and a private env file that sets it, under awkward paths."""
+    config = write_job(paths["root"], endpoint={"base_url": "local", "api_key": "${" + KEY_NAME + "}"})
+    paths["env"].write_text(f"# the job's keys\n{KEY_NAME}={KEY_VALUE}\n")
+    paths["env"].chmod(0o600)
+    work = paths["root"] / "work dir"
+    work.mkdir()
+    return {**paths, "config": config, "work": work, "log": config.parent / "logs" / "job.log"}
+
+
+def exit_lines(text: str) -> list[tuple[datetime, str, int, str]]:
+    """The ``--exit-line`` lines in a log: (time, run id, exit code, config)."""
+    found = [re.match(EXIT_LINE, line) for line in text.splitlines()]
+    return [(datetime.fromisoformat(m[1]), m[2], int(m[3]), m[4]) for m in found if m]
+
+
+def assert_ran_and_logged(job: dict[str, Path], runs: int) -> None:
+    lines = exit_lines(job["log"].read_text())
+    assert [(run_id, code, config) for _, run_id, code, config in lines] == \
+        [(str(n), 0, str(job["config"])) for n in range(1, runs + 1)]
+    assert all(when.tzinfo is not None for when, *_ in lines)
+    assert [status for status, _ in ledger_runs(job["config"], {KEY_NAME: KEY_VALUE})] == ["finished"] * runs
+    assert [r["status"] for r in read_rows(job["root"] / "out" / "captions.parquet")] == ["ok"] * 3
+    assert KEY_VALUE not in job["log"].read_text()
+
+
+def test_printed_crontab_line_runs_under_env_i(keyed_job):
+    assert not keyed_job["log"].parent.exists()
+    printed = pipeline_cli("schedule", str(keyed_job["config"]), "--cron", "0 2 * * *", "--env-file",
+                           str(keyed_job["env"]), "--workdir", str(keyed_job["work"]), cwd=keyed_job["root"])
+    assert printed.returncode == 0, printed.stderr  # the key is in the env file, not in this shell
+    assert keyed_job["log"].parent.is_dir()  # cron's >> creates the file, not its folder
+    lines = printed.stdout.splitlines()
+    line = lines[lines.index(crontab_marker(keyed_job["config"])) + 1]
+    schedule, command = split_cron_line(line)
+    assert schedule == ["0", "2", "*", "*", "*"] and KEY_VALUE not in printed.stdout
+    command = command.replace("\\%", "%")  # what cron does before handing the command to /bin/sh
+    for _ in range(2):
+        done = subprocess.run(["env", "-i", "/bin/sh", "-c", command], capture_output=True, text=True,
+                              timeout=120, check=False, cwd="/")
+        assert done.returncode == 0 and done.stdout == done.stderr == ""  # everything went to the log
+    assert_ran_and_logged(keyed_job, runs=2)
+
+
+def systemd_exec_argv(value: str) -> list[str]:
+    return [word.replace("%%", "%").replace("$$", "$") for word in shlex.split(value)]
+
+
+def test_systemd_exec_start_runs_in_a_bare_environment(keyed_job, tmp_path):
+    units = tmp_path / "units"
+    installed = pipeline_cli("schedule", str(keyed_job["config"]), "--cron", "*/5 * * * *", "--install", "systemd",
+                             "--unit-dir", str(units), "--env-file", str(keyed_job["env"]), "--workdir",
+                             str(keyed_job["work"]), cwd=keyed_job["root"])
+    assert installed.returncode == 0, installed.stderr
+    [service] = units.glob("*.service")
+    body = read_unit(service.read_text())["Service"]
+    argv = systemd_exec_argv(body["ExecStart"])
+    assert Path(argv[0]).is_absolute() and Path(argv[4]).is_absolute()
+    workdir = Path(systemd_unescape(body["WorkingDirectory"]))
+    log = Path(systemd_unescape(body["StandardOutput"]).removeprefix("append:"))
+    assert workdir == keyed_job["work"] and log == keyed_job["log"] and log.parent.is_dir()
+    env = read_env_file(Path(systemd_unescape(body["EnvironmentFile"])))  # what systemd hands the job
+    with log.open("ab") as output:
+        done = subprocess.run(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                              stderr=subprocess.STDOUT, timeout=120, check=False)
+    assert done.returncode == 0, log.read_text()
+    assert_ran_and_logged(keyed_job, runs=1)
+
+
+def test_env_file_open_to_others_is_refused(keyed_job, tmp_path):
+    keyed_job["env"].chmod(0o644)
+    refused = pipeline_cli("schedule", str(keyed_job["config"]), "--cron", "0 2 * * *", "--env-file",
+                           str(keyed_job["env"]), "--install", "systemd", "--unit-dir", str(tmp_path / "units"),
+                           cwd=keyed_job["root"])
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert "chmod 600" in refused.stderr and str(keyed_job["env"]) in refused.stderr
+    assert not (tmp_path / "units").exists()
+
+
+def test_a_variable_only_the_shell_has_is_refused(keyed_job, monkeypatch):
+    monkeypatch.setenv(KEY_NAME, KEY_VALUE)  # set here, but cron would not see it: no --env-file
+    refused = subprocess.run([sys.executable, "-m", "pipeline", "schedule", str(keyed_job["config"]), "--cron",
+                              "0 2 * * *"], capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 2 and KEY_NAME in refused.stderr and "--env-file" in refused.stderr
+    assert "does not see this shell's variables" in refused.stderr and KEY_VALUE not in refused.stderr
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (f"export {KEY_NAME}={KEY_VALUE}\n", "line 1: write .* without 'export'"),
+    (f"# keys\n\n{KEY_VALUE}\n", "line 3: expected NAME=value"),
+    (f"{KEY_NAME}={KEY_VALUE}$x\n", rf"line 1 \({KEY_NAME}\): .*single quotes"),
+    (f'{KEY_NAME}="{KEY_VALUE}`x`"\n', "read differently"),
+    (f"A=1\r\n{KEY_NAME}={KEY_VALUE}\r\n", "line 1: Windows line ending"),
+])
+def test_env_file_syntax_errors_name_the_line_not_the_value(tmp_path, text, message):
+    env = tmp_path / "job.env"
+    env.write_text(text, newline="")
+    env.chmod(0o600)
+    with pytest.raises(ScheduleError, match=message) as error:
+        read_env_file(env)
+    assert KEY_VALUE not in str(error.value)
+
+
+def test_env_file_values_read_as_sh_and_systemd_read_them(tmp_path):
+    env = tmp_path / "job.env"
+    env.write_text(f"# comment\n  {KEY_NAME}={KEY_VALUE}\nURL='https://h.example/x?a=1&b=$2'\nQ=\"a b\"\nE=\n")
+    env.chmod(0o600)
+    values = read_env_file(env)
+    assert values == {KEY_NAME: KEY_VALUE, "URL": "https://h.example/x?a=1&b=$2", "Q": "a b", "E": ""}
+    source = f"set -a && . {shlex.quote(str(env))} && set +a && env"
+    shell = "\n" + subprocess.run(["env", "-i", "/bin/sh", "-c", source], capture_output=True, text=True,
+                                   timeout=60, check=True).stdout
+    assert {name: shell.split(f"\n{name}=")[1].split("\n")[0] for name in values} == values  # as cron sees them
+
+
+def test_a_python_that_cannot_import_pipeline_bare_is_refused(keyed_job, tmp_path):
+    no_pipeline = tmp_path / "python-without-pipeline"
+    no_pipeline.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'pipeline'\" >&2\nexit 1\n")
+    no_pipeline.chmod(0o755)
+    with pytest.raises(ScheduleError, match="cannot import pipeline in a scheduled run's bare environment"):
+        prepare_schedule(keyed_job["config"], workdir=keyed_job["work"], log_file=keyed_job["log"],
+                         env_file=keyed_job["env"], python=str(no_pipeline), shell_env={})
+    blocked = tmp_path / "a file"
+    blocked.write_text("")
+    with pytest.raises(ScheduleError, match="cannot create the log folder"):
+        prepare_schedule(keyed_job["config"], workdir=keyed_job["work"], log_file=blocked / "logs" / "job.log",
+                         env_file=keyed_job["env"], python=sys.executable, shell_env={})
+
+
+def test_exit_line_is_written_when_the_run_cannot_start(tmp_path):
+    config = write_job(tmp_path)
+    ledger = load_config(config).ledger_path
+    with JobLock(ledger.with_name(ledger.name + ".lock")):
+        locked = subprocess.run([sys.executable, "-m", "pipeline", "run", str(config), "--no-progress",
+                                 "--exit-line"], capture_output=True, text=True, timeout=120, check=False)
+    assert locked.returncode == 3
+    [(_, run_id, code, path)] = exit_lines(locked.stderr)
+    assert (run_id, code, path) == ("-", 3, str(config)) and "in progress" in locked.stderr

@@ -92,7 +92,8 @@ class ManifestError(PipelineError):
 
 
 class ScheduleError(ConfigError):
-    """A cron expression that is invalid, or that cannot be expressed for the chosen scheduler."""
+    """A cron expression that is invalid or that the chosen scheduler cannot express, or a schedule whose job
+    could not start there (its env file, config variables, Python or log folder)."""
 
     error_type = "schedule_error"
 

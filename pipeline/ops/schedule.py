@@ -11,6 +11,13 @@ queued.
 Nothing here writes the API key anywhere: the generated commands name the config file, and the config
 reads ``${OPENAI_API_KEY}`` from the environment; cron and systemd can load that environment from a file
 (``env_file``) that stays private to its owner.
+
+Cron starts a job in $HOME with a bare environment (HOME, LOGNAME, SHELL, PATH=/usr/bin:/bin) and mails or
+drops what it cannot run, so ``prepare_schedule`` checks, before anything is printed or installed, what
+would otherwise only fail at 2 a.m.: the config loads with nothing but the env file's variables, the env
+file is private and in a syntax sh and systemd read alike, the Python imports ``pipeline`` from the
+working folder without the shell's PYTHONPATH, and the log folder exists. Each run then ends its log with
+one ``exit_line`` (time, run id, exit code), so the log says that the job ran and how it ended.
 """
 
 from __future__ import annotations
@@ -21,18 +28,23 @@ import logging
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from croniter import croniter
 
-from pipeline.core.errors import ExitCode, ScheduleError
+from pipeline.core.errors import ConfigError, ExitCode, ScheduleError
+from pipeline.edges.configfile import load_config
 from pipeline.edges.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from pipeline.core.config import Config
 
 log = logging.getLogger("pipeline.ops.schedule")
 
@@ -177,8 +189,16 @@ def _no_newlines(**values: object) -> None:
 
 
 def job_command(config_path: Path, *, python: str = sys.executable, extra_args: Sequence[str] = ()) -> list[str]:
-    """The argv of one unattended run: no progress bar, everything else from the config."""
-    return [python, "-m", "pipeline", "run", str(config_path), "--no-progress", *extra_args]
+    """The argv of one unattended run: no progress bar, a closing ``exit_line`` in the log, everything else
+    from the config."""
+    return [python, "-m", "pipeline", "run", str(config_path), "--no-progress", "--exit-line", *extra_args]
+
+
+def _absolute_python(python: str) -> str:
+    """Cron's PATH is /usr/bin:/bin and systemd wants a path in ExecStart=: the interpreter must be absolute."""
+    if not python or not Path(python).is_absolute():
+        raise ScheduleError(f"the Python that runs the job must be an absolute path, got {python!r}")
+    return python
 
 
 def crontab_marker(config_path: Path) -> str:
@@ -188,11 +208,13 @@ def crontab_marker(config_path: Path) -> str:
 
 def crontab_line(config_path: Path, cron: str, *, workdir: Path, python: str = sys.executable, log_file: Path,
                  env_file: Path | None = None, extra_args: Sequence[str] = ()) -> str:
-    """One crontab line: ``cd <workdir> && <python> -m pipeline run <config> --no-progress >> <log> 2>&1``.
+    """One crontab line: ``{ cd <workdir> && <python> -m pipeline run <config> ...; } >> <log> 2>&1``.
 
-    Paths are made absolute (cron starts in $HOME with a bare PATH), every word is shell-quoted, and ``%``
-    is escaped because cron turns a bare ``%`` into a newline. With ``env_file`` the job first sources it
-    (``set -a`` exports what it sets), which is how a key reaches the job without being in the crontab.
+    Paths are absolute (cron starts in $HOME with a bare PATH), every word is shell-quoted, and ``%`` is
+    escaped because cron turns a bare ``%`` into a newline. The whole group goes to the log, so a failing
+    ``cd`` or env file is recorded there too, not lost in cron's mail. With ``env_file`` the job first
+    sources it (``set -a`` exports what it sets), which is how a key reaches the job without being in the
+    crontab. The log's folder must exist (``prepare_schedule`` creates it).
     """
     _no_newlines(config=config_path, workdir=workdir, python=python, log_file=log_file, env_file=env_file)
     schedule = normalize_cron(cron, allow_seconds=False)
@@ -200,10 +222,10 @@ def crontab_line(config_path: Path, cron: str, *, workdir: Path, python: str = s
     steps = [f"cd {quote(str(Path(workdir).absolute()))}"]
     if env_file is not None:
         steps.append(f"set -a && . {quote(str(Path(env_file).absolute()))} && set +a")
-    run = " ".join(quote(arg) for arg in job_command(Path(config_path).absolute(), python=python,
-                                                      extra_args=extra_args))
-    steps.append(f"{run} >> {quote(str(Path(log_file).absolute()))} 2>&1")
-    return f"{schedule} " + " && ".join(steps).replace("%", "\\%")
+    steps.append(" ".join(quote(arg) for arg in job_command(Path(config_path).absolute(),
+                                                             python=_absolute_python(python), extra_args=extra_args)))
+    command = "{ " + " && ".join(steps) + f"; }} >> {quote(str(Path(log_file).absolute()))} 2>&1"
+    return f"{schedule} " + command.replace("%", "\\%")
 
 
 def merge_crontab(current: str, line: str, marker: str) -> str:
@@ -282,7 +304,8 @@ def systemd_units(config_path: Path, cron: str, *, workdir: Path, python: str = 
     if _UNIT_NAME.search(name):
         raise ScheduleError(f"unit name {name!r} may only contain letters, digits and :_.\\-")
     log_path = _specifiers(str(Path(log_file).absolute()))
-    exec_start = " ".join(_exec_arg(arg) for arg in job_command(config, python=python, extra_args=extra_args))
+    exec_start = " ".join(_exec_arg(arg) for arg in job_command(config, python=_absolute_python(python),
+                                                                 extra_args=extra_args))
     unit = [f"Description=pipeline job {_specifiers(str(config))}"]
     if system:
         unit += ["Wants=network-online.target", "After=network-online.target"]
@@ -522,6 +545,7 @@ def render_schedule(config_path: Path, cron: str, *, workdir: Path, python: str 
         line = crontab_line(config_path, cron, workdir=workdir, python=python, log_file=log_file,
                             env_file=env_file, extra_args=extra_args)
         parts.append(f"# crontab (crontab -e):\n{crontab_marker(config_path)}\n{line}\n")
+    parts.insert(0, f"# log: {Path(log_file).absolute()} (one line per run: time, run id, exit code)\n")
     for filename, text in units.items():
         parts.append(f"# {default_unit_dir() / filename}\n{text}")
     parts.append(f"# then: {systemd_enable_hint(units)}\n")
@@ -538,3 +562,131 @@ def default_log_file(config_path: Path, log_dir: Path | None = None) -> Path:
 ENVIRONMENT_NOTE = ("# cron and systemd do not see variables exported in your shell: put OPENAI_API_KEY=... "
                     "in a file only you can read (chmod 600) and pass it as the env file")
 
+
+
+# --- what a scheduled run finds: checked before anything is printed or installed -----------------------
+
+#: The variables cron gives a job (systemd's are alike); the env file's are added to them, and a scheduled
+#: run sees nothing else of the shell that ran ``pipeline schedule``.
+BARE_ENV_NAMES = ("HOME", "LOGNAME", "USER", "SHELL", "PATH")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENV_PLAIN = re.compile(r"[A-Za-z0-9_./:@%+,=-]*")
+_ENV_QUOTED = re.compile("'[^']*'|\"[^\"$`\\\\]*\"")  # '...', or "..." without $ ` \\
+
+
+def check_env_file_mode(path: Path) -> None:
+    """An env file holds keys: it must be a file that only its owner can read or write (cron sources it,
+    so a file others can write is also a way to run their code as you)."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise ScheduleError(f"--env-file {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ScheduleError(f"--env-file {path}: not a regular file")
+    if info.st_mode & 0o077:
+        raise ScheduleError(f"--env-file {path}: group or others can read or write it (mode "
+                            f"{stat.S_IMODE(info.st_mode):04o}); it holds keys: chmod 600 {shlex.quote(str(path))}")
+
+
+def _env_value(value: str, where: str) -> str:
+    if _ENV_PLAIN.fullmatch(value):
+        return value
+    if _ENV_QUOTED.fullmatch(value):
+        return value[1:-1]
+    raise ScheduleError(f"{where}: the value has characters that sh (cron) and systemd read differently; "
+                        "put it in single quotes")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The ``NAME=value`` lines of an env file, in the syntax that cron's ``sh`` (which sources it) and
+    systemd's ``EnvironmentFile=`` read the same way: blank lines, ``#`` comments, values plain or in
+    quotes without ``$``, backquote or backslash. Anything else is refused by line number (never quoting
+    the line: it may hold a key), since the two would hand the job different values."""
+    check_env_file_mode(path)
+    try:
+        text = path.read_bytes().decode("utf-8")  # not read_text: its newline translation would hide CR LF
+    except OSError as exc:
+        raise ScheduleError(f"--env-file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ScheduleError(f"--env-file {path}: not UTF-8 text") from None
+    values: dict[str, str] = {}
+    for number, raw in enumerate(text.split("\n"), start=1):
+        where = f"--env-file {path}, line {number}"
+        if raw.endswith("\r"):
+            raise ScheduleError(f"{where}: Windows line ending (CR LF); save the file with LF line endings")
+        line = raw.strip(" \t")
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if sep and name.startswith("export ") and _ENV_NAME.fullmatch(name[7:].strip()):
+            raise ScheduleError(f"{where}: write {name[7:].strip()}=... without 'export' "
+                                "(systemd's EnvironmentFile= does not accept it)")
+        if not sep or not _ENV_NAME.fullmatch(name):
+            raise ScheduleError(f"{where}: expected NAME=value")
+        values[name] = _env_value(value, f"{where} ({name})")
+    return values
+
+
+def bare_environment(shell_env: Mapping[str, str]) -> dict[str, str]:
+    """The few variables cron and systemd give every job, taken from ``shell_env``."""
+    return {name: shell_env[name] for name in BARE_ENV_NAMES if name in shell_env}
+
+
+def check_job_config(config_path: Path, env_file: Path | None, shell_env: Mapping[str, str]) -> Config:
+    """The job's config as a scheduled run will load it: with the env file's variables, not the shell's."""
+    env = {**bare_environment(shell_env), **(read_env_file(env_file) if env_file is not None else {})}
+    try:
+        return load_config(config_path, env=env)
+    except ConfigError as exc:
+        if "environment variable" not in str(exc):
+            raise
+        where = f"the env file {env_file}" if env_file is not None else "an env file (--env-file FILE, chmod 600)"
+        raise ScheduleError(f"{exc}; a scheduled run does not see this shell's variables: put it in {where}") \
+            from None
+
+
+def check_python_imports_pipeline(python: str, workdir: Path, env: Mapping[str, str]) -> None:
+    """Run ``python -c 'import pipeline'`` as cron would (bare environment, in ``workdir``): a package that
+    imports here only thanks to PYTHONPATH or the current folder would fail every night otherwise."""
+    try:
+        done = subprocess.run([python, "-c", "import pipeline"], cwd=workdir, env=dict(env), capture_output=True,
+                              text=True, timeout=120, check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ScheduleError(f"cannot run {python} in {workdir}: {exc}") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise ScheduleError(f"{python} cannot import pipeline in a scheduled run's bare environment (in "
+                            f"{workdir}): {last}; install pipeline into that Python's environment")
+
+
+def make_log_folder(log_file: Path) -> None:
+    """Create the log's folder: cron's ``>>`` and systemd's ``append:`` create the file, not its folder."""
+    folder = log_file.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ScheduleError(f"cannot create the log folder {folder}: {exc.strerror or exc}; "
+                            "pass --log-file PATH in a folder you can write") from None
+
+
+def prepare_schedule(config_path: Path, *, workdir: Path, log_file: Path, env_file: Path | None, python: str,
+                     shell_env: Mapping[str, str]) -> dict[str, Any]:
+    """Check that a scheduled run of the job can start in cron's or systemd's bare environment, and create
+    its log folder; returns the absolute ``workdir``, ``python``, ``log_file`` and ``env_file`` to pass to
+    ``crontab_line`` / ``systemd_units`` / ``render_schedule``. Raises ScheduleError with what to fix."""
+    where: dict[str, Any] = {
+        "workdir": Path(workdir).absolute(), "python": _absolute_python(python),
+        "log_file": Path(log_file).absolute(), "env_file": Path(env_file).absolute() if env_file else None}
+    if not where["workdir"].is_dir():
+        raise ScheduleError(f"--workdir {workdir}: not a folder")
+    check_job_config(Path(config_path), where["env_file"], shell_env)
+    check_python_imports_pipeline(where["python"], where["workdir"], bare_environment(shell_env))
+    make_log_folder(where["log_file"])
+    return where
+
+
+def exit_line(config_path: Path, run_id: int | None, exit_code: int, *, when: datetime) -> str:
+    """The line a run started with ``--exit-line`` writes last: ``<ISO time> run_id=<id or -> exit=<code>
+    config=<path>``, so a schedule's log shows every run, even one that stopped before it had a run id
+    (a bad config, a held lock)."""
+    return f"{when.isoformat(timespec='seconds')} run_id={run_id or '-'} exit={exit_code} config={config_path}"
