@@ -13,6 +13,7 @@ from pipeline.core.accumulate import (
     Completion,
     ToolCall,
     Usage,
+    error_in_answer,
 )
 from pipeline.core.errors import (
     MalformedChunk,
@@ -334,3 +335,158 @@ def test_add_data_matches_add_event(values: list[bytes]) -> None:
         return any(accumulator.add_event(ServerSentEvent(v.decode("utf-8", "replace"))) for v in values)
 
     assert outcome_of(lambda a: a.add_data(values)) == outcome_of(by_events)
+
+
+# --- endpoints that bend the protocol (from the providers' public docs) -------------------------
+
+AZURE_FILTER = {"hate": {"filtered": False, "severity": "safe"}, "self_harm": {"filtered": False, "severity": "safe"},
+                "sexual": {"filtered": False, "severity": "safe"}, "violence": {"filtered": False, "severity": "safe"}}
+
+
+def test_azure_empty_opening_chunk_and_annotation_only_chunks_are_skipped() -> None:
+    """Azure OpenAI: the first chunk has empty id/model/created and only prompt_filter_results; content-filter
+    annotations (no delta) arrive mid-stream and after the stop chunk."""
+    opening = {"choices": [], "created": 0, "id": "", "model": "", "object": "",
+               "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": AZURE_FILTER}]}
+    azure = {"id": "chatcmpl-az", "object": "chat.completion.chunk", "created": 1718000000,
+             "model": "gpt-4o-2024-05-13", "system_fingerprint": "fp_az"}
+    annotation = {**azure, "choices": [{"index": 0, "finish_reason": None, "content_filter_results": AZURE_FILTER,
+                                        "content_filter_offsets": {"check_offset": 0, "start_offset": 0,
+                                                                   "end_offset": 12}}]}
+    result = run(
+        opening,
+        {**azure, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                               "content_filter_results": {}}]},
+        {**azure, "choices": [{"index": 0, "delta": {"content": "A red "}, "finish_reason": None}]},
+        annotation,
+        {**azure, "choices": [{"index": 0, "delta": {"content": "bicycle."}, "finish_reason": None}]},
+        {**azure, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        annotation,
+        {**azure, "choices": [{"index": 1, "finish_reason": None, "content_filter_results": AZURE_FILTER}]},
+    )
+    assert (result.id, result.model, result.created) == ("chatcmpl-az", "gpt-4o-2024-05-13", 1718000000)
+    assert [(c.index, c.content, c.finish_reason) for c in result.choices] == [(0, "A red bicycle.", "stop")]
+
+
+def test_an_annotation_for_a_choice_not_yet_begun_leaves_no_unfinished_choice() -> None:
+    acc = ChoiceAccumulator()
+    acc.add(chunk(delta(content="done", finish="stop")))
+    acc.add(chunk({"index": 1, "finish_reason": None, "content_filter_results": AZURE_FILTER}))
+    assert acc.unfinished() == [] and acc.finished()
+    assert [c.index for c in acc.close().choices] == [0]
+
+
+GROQ_USAGE = {"queue_time": 0.01, "prompt_tokens": 24, "prompt_time": 0.002, "completion_tokens": 7,
+              "completion_time": 0.01, "total_tokens": 31, "total_time": 0.012}
+
+
+@pytest.mark.parametrize("final, expected", [
+    # Groq: usage rides in x_groq on the chunk with finish_reason
+    (chunk(delta(finish="stop"), x_groq={"id": "req_01", "usage": GROQ_USAGE}), (24, 7, 31)),
+    # ... or on a chunk without choices
+    (chunk(x_groq={"id": "req_01", "usage": GROQ_USAGE}), (24, 7, 31)),
+    # usage inside the finishing choice
+    (chunk({**delta(finish="stop"), "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}}),
+     (5, 2, 7)),
+    # the standard place wins when both are sent
+    (chunk(delta(finish="stop"), x_groq={"usage": GROQ_USAGE},
+           usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}), (1, 1, 2)),
+])
+def test_usage_outside_the_standard_final_chunk_is_picked_up(final: dict[str, Any], expected: tuple) -> None:
+    result = run(chunk(delta(content="x")), final, chunk(delta(finish="stop")))
+    assert result.usage is not None
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == expected
+
+
+def test_groq_first_chunk_x_groq_without_usage_is_no_usage() -> None:
+    result = run(chunk(delta(content="x"), x_groq={"id": "req_01"}), chunk(delta(finish="stop")))
+    assert result.usage is None
+
+
+def call(index: int | None, ident: str | None = None, name: str | None = None, arguments: str | None = None,
+         ) -> dict[str, Any]:
+    fragment: dict[str, Any] = {"function": {}}
+    if index is not None:
+        fragment["index"] = index
+    if ident:
+        fragment.update(id=ident, type="function")
+    if name is not None:
+        fragment["function"]["name"] = name
+    if arguments is not None:
+        fragment["function"]["arguments"] = arguments
+    return fragment
+
+
+def tools_of(*fragments: dict[str, Any]) -> tuple[list[ToolCall], list[str]]:
+    result = run(*(chunk(delta(tool_calls=[f])) for f in fragments), chunk(delta(finish="tool_calls")))
+    return result.choices[0].tool_calls, result.warnings
+
+
+def test_two_calls_sharing_an_index_with_different_ids_are_two_calls() -> None:
+    calls, warnings = tools_of(
+        call(0, "call_a", "describe", ""), call(0, None, None, '{"x":'), call(0, None, None, "1}"),
+        call(0, "call_b", "tag", '{"y":'), call(0, None, None, "2}"),
+    )
+    assert [(c.index, c.id, c.name, c.arguments) for c in calls] == [
+        (0, "call_a", "describe", '{"x":1}'), (1, "call_b", "tag", '{"y":2}')]
+    assert warnings == []
+
+
+def test_an_id_repeated_at_its_own_index_is_the_same_call() -> None:
+    calls, _ = tools_of(call(0, "call_a", "f", '{"a":'), call(0, "call_a", None, "1}"))
+    assert [(c.id, c.arguments) for c in calls] == [("call_a", '{"a":1}')]
+
+
+@pytest.mark.parametrize("pieces, expected", [
+    (['{"colour":', ' "red"}'], '{"colour": "red"}'),                                # plain deltas
+    (['{"colour":', '{"colour": "re', '{"colour": "red"}'], '{"colour": "red"}'),    # cumulative
+    (['{"colour":', ' "red"}', '{"colour": "red"}'], '{"colour": "red"}'),          # whole repeated at the end
+    (['{"a": 1}'], '{"a": 1}'),
+])
+def test_tool_call_arguments_resent_or_repeated_stay_valid_json(pieces: list[str], expected: str) -> None:
+    calls, warnings = tools_of(call(0, "call_1", "f", pieces[0]), *(call(0, None, None, p) for p in pieces[1:]))
+    assert calls[0].arguments == expected and json.loads(calls[0].arguments)
+    assert warnings == []
+
+
+def test_unrecognisable_arguments_stay_as_sent_and_are_reported() -> None:
+    calls, warnings = tools_of(call(0, "call_1", "f", '{"a":'), call(0, None, None, '"b"'))
+    assert calls[0].arguments == '{"a":"b"'
+    assert warnings == ["choice 0, tool call 0 (f): arguments are not valid JSON"]
+
+
+def test_empty_arguments_stay_empty_and_are_reported() -> None:
+    calls, warnings = tools_of(call(0, "call_1", "get_time", ""))
+    assert calls[0].arguments == "" and calls[0].name == "get_time"
+    assert warnings == ["choice 0, tool call 0 (get_time): empty arguments"]
+
+
+@pytest.mark.parametrize("body, retryable, text", [
+    ({"error": {"message": "Invalid image", "type": "invalid_request_error", "code": None}}, False, "Invalid image"),
+    ({"error": {"message": "model overloaded", "type": "server_error", "code": 503}}, True, "model overloaded"),
+    ({"error": {"message": "bad", "code": 400}}, False, "bad"),
+    ({"object": "error", "message": "context too long", "type": "BadRequestError", "code": 400}, False,
+     "context too long"),
+    ({"error": "upstream timed out"}, True, "upstream timed out"),
+])
+def test_error_in_answer(body: dict[str, Any], retryable: bool, text: str) -> None:
+    error = error_in_answer(body)
+    assert error is not None and error.retryable is retryable and error.row_specific is not retryable
+    assert f"endpoint answered 200 with an error: {text}" in str(error)
+
+
+def test_error_in_answer_is_none_for_a_completion() -> None:
+    assert error_in_answer({"id": "x", "choices": [], "error": None}) is None
+
+
+@pytest.mark.parametrize("line, retryable", [
+    (b'error: {"code": 400, "message": "image too large", "type": "invalid_request_error"}\n\n', False),
+    (b'error: {"error": {"code": 500, "message": "image too large", "type": "server_error"}}\n\n', True),
+])
+def test_llama_cpp_error_field_fails_with_its_message(line: bytes, retryable: bool) -> None:
+    decoder, acc = SSEDecoder(), ChoiceAccumulator()
+    events = decoder.feed(b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n' + line)
+    with pytest.raises(StreamErrorEvent, match="image too large") as info:
+        for event in events:
+            acc.add_event(event)
+    assert info.value.retryable is retryable

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -28,7 +29,9 @@ from pipeline.core.errors import (
     MalformedChunk,
     PermanentEndpointError,
     RateLimited,
+    ResponseTooLarge,
     ServerError,
+    StreamErrorEvent,
     TruncatedStream,
 )
 from pipeline.edges.client import ChatClient
@@ -114,9 +117,12 @@ class ScriptedServer:
             writer.close()
 
 
-def client_for(base_url: str, **timeouts: float) -> ChatClient:
+def client_for(base_url: str, max_response_bytes: int | None = None, **timeouts: float) -> ChatClient:
     limits = {"connect": 5, "first_byte": 5, "idle": 5, "total": 20, **timeouts}
-    return ChatClient(EndpointConfig(base_url=base_url, api_key="sk-test-secret", timeout=limits))
+    config = EndpointConfig(base_url=base_url, api_key="sk-test-secret", timeout=limits)
+    if max_response_bytes is None:
+        return ChatClient(config)
+    return ChatClient(config, max_response_bytes=max_response_bytes)
 
 
 @pytest.fixture
@@ -125,8 +131,8 @@ async def served(request: pytest.FixtureRequest) -> AsyncIterator[ScriptedServer
         yield server
 
 
-async def answer(server: ScriptedServer, **timeouts: float) -> Any:
-    async with client_for(server.base_url, **timeouts) as client:
+async def answer(server: ScriptedServer, max_response_bytes: int | None = None, **timeouts: float) -> Any:
+    async with client_for(server.base_url, max_response_bytes, **timeouts) as client:
         return await client.stream_chat(BODY)
 
 
@@ -374,3 +380,158 @@ async def test_https_to_a_plain_http_port_says_so() -> None:
         async with client_for(f"https://127.0.0.1:{plain.port}/v1") as client:
             with pytest.raises(ConnectError, match=r"TLS handshake .* failed: .*use http:// in base_url"):
                 await client.stream_chat(BODY)
+
+
+# ---- huge answers ------------------------------------------------------------------------------------
+
+async def test_a_stream_over_max_response_bytes_stops_reading_and_drops_the_connection() -> None:
+    flood = chunked(sse_events(["x" * 1000] * 50, done=False))[:-1]  # ~55 KB of content, then silence
+    async with ScriptedServer([Reply([SSE_HEAD, *flood], hang=True)]) as server:
+        with pytest.raises(ResponseTooLarge, match=r"request\.max_response_bytes \(8192\)") as caught:
+            await answer(server, max_response_bytes=8192)
+        await asyncio.wait_for(server.closed_by_client.wait(), 5)  # the client hung up, not the server
+    assert caught.value.error_type == "response_too_large" and not caught.value.retryable
+
+
+async def test_an_announced_length_over_the_cap_is_refused_before_reading() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 50000000\r\n\r\n"
+    async with ScriptedServer([Reply([head], hang=True)]) as server:
+        with pytest.raises(ResponseTooLarge, match="announced an answer of 50000000 bytes"):
+            await answer(server, max_response_bytes=1 << 20)
+        await asyncio.wait_for(server.closed_by_client.wait(), 5)
+
+
+async def test_a_small_gzip_body_that_inflates_past_the_cap_is_too_large() -> None:
+    packed = gzip.compress(b"data: " + b" " * 4_000_000 + b"\n\n")  # ~4 KB on the wire, 4 MB inflated
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\n" \
+           b"Content-Length: %d\r\n\r\n" % len(packed)
+    async with ScriptedServer([Reply([head, packed])]) as server:
+        with pytest.raises(ResponseTooLarge):
+            await answer(server, max_response_bytes=64 * 1024)
+
+
+async def test_an_answer_under_the_cap_is_untouched() -> None:
+    async with ScriptedServer([Reply([SSE_HEAD, *chunked(sse_events(["x" * 1000] * 5))])]) as server:
+        outcome = await answer(server, max_response_bytes=64 * 1024)
+    assert outcome.completion.choices[0].content == "x" * 5000
+
+
+# ---- endpoints that bend the protocol ----------------------------------------------------------------
+
+def json_reply(body: bytes, ctype: bytes = b"application/json", status: bytes = b"200 OK") -> Reply:
+    return Reply([b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
+                  % (status, ctype, len(body), body)])
+
+
+@pytest.mark.parametrize("ctype", [b"application/json", b"text/event-stream"])
+@pytest.mark.parametrize("error, retryable", [
+    (b'{"error":{"message":"Invalid image data","type":"invalid_request_error","code":400}}', False),
+    (b'{"error":{"message":"Worker crashed","type":"server_error","code":500}}', True),
+])
+async def test_a_200_json_error_object_fails_with_the_endpoints_message(ctype: bytes, error: bytes,
+                                                                        retryable: bool) -> None:
+    async with ScriptedServer([json_reply(error, ctype)]) as server:
+        with pytest.raises(StreamErrorEvent, match="endpoint answered 200 with an error: ") as caught:
+            await answer(server)
+    assert json.loads(error)["error"]["message"] in str(caught.value)
+    assert caught.value.retryable is retryable
+
+
+async def test_a_json_completion_under_an_event_stream_type_is_accepted() -> None:
+    body = json.dumps({"id": "x", "model": "m", "choices": [{"index": 0, "message": {"role": "assistant",
+                       "content": "whole"}, "finish_reason": "stop"}]}).encode()
+    async with ScriptedServer([json_reply(body, b"text/event-stream")]) as server:
+        outcome = await answer(server)
+    assert outcome.completion.choices[0].content == "whole"
+
+
+async def test_llama_cpp_error_line_fails_the_row_with_its_message() -> None:
+    error = b'error: {"code":400,"message":"the request exceeds the available context size","type":' \
+            b'"invalid_request_error"}\n\n'
+    first = chunked(sse_events(["a"]))[0]
+    async with ScriptedServer([Reply([SSE_HEAD, first, *chunked([error])])]) as server:
+        with pytest.raises(StreamErrorEvent, match="exceeds the available context size") as caught:
+            await answer(server)
+    assert caught.value.retryable is False
+
+
+@pytest.mark.parametrize("reply", [
+    json_reply(b"upstream connect error or disconnect/reset before headers", b"text/plain"),
+    Reply([b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nConnection: close\r\n\r\n", b"<html>Gateway</html>"],
+          close=True),  # close-delimited: the end of the body is the close
+    Reply([b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n", b"<html>Gateway</html>"], close=True),
+])
+async def test_a_200_that_is_neither_sse_nor_json_names_its_content_type(reply: Reply) -> None:
+    ctype = reply.pieces[0].partition(b"Content-Type: ")[2].partition(b"\r\n")[0].decode() or "(none)"
+    async with ScriptedServer([reply]) as server:
+        with pytest.raises(MalformedChunk, match=rf"Content-Type {re.escape(ctype)}, not an event stream nor JSON"):
+            await answer(server)
+
+
+async def test_x_should_retry_false_makes_a_5xx_final() -> None:
+    body = b'{"error":{"message":"do not bother","type":"server_error"}}'
+    reply = Reply([b"HTTP/1.1 503 Service Unavailable\r\nx-should-retry: false\r\nContent-Length: %d\r\n\r\n%s"
+                   % (len(body), body)])
+    async with ScriptedServer([reply]) as server:
+        with pytest.raises(ServerError, match="do not bother.*x-should-retry: false") as caught:
+            await answer(server)
+    assert caught.value.retryable is False
+
+
+async def test_x_should_retry_true_makes_a_4xx_retryable() -> None:
+    body = b'{"error":{"message":"conflict","type":"invalid_request_error"}}'
+    reply = Reply([b"HTTP/1.1 400 Bad Request\r\nx-should-retry: true\r\nContent-Length: %d\r\n\r\n%s"
+                   % (len(body), body)])
+    async with ScriptedServer([reply]) as server:
+        with pytest.raises(PermanentEndpointError) as caught:
+            await answer(server)
+    assert caught.value.retryable is True and caught.value.row_specific is False
+
+
+@pytest.mark.parametrize("limit_type, wait", [(b"requests", 1.0), (b"tokens", 360.0)])
+async def test_a_429_waits_for_the_budget_its_error_type_names(limit_type: bytes, wait: float) -> None:
+    body = b'{"error":{"message":"Rate limit reached on %s per min","type":"%s","param":null,' \
+           b'"code":"rate_limit_exceeded"}}' % (limit_type, limit_type)
+    head = b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n" \
+           b"x-ratelimit-remaining-requests: 0\r\nx-ratelimit-reset-requests: 1s\r\n" \
+           b"x-ratelimit-remaining-tokens: 0\r\nx-ratelimit-reset-tokens: 6m0s\r\nContent-Length: %d\r\n\r\n"
+    async with ScriptedServer([Reply([head % len(body), body])]) as server:
+        with pytest.raises(RateLimited) as caught:
+            await answer(server)
+    assert caught.value.retry_after == wait
+
+
+class KeepAlive(ScriptedServer):
+    """Streams an answer whose choice finishes, then only ``: keep-alive`` comments (never ``[DONE]``) at the
+    server's own pace until the client hangs up."""
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0]))
+        try:
+            writer.write(SSE_HEAD + b"".join(chunked(sse_events(["done"], done=False))[:-1]))
+            while not writer.is_closing():
+                writer.write(chunked([b": keep-alive\n\n"])[0])
+                await writer.drain()
+                await asyncio.sleep(0.02)  # the server's pace, not a synchronisation
+        except ConnectionError:
+            pass
+        finally:
+            self.closed_by_client.set()
+            writer.close()
+
+
+async def test_finished_choices_then_only_keep_alives_complete_after_the_grace() -> None:
+    async with KeepAlive([]) as server:
+        outcome = await asyncio.wait_for(answer(server, finish_grace=0.05, idle=30, total=60), 20)
+        await asyncio.wait_for(server.closed_by_client.wait(), 5)  # the still-open stream was dropped
+    assert outcome.completion.choices[0].content == "done"
+    assert outcome.completion.choices[0].finish_reason == "stop"
+
+
+async def test_keep_alives_before_every_choice_finished_do_not_end_the_stream() -> None:
+    events = sse_events(["a", "b"])
+    wire = [SSE_HEAD, *chunked([events[0], b": keep-alive\n\n", b": keep-alive\n\n", *events[1:]])]
+    async with ScriptedServer([Reply(wire)]) as server:
+        outcome = await answer(server, finish_grace=0.05)
+    assert outcome.completion.choices[0].content == "ab"

@@ -73,3 +73,15 @@ async def test_the_budget_stops_the_run_without_failing_the_row(tmp_path, endpoi
     assert second.status is None and second.results == [] and second.error_type is None
     assert "max_requests=1" in second.budget_stop
     assert requests_seen(endpoint) == 1
+
+
+async def test_an_answer_over_max_response_bytes_fails_its_row_once_and_stores_no_answer(tmp_path, endpoint):
+    config = job_config(make_manifest(tmp_path / "in", 1), tmp_path / "out.csv", endpoint.base_url,
+                        request={"model": "test-model", "prompt": "Describe {id}.", "max_response_bytes": 1024,
+                                 "n": 4})  # four choices streamed: well over 1 KB
+    async with RowProcessor(config, base_url=endpoint.base_url) as processor:
+        outcome = await processor.process(row_tasks(config)["row-0"])
+    assert (outcome.status, outcome.error_type, outcome.attempts) == ("failed", "response_too_large", 1)
+    assert "request.max_response_bytes (1024)" in outcome.error_message
+    assert [r["content"] for r in outcome.results] == [None] and outcome.results[0]["status"] == "failed"
+    assert requests_seen(endpoint) == 1  # not retried

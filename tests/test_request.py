@@ -43,6 +43,18 @@ def test_system_detail_and_extra_body():
     assert "stream_options" not in body
 
 
+def test_max_response_bytes_is_client_side_never_sent_nor_in_the_key():
+    from pipeline.core.request import answer_params_digest
+
+    capped = RequestConfig(model="m", max_response_bytes=4096)
+    assert capped.max_response_bytes == 4096 and RequestConfig(model="m").max_response_bytes == 8 * 1024 * 1024
+    builder = RequestBuilder(capped)
+    assert "max_response_bytes" not in builder.build("p", URI)
+    assert b"max_response_bytes" not in builder.build_payload("p", URI)
+    assert answer_params_digest(capped) == answer_params_digest(RequestConfig(model="m"))
+    assert answer_params_digest(RequestConfig(model="m", seed=1)) != answer_params_digest(RequestConfig(model="m"))
+
+
 def test_render_prompt():
     assert render_prompt("Describe {path} ({label}).", {"path": "a.jpg", "label": None}) == "Describe a.jpg ()."
     assert render_prompt("No fields {{here}}", {}) == "No fields {here}"

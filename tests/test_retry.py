@@ -116,6 +116,26 @@ def test_server_wait(headers, status, expected):
     assert server_wait(headers, status) == expected
 
 
+BOTH_RESETS = {"x-ratelimit-reset-requests": "1s", "x-ratelimit-remaining-requests": "0",
+               "x-ratelimit-reset-tokens": "6m0s", "x-ratelimit-remaining-tokens": "0"}
+
+
+@pytest.mark.parametrize("limit_type, expected", [
+    ("requests", 1.0),            # OpenAI's 429 body: {"error": {"type": "requests", ...}}: that budget's reset
+    ("tokens", 360.0),
+    ("tokens_usage_based", 360.0),
+    ("insufficient_quota", 360.0),  # names no budget: the longest spent one, as before
+    (None, 360.0),
+])
+def test_server_wait_follows_the_budget_the_429_names(limit_type, expected):
+    assert server_wait(BOTH_RESETS, 429, limit_type=limit_type) == expected
+
+
+def test_a_named_budget_without_its_reset_falls_back_to_the_others():
+    assert server_wait({"x-ratelimit-reset-tokens": "2s"}, 429, limit_type="requests") == 2.0
+    assert server_wait({"Retry-After": "3", **BOTH_RESETS}, 429, limit_type="requests") == 3.0  # explicit wins
+
+
 def test_parse_rate_limit_headers():
     info = parse_rate_limit_headers({
         "X-RateLimit-Limit-Requests": "500", "x-ratelimit-limit-tokens": "30000",

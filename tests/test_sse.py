@@ -63,6 +63,10 @@ CASES = [
     ("retry empty ignored", b"retry:\ndata: a\n\n", [E("a")]),
     ("retry unicode digits ignored", "retry: \u00b2\u0661\ndata: a\n\n".encode(), [E("a")]),
     ("unknown fields ignored", b"foo: bar\nDATA: no\ndata : no\ndata: yes\n\n", [E("yes")]),
+    # llama.cpp's server sent errors as an error: field, not data: (an error event, not silence)
+    ("llama.cpp error field", b'data: a\n\nerror: {"code":400,"message":"bad"}\n\n',
+     [E("a"), E('{"code":400,"message":"bad"}', "error")]),
+    ("error field unterminated at close", b'error: {"code":500}', [E('{"code":500}', "error")]),
     ("multi-line data", b"data: one\ndata:\ndata: three\n\n", [E("one\n\nthree")]),
     ("empty data line dispatches empty string", b"data:\n\n", [E("")]),
     ("two empty data lines", b"data:\ndata:\n\n", [E("\n")]),
@@ -262,3 +266,11 @@ def test_fast_path_is_taken_for_whole_data_events() -> None:
     assert decoder.feed_data(b"\n\n") is None  # a line is in progress: never the fast path
     assert SSEDecoder().feed_data(b"data: first\n\n") == [b"first"]  # the opening read too...
     assert SSEDecoder().feed_data(BOM + b"data: first\n\n") is None  # ...unless a BOM may lead it
+
+
+def test_between_events_tells_a_half_read_line_from_whole_events() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b": keep-alive\n\n") == [] and decoder.between_events
+    assert decoder.feed(b"data: {\"a\"") == [] and not decoder.between_events
+    assert decoder.feed(b":1}\n") == [] and not decoder.between_events  # line whole, event not dispatched
+    assert decoder.feed(b"\n") == [E('{"a":1}')] and decoder.between_events

@@ -3,12 +3,23 @@
 Pure and synchronous. Deltas are gathered in lists and joined once in :meth:`ChoiceAccumulator.result`,
 so a long answer costs one append per chunk rather than a growing string copy. Errors a server sends
 *inside* a 200 stream become the ``errors`` classes, so the runner decides retry-or-record as usual.
+
+Servers bend the protocol; what is tolerated, and what it costs per chunk:
+
+* Azure OpenAI opens with a chunk whose ``id`` and ``model`` are empty, and sends annotation-only
+  chunks (content-filter results, no ``delta``): empty header fields count as missing (the first
+  non-empty one wins), and a choice entry with neither delta nor finish_reason creates no choice.
+* Usage outside the standard ``usage`` (Groq's ``x_groq.usage``, usage inside a choice) is looked for
+  only in a chunk that finishes a choice or carries no choices, never on a token chunk.
+* Tool-call fragments: a new ``id`` at a used ``index`` is a second call; arguments resent cumulatively
+  or repeated whole in a last chunk are recognised at the end (once per call, not per fragment), and
+  what could not be made valid JSON, or is empty, is reported in ``Completion.warnings``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -16,7 +27,7 @@ import orjson
 from pipeline.core.errors import MalformedChunk, StreamErrorEvent, TruncatedStream
 from pipeline.core.sse import ServerSentEvent
 
-__all__ = ["ToolCall", "Choice", "Usage", "Completion", "ChoiceAccumulator"]
+__all__ = ["ToolCall", "Choice", "Usage", "Completion", "ChoiceAccumulator", "error_in_answer"]
 
 #: The one JSON parser of this module (orjson: several times faster than json on small chunks).
 _loads = orjson.loads
@@ -77,6 +88,7 @@ class Completion:
     choices: list[Choice]  # sorted by index
     usage: Usage | None
     chunks: int  # number of chunks seen
+    warnings: list[str] = field(default_factory=list)  # what was odd but not fatal (empty tool arguments, ...)
 
 
 class _ToolCallParts:
@@ -106,14 +118,45 @@ class _ToolCallParts:
         if arguments:
             self.arguments.append(arguments if isinstance(arguments, str) else json.dumps(arguments))
 
-    def build(self) -> ToolCall:
-        return ToolCall(self.index, self.id, self.type, self.name, "".join(self.arguments))
+    def build(self, notes: list[str], choice: int) -> ToolCall:
+        arguments, problem = _arguments(self.arguments)
+        if problem:
+            notes.append(f"choice {choice}, tool call {self.index} ({self.name or 'no name'}): {problem}")
+        return ToolCall(self.index, self.id, self.type, self.name, arguments)
+
+
+def _arguments(pieces: list[str]) -> tuple[str, str | None]:
+    """The call's arguments from its fragments, and what was wrong with them (None when nothing).
+
+    Deltas are meant to be joined; some servers resend everything so far with each fragment, or repeat
+    the whole arguments in a last chunk. When plain joining is not JSON but one of those readings is,
+    that reading is taken; otherwise the joined text stays as sent (the output shows what came)."""
+    if not pieces:
+        return "", "empty arguments"
+    joined = "".join(pieces)
+    if _is_json(joined):
+        return joined, None
+    last = pieces[-1]
+    if len(pieces) > 1 and _is_json(last):
+        if all(later.startswith(earlier) for earlier, later in zip(pieces, pieces[1:])):
+            return last, None  # cumulative: each fragment is everything so far
+        if "".join(pieces[:-1]) == last:
+            return last, None  # the whole arguments repeated in a final chunk
+    return joined, "arguments are not valid JSON"
+
+
+def _is_json(text: str) -> bool:
+    try:
+        _loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 class _ChoiceParts:
     """One choice being rebuilt; text fields stay None until a non-null piece arrives."""
 
-    __slots__ = ("index", "role", "content", "refusal", "reasoning", "tool_calls", "finish_reason")
+    __slots__ = ("index", "role", "content", "refusal", "reasoning", "tool_calls", "finish_reason", "_slot_of")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -121,8 +164,9 @@ class _ChoiceParts:
         self.content: list[str] | None = None
         self.refusal: list[str] | None = None
         self.reasoning: list[str] | None = None
-        self.tool_calls: dict[int, _ToolCallParts] = {}
+        self.tool_calls: dict[int, _ToolCallParts] = {}  # by slot: the call's place in the answer
         self.finish_reason: str | None = None
+        self._slot_of: dict[int, int] = {}  # the server's tool-call index -> slot of the call it now means
 
     def add_delta(self, delta: dict[str, Any]) -> None:
         if len(delta) == 1 and (content := delta.get("content")).__class__ is str:  # most chunks: one token
@@ -144,34 +188,44 @@ class _ChoiceParts:
             self.reasoning = _append(self.reasoning, reasoning, "reasoning")
         if tool_calls := delta.get("tool_calls"):
             for fragment in tool_calls:
-                self._tool_call(self._tool_call_index(fragment)).add(fragment)
+                self._tool_call(self._tool_call_slot(fragment)).add(fragment)
 
-    def _tool_call(self, index: int) -> _ToolCallParts:
-        call = self.tool_calls.get(index)
+    def _tool_call(self, slot: int) -> _ToolCallParts:
+        call = self.tool_calls.get(slot)
         if call is None:
-            call = self.tool_calls[index] = _ToolCallParts(index)
+            call = self.tool_calls[slot] = _ToolCallParts(slot)
         return call
 
-    def _tool_call_index(self, fragment: dict[str, Any]) -> int:
-        """The fragment's ``index``; servers that omit it get one from the id, or the last call."""
-        index = fragment.get("index")
-        if isinstance(index, int):
-            return index
-        ident = fragment.get("id")
-        if ident:
-            for call in self.tool_calls.values():
-                if call.id == ident:
-                    return call.index
-            return max(self.tool_calls, default=-1) + 1
-        return max(self.tool_calls, default=0)
+    def _tool_call_slot(self, fragment: dict[str, Any]) -> int:
+        """Which call a fragment continues: by ``index``, except that a new ``id`` at a used index is a new
+        call (some servers number every call 0); servers that omit the index get one from the id, or the
+        last call."""
+        index, ident = fragment.get("index"), fragment.get("id")
+        if not isinstance(index, int):
+            if ident:
+                return self._slot_of_id(ident)
+            return max(self.tool_calls, default=0)
+        slot = self._slot_of.get(index)
+        if slot is None:
+            slot = index if index not in self.tool_calls else max(self.tool_calls) + 1
+        elif ident and self.tool_calls[slot].id not in (None, ident):
+            slot = self._slot_of_id(ident)
+        self._slot_of[index] = slot
+        return slot
 
-    def build(self) -> Choice:
+    def _slot_of_id(self, ident: str) -> int:
+        for call in self.tool_calls.values():
+            if call.id == ident:
+                return call.index
+        return max(self.tool_calls, default=-1) + 1
+
+    def build(self, notes: list[str]) -> Choice:
         return Choice(
             index=self.index,
             content=_join(self.content),
             refusal=_join(self.refusal),
             reasoning=_join(self.reasoning),
-            tool_calls=[self.tool_calls[i].build() for i in sorted(self.tool_calls)],
+            tool_calls=[self.tool_calls[i].build(notes, self.index) for i in sorted(self.tool_calls)],
             finish_reason=self.finish_reason,
             role=self.role,
         )
@@ -191,6 +245,11 @@ class ChoiceAccumulator:
         self._fingerprint: str | None = None
         self._created: int | None = None
         self._usage: dict[str, Any] | None = None
+
+    @property
+    def chunks(self) -> int:
+        """Chunks merged so far."""
+        return self._chunks
 
     @property
     def done(self) -> bool:
@@ -254,8 +313,13 @@ class ChoiceAccumulator:
         self._chunks += 1
         try:
             self._add_header(chunk)
-            for choice in chunk.get("choices") or ():
-                self._add_choice(choice)
+            choices = chunk.get("choices")
+            if choices:
+                for choice in choices:
+                    if self._add_choice(choice):  # it finished a choice: usage may ride along elsewhere
+                        self._other_usage(chunk, choice)
+            else:
+                self._other_usage(chunk, None)
         except (AttributeError, TypeError, ValueError) as exc:
             raise MalformedChunk(f"chunk {self._chunks} has an unexpected shape: {exc}") from exc
 
@@ -274,44 +338,70 @@ class ChoiceAccumulator:
                 raise TruncatedStream(f"{self._ended_early()}; {label} {numbers} unfinished")
         return self.result()
 
+    def finished(self) -> bool:
+        """True once at least one choice arrived and every choice has its finish_reason."""
+        return bool(self._choices) and all(parts.finish_reason is not None for parts in self._choices.values())
+
     def result(self) -> Completion:
         """The completion so far, without any completeness checks."""
+        notes: list[str] = []
         return Completion(
             id=self._id,
             model=self._model,
             system_fingerprint=self._fingerprint,
             created=self._created,
-            choices=[self._choices[i].build() for i in sorted(self._choices)],
+            choices=[self._choices[i].build(notes) for i in sorted(self._choices)],
             usage=_usage(self._usage),
             chunks=self._chunks,
+            warnings=notes,
         )
 
     def _add_header(self, chunk: dict[str, Any]) -> None:
-        """Top-level fields: first seen wins, except fingerprint and usage where the last wins."""
+        """Top-level fields: first non-empty wins (Azure opens with empty ones), except fingerprint and usage
+        where the last wins."""
         if self._id is None or self._model is None or self._created is None:
             if self._id is None:
-                self._id = chunk.get("id")
+                self._id = chunk.get("id") or None
             if self._model is None:
-                self._model = chunk.get("model")
+                self._model = chunk.get("model") or None
             if self._created is None:
-                self._created = chunk.get("created")
+                self._created = chunk.get("created") or None
         if (fingerprint := chunk.get("system_fingerprint")) is not None:
             self._fingerprint = fingerprint
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self._usage = usage
 
-    def _add_choice(self, choice: dict[str, Any]) -> None:
+    def _add_choice(self, choice: dict[str, Any]) -> bool:
+        """Merge one choice entry; True when it carries a finish_reason."""
         index = choice.get("index") or 0
         if not isinstance(index, int):
             raise TypeError(f"choice index is a {type(index).__name__}, not an int")
+        delta = choice.get("delta")
+        finish_reason = choice.get("finish_reason")
         parts = self._choices.get(index)
         if parts is None:
+            if delta is None and finish_reason is None:
+                return False  # annotation only (Azure's content-filter results): not an answer of its own
             parts = self._choices[index] = _ChoiceParts(index)
-        if delta := choice.get("delta"):
+        if delta:
             parts.add_delta(delta)
-        if (finish_reason := choice.get("finish_reason")) is not None:
+        if finish_reason is not None:
             parts.finish_reason = finish_reason
+            return True
+        return False
+
+    def _other_usage(self, chunk: dict[str, Any], choice: dict[str, Any] | None) -> None:
+        """Usage sent outside the standard place: Groq's ``x_groq.usage``, or inside the choice. Only read
+        when the standard ``usage`` of this chunk is absent, so that one wins."""
+        if isinstance(chunk.get("usage"), dict):
+            return
+        extra = chunk.get("x_groq")
+        usage = extra.get("usage") if isinstance(extra, dict) else None
+        if not isinstance(usage, dict) and choice is not None:
+            usage = choice.get("usage")
+        if isinstance(usage, dict):
+            self._usage = usage
 
     def _ended_early(self) -> str:
         noun = "chunk" if self._chunks == 1 else "chunks"
@@ -362,7 +452,17 @@ def _error_from_event_data(data: str) -> StreamErrorEvent:
     return StreamErrorEvent(f"server sent an error event: {_clip(text) if text else '(no details)'}")
 
 
-def _stream_error(error: Any) -> StreamErrorEvent:
+def error_in_answer(body: dict[str, Any]) -> StreamErrorEvent | None:
+    """The error a whole 200 JSON answer carries instead of choices (``{"error": ...}``, or vLLM's
+    ``{"object": "error", ...}``), or None; retryable unless its type or code is 4xx-like."""
+    if (error := body.get("error")) is not None:
+        return _stream_error(error, "endpoint answered 200 with an error")
+    if body.get("object") == "error":
+        return _stream_error(body, "endpoint answered 200 with an error")
+    return None
+
+
+def _stream_error(error: Any, context: str = "server error in stream") -> StreamErrorEvent:
     """An error object (OpenAI/vLLM ``{"message","type","code"}``) or a bare string."""
     if isinstance(error, dict):
         message = error.get("message") or error.get("detail") or json.dumps(error)
@@ -374,7 +474,7 @@ def _stream_error(error: Any) -> StreamErrorEvent:
     label = code if code is not None else error_type
     text = _clip(str(message)) or "(no message)"
     return StreamErrorEvent(
-        f"server error in stream: {text}" + (f" ({details})" if details else ""),
+        f"{context}: {text}" + (f" ({details})" if details else ""),
         retryable=not _is_client_side(error_type, code),
         code=None if label is None else str(label),
     )

@@ -36,6 +36,10 @@ OutputFormat = Literal["parquet", "csv", "jsonl"]
 ManifestFormat = Literal["csv", "jsonl", "parquet"]
 
 
+#: ``request.max_response_bytes`` by default: far above any caption or tool call, far below a flood.
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+
+
 class _Model(BaseModel):
     """Frozen, strict about unknown keys: a typo in a config must never be silently ignored."""
 
@@ -50,6 +54,9 @@ class Timeouts(_Model):
     first_byte: Annotated[float, Field(gt=0)] = 60.0
     idle: Annotated[float, Field(gt=0)] = 30.0
     total: Annotated[float, Field(gt=0)] = 600.0
+    #: Every choice has its finish_reason but no ``[DONE]`` came, only keep-alive comments: the answer is
+    #: complete after this long, rather than waiting for the total timeout and being retried.
+    finish_grace: Annotated[float, Field(gt=0)] = 2.0
 
 
 class LocalEndpointOptions(_Model):
@@ -159,6 +166,9 @@ class RequestConfig(_Model):
     tool_choice: str | dict[str, Any] | None = None
     stream_options: dict[str, Any] | None = Field(default_factory=lambda: {"include_usage": True})
     extra_body: dict[str, Any] = Field(default_factory=dict)
+    #: Client-side cap on one answer's bytes (never sent, not part of the request key): an answer over it
+    #: fails its row as ``response_too_large`` and the connection is dropped, so memory stays bounded.
+    max_response_bytes: Annotated[int, Field(ge=1024)] = DEFAULT_MAX_RESPONSE_BYTES
 
     @field_validator("logit_bias")
     @classmethod

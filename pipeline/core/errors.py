@@ -29,7 +29,8 @@ imports I/O libraries: aiohttp/asyncio errors are translated in ``edges/client.p
     │   ├── PermanentEndpointError   400/401/403/404/413/422 ...              (not retried)
     │   │   ├── AuthError            401/403: the key, not the row
     │   │   └── NotFound             404: usually the model name or base_url
-    │   └── ServerWaitTooLong        the server asked to wait past max_retry_wait (not retried)
+    │   ├── ServerWaitTooLong        the server asked to wait past max_retry_wait (not retried)
+    │   └── ResponseTooLarge         one answer over request.max_response_bytes (not retried)
     └── StreamError                  problems inside a 200 SSE stream
         ├── TruncatedStream          closed before [DONE] with unfinished choices (retryable)
         ├── MalformedChunk           a data line that is not valid JSON        (retryable)
@@ -240,6 +241,15 @@ class ServerWaitTooLong(EndpointError):
         )
         self.error_type = original.error_type  # type: ignore[misc]
         self.original = original
+
+
+class ResponseTooLarge(EndpointError):
+    """One answer grew past ``request.max_response_bytes``: reading stopped and the connection was dropped,
+    so memory stays bounded. Another attempt would most likely stream the same flood and pay for it again,
+    so it is not retried; ``pipeline retry`` sends it again once the limit is raised."""
+
+    error_type = "response_too_large"
+    row_specific = True
 
 
 class StreamError(PipelineError):

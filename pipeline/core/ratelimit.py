@@ -4,9 +4,10 @@
 
 * ``retry-after-ms`` (milliseconds), else ``Retry-After`` (seconds or an HTTP date), on any status;
 * else, on a 429 only, OpenAI's ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens`` (durations
-  such as ``1s``, ``6m0s``, ``250ms``): the longest of those whose ``x-ratelimit-remaining-*`` says that
-  budget is spent (or is not given). On other statuses these headers describe the account, not the
-  failure, so they are not a reason to wait.
+  such as ``1s``, ``6m0s``, ``250ms``): when the 429's error type names the budget that ran out
+  (OpenAI's ``"type": "requests"`` or ``"tokens"``), that budget's reset; else the longest of those whose
+  ``x-ratelimit-remaining-*`` says that budget is spent (or is not given). On other statuses these headers
+  describe the account, not the failure, so they are not a reason to wait.
 """
 
 from __future__ import annotations
@@ -104,17 +105,23 @@ def parse_rate_limit_headers(headers: Mapping[str, str]) -> RateLimitHeaders:
     )
 
 
-def server_wait(headers: Mapping[str, str], status: int | None = None, now: float | None = None) -> float | None:
+def server_wait(headers: Mapping[str, str], status: int | None = None, now: float | None = None,
+                limit_type: str | None = None) -> float | None:
     """Seconds the server asked us to wait before the next attempt, or None (use computed backoff).
 
-    Explicit ``retry-after-ms`` / ``Retry-After`` win on any status. On a 429 without them, the reset
-    duration of each spent budget counts (a budget whose ``remaining`` header is absent counts as
-    possibly spent); the longest wins, since the request needs both budgets.
+    Explicit ``retry-after-ms`` / ``Retry-After`` win on any status. On a 429 without them, the error's
+    ``limit_type`` (its ``type``: ``requests`` or ``tokens``) picks that budget's reset when it is given:
+    a requests limit that resets in 1 s must not wait out a token window of a minute, nor the reverse.
+    Otherwise the reset duration of each spent budget counts (a budget whose ``remaining`` header is
+    absent counts as possibly spent); the longest wins, since the request needs both budgets.
     """
     explicit = parse_retry_after(headers, now)
     if explicit is not None or status != 429:
         return explicit
     info = parse_rate_limit_headers(headers)
+    named = _reset_of(info, limit_type)
+    if named is not None:
+        return named
     candidates = [
         reset for reset, remaining in ((info.reset_requests, info.remaining_requests),
                                        (info.reset_tokens, info.remaining_tokens))
@@ -123,3 +130,13 @@ def server_wait(headers: Mapping[str, str], status: int | None = None, now: floa
     if not candidates:  # both budgets claim room left: some other limit; take the longest reset given
         candidates = [r for r in (info.reset_requests, info.reset_tokens) if r is not None]
     return max(candidates) if candidates else None
+
+
+def _reset_of(info: RateLimitHeaders, limit_type: str | None) -> float | None:
+    """The reset of the budget a 429's error type names (``requests`` / ``tokens``, also ``tokens_usage_based``)."""
+    kind = (limit_type or "").lower()
+    if kind.startswith("request"):
+        return info.reset_requests
+    if kind.startswith("token"):
+        return info.reset_tokens
+    return None

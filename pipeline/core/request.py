@@ -16,7 +16,9 @@ import orjson
 from pipeline.core.config import ImagesConfig, RequestConfig
 
 #: RequestConfig fields that are not body parameters, or that are placed by hand.
-_NOT_BODY_FIELDS = frozenset({"model", "system", "prompt", "extra_body", "stream_options"})
+_NOT_BODY_FIELDS = frozenset({"model", "system", "prompt", "extra_body", "stream_options", "max_response_bytes"})
+#: RequestConfig fields that only steer this client (how much of an answer it reads), not the answer.
+_CLIENT_SIDE_FIELDS = frozenset({"prompt", "max_response_bytes"})
 
 
 class _Blank(dict[str, Any]):
@@ -117,10 +119,11 @@ _HOW_IMAGES_ARE_FETCHED = frozenset(
 def answer_params_digest(request: RequestConfig, images: ImagesConfig | None = None) -> str:
     """Digest of everything in the config that changes an answer (model, sampling, tools, image policy).
 
-    The prompt template is left out: the rendered prompt is part of each row's own key instead.
+    The prompt template is left out: the rendered prompt is part of each row's own key instead; so is
+    ``max_response_bytes``, a client-side read limit that changes no answer.
     """
     material = {
-        "request": request.model_dump(mode="json", exclude={"prompt"}),
+        "request": request.model_dump(mode="json", exclude=_CLIENT_SIDE_FIELDS),
         "images": images.model_dump(mode="json", exclude=_HOW_IMAGES_ARE_FETCHED) if images else None,
     }
     return _sha256(json.dumps(material, sort_keys=True, separators=(",", ":")))

@@ -8,9 +8,10 @@ one:
 
 * ``retry-after-ms`` (milliseconds), else ``Retry-After`` (seconds or an HTTP date), on any status;
 * else, on a 429 only, OpenAI's ``x-ratelimit-reset-requests`` / ``x-ratelimit-reset-tokens`` (durations
-  such as ``1s``, ``6m0s``, ``250ms``): the longest of those whose ``x-ratelimit-remaining-*`` says that
-  budget is spent (or is not given). On other statuses these headers describe the account, not the
-  failure, so they are not a reason to wait.
+  such as ``1s``, ``6m0s``, ``250ms``): the one the 429's error type names (``requests`` / ``tokens``),
+  else the longest of those whose ``x-ratelimit-remaining-*`` says that budget is spent (or is not given).
+  On other statuses these headers describe the account, not the failure, so they are not a reason to wait.
+* an error response with ``x-should-retry: false`` is not retried at all (``edges/client.py`` marks it).
 
 A server may ask for an hour. ``max_server_wait`` caps that: a longer request stops the row's retries at
 once with :class:`ServerWaitTooLong` (the endpoint's message plus why), instead of parking a worker.

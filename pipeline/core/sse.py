@@ -1,5 +1,9 @@
 """Incremental Server-Sent Events decoder following the WHATWG HTML parsing rules.
 
+One extension: an ``error:`` field (llama.cpp's server sent its errors that way, not as ``data:``) makes
+the event an ``error`` event carrying that value, instead of being ignored as an unknown field and the
+stream then looking merely cut short. It costs nothing on the ``data:`` path.
+
 Pure and synchronous: bytes go in split at any offset, complete events come out. It runs once per
 network read, so it works on whole chunks with ``bytes.rfind``/``str.split`` (C loops) and only
 loops in Python once per *line*, never per byte. A partial line waits in a ``bytearray`` and only
@@ -51,6 +55,11 @@ class SSEDecoder:
     def last_event_id(self) -> str | None:
         """The id a reconnecting client would send as ``Last-Event-ID``."""
         return self._last_id
+
+    @property
+    def between_events(self) -> bool:
+        """No line and no event is half-read: the bytes so far were whole events (or comments)."""
+        return not self._pending and not self._data
 
     @property
     def reconnection_time(self) -> int | None:
@@ -176,6 +185,9 @@ class SSEDecoder:
             self._last_id = value
         elif name == "retry" and value.isascii() and value.isdigit():
             self._retry = self._reconnection_time = int(value)
+        elif name == "error":  # llama.cpp's legacy error line: the event becomes an ``error`` event
+            self._event_type = "error"
+            self._data = [value]
 
     def _dispatch(self) -> ServerSentEvent | None:
         """Blank line: emit the event if it has data; the type and retry reset either way."""

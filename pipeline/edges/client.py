@@ -5,6 +5,20 @@ so an answer costs one task wake-up however many chunks it streams. This is the 
 socket, TLS and timeout failures; each one is translated here into the ``errors`` taxonomy. Timeouts
 fit streaming: connect, first byte (headers and the first body bytes), idle gap between reads, and a
 total deadline; one timer per attempt, pushed out lazily rather than on every read.
+
+Endpoints bend the protocol; what this client makes of it:
+
+* one answer is capped at ``request.max_response_bytes`` (counted after decompression): over it, reading
+  stops, the connection is dropped and the row fails as ``response_too_large`` (not retried);
+* a 200 whose body is a JSON object (also under ``text/event-stream``) is read as one JSON answer, and
+  an error object there fails the row with the endpoint's message (retryable only when 5xx-like);
+* a 200 body that is neither SSE nor JSON is reported with its content type and first bytes;
+* every choice finished, then only keep-alive comments and no ``[DONE]``: the answer is complete after
+  ``endpoint.timeout.finish_grace`` seconds, and the connection (still streaming) is dropped;
+* an error response with ``x-should-retry: false`` is not retried (``true`` makes it retryable).
+
+Per read, the cap adds one addition and one comparison; the other checks run once per answer, or only
+on reads that are not plain ``data:`` events.
 """
 
 from __future__ import annotations
@@ -23,8 +37,8 @@ from typing import Any, Self
 import orjson
 from yarl import URL
 
-from pipeline.core.accumulate import ChoiceAccumulator, Completion
-from pipeline.core.config import EndpointConfig, Timeouts
+from pipeline.core.accumulate import ChoiceAccumulator, Completion, error_in_answer
+from pipeline.core.config import DEFAULT_MAX_RESPONSE_BYTES, EndpointConfig, Timeouts
 from pipeline.core.errors import (
     ConfigError,
     ConnectError,
@@ -33,6 +47,7 @@ from pipeline.core.errors import (
     MalformedChunk,
     PipelineError,
     ProtocolError,
+    ResponseTooLarge,
     TruncatedStream,
     error_for_status,
 )
@@ -56,6 +71,9 @@ log = logging.getLogger("pipeline")
 _ERROR_BODY_LIMIT = 64 * 1024
 _JSON_BODY_LIMIT = 32 * 1024 * 1024
 _MESSAGE_LIMIT = 500
+_PREVIEW_BYTES = 200
+#: How an event stream may begin (after a BOM or blank lines): a field name or a comment.
+_SSE_STARTS = (b"data", b"event", b"id", b"retry", b":", b"error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +87,10 @@ class StreamOutcome:
 class ChatClient:
     """Sends streaming Chat Completions requests over a pool of keep-alive connections."""
 
-    def __init__(self, endpoint: EndpointConfig, *, base_url: str | None = None, pool_size: int = 100) -> None:
+    def __init__(self, endpoint: EndpointConfig, *, base_url: str | None = None, pool_size: int = 100,
+                 max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
         self.endpoint = endpoint
+        self.max_response_bytes = max_response_bytes
         root = (base_url or endpoint.base_url).rstrip("/")
         self.url = URL(f"{root}/chat/completions").update_query(endpoint.query or None)
         self.host = f"{self.url.host}:{self.url.port}"
@@ -120,7 +140,8 @@ class ChatClient:
         payload = body if isinstance(body, bytes) else orjson.dumps(body)
         head = self._head + b"%d\r\n\r\n" % len(payload)
         loop = asyncio.get_running_loop()
-        exchange = _ChatExchange(self.endpoint.timeout, self.host, loop, loop.time(), on_answer)
+        exchange = _ChatExchange(self.endpoint.timeout, self.host, loop, loop.time(), on_answer,
+                                 self.max_response_bytes)
         try:
             exchange.begin(await self._connect(exchange), head, payload)
             return await exchange.result
@@ -164,7 +185,8 @@ class _ChatExchange:
     """
 
     def __init__(self, timeouts: Timeouts, host: str, loop: asyncio.AbstractEventLoop, start: float,
-                 on_answer: Callable[[StreamOutcome], None] | None = None) -> None:
+                 on_answer: Callable[[StreamOutcome], None] | None = None,
+                 max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES) -> None:
         self.timeouts = timeouts
         self.on_answer = on_answer
         self.host = host
@@ -179,9 +201,15 @@ class _ChatExchange:
         self.last = start  # time of the last body read, for the idle timeout
         self.head: ResponseHead | None = None
         self.kind = ""  # sse, json, error, or the unexpected content type
+        self.ctype = ""  # the media type as sent (no parameters), for messages
         self.body = bytearray()  # everything but SSE is collected, up to a limit
+        self.max_bytes = max_bytes
+        self.size = 0  # body bytes so far (after decompression)
+        self.preview = b""  # the first bytes of the body, to name what came when it is not a stream
         self._connection: HTTPConnection | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._grace: asyncio.TimerHandle | None = None  # every choice finished, waiting for [DONE]
+        self._grace_chunks = 0
         self._decoder = SSEDecoder()
         self._accumulator = ChoiceAccumulator()
         self._inflate: Any = None
@@ -196,8 +224,7 @@ class _ChatExchange:
     def end(self) -> None:
         """The caller is leaving (answer in hand, failure, or cancellation): stop the timer, and drop the
         connection if the exchange never finished with it."""
-        if self._timer is not None:
-            self._timer.cancel()
+        self._stop_timers()
         if self._connection is not None:  # not handed back by _succeed / _fail: the caller was cancelled
             self._connection.abort()
             self._connection = None
@@ -209,12 +236,16 @@ class _ChatExchange:
     def on_head(self, head: ResponseHead) -> None:
         self.head = head
         self.kind = _body_kind(head)
+        self.ctype = head.headers.get("content-type", "").split(";")[0].strip()
         encoding = head.headers.get("content-encoding", "identity").strip().lower()
         if encoding in ("gzip", "x-gzip", "deflate"):
             self._inflate = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib framing, detected
         elif encoding not in ("identity", ""):
             self._fail(MalformedChunk(f"endpoint answered with Content-Encoding {encoding}, which this client "
                                       "does not decode (it asks for identity)"))
+        elif self.kind != "error" and (declared := _declared_length(head)) > self.max_bytes:
+            self._fail(ResponseTooLarge(f"the endpoint announced an answer of {declared} bytes, more than "
+                                        f"request.max_response_bytes ({self.max_bytes}); not read"))
         elif self.kind == "json" and _declared_length(head) > _JSON_BODY_LIMIT:
             self._fail(MalformedChunk(f"endpoint answered 200 with a JSON body over {_JSON_BODY_LIMIT} bytes"))
 
@@ -227,7 +258,7 @@ class _ChatExchange:
             self.phase = "idle"
             self._arm_idle_timer(now)
         try:
-            self._take(self._inflate.decompress(data) if self._inflate is not None else data)
+            self._take(self._inflate_read(data) if self._inflate is not None else data)
         except PipelineError as exc:
             self._fail(exc)
         except zlib.error as exc:
@@ -266,7 +297,7 @@ class _ChatExchange:
         elif self.kind == "error":
             self._fail(self._status_error())  # the status is known; the message may be cut short
         elif self.reads:
-            self._fail(TruncatedStream(f"connection lost after {self.reads} read(s), before [DONE]"))
+            self._fail(self._lost_midway())
         else:
             self._fail(ConnectError(f"{self.host} closed the connection before answering"))
 
@@ -288,24 +319,82 @@ class _ChatExchange:
         values = self._decoder.feed_data(data)
         if values is not None:  # the common read: whole data events, JSON parsed from the bytes
             return self._accumulator.add_data(values)
-        return _feed(self._decoder.feed(data), self._accumulator)
+        events = self._decoder.feed(data)
+        if events:
+            return _feed(events, self._accumulator)
+        if self._grace is None and self._decoder.between_events and self._accumulator.finished():
+            self._arm_grace()  # a keep-alive comment after every choice finished: [DONE] may never come
+        return False
+
+    def _arm_grace(self) -> None:
+        self._grace_chunks = self._accumulator.chunks
+        self._grace = self.loop.call_later(self.timeouts.finish_grace, self._on_grace)
+
+    def _on_grace(self) -> None:
+        """The grace after the last choice finished is over: done, unless a chunk came meanwhile (then the
+        next keep-alive-only read starts the wait again)."""
+        self._grace = None
+        if self.result.done() or self._accumulator.chunks != self._grace_chunks:
+            return
+        if self._accumulator.finished():
+            self._succeed(self._accumulator.close(), reuse=False)  # the server is still streaming: drop it
+
+    def _inflate_read(self, data: bytes) -> bytes:
+        """Decompress one read, never past one byte over the cap (a small gzip body can expand hugely)."""
+        limit = 0 if self.kind == "error" else self.max_bytes - self.size + 1
+        return self._inflate.decompress(data, limit)
 
     def _take(self, data: bytes) -> None:
         """Body bytes (decompressed): decoded as events for a stream, collected for anything else."""
         if not data:
             return
+        size = self.size + len(data)
+        if size > self.max_bytes or not self.size:  # over the cap, or the first bytes: both rare
+            self._check_read(data, size)
+        self.size = size
         if self.kind == "sse":
             if self._read_events(data):
                 self._succeed()
         else:
             self._collect(data)
 
+    def _check_read(self, data: bytes, size: int) -> None:
+        """Stop at the cap; on the first bytes keep a preview, and read a JSON object sent under an event
+        stream's type (no ``data:`` framing) as the JSON answer it is."""
+        if size > self.max_bytes and self.kind != "error":
+            raise ResponseTooLarge(
+                f"the answer grew past request.max_response_bytes ({self.max_bytes}) after {self.reads} read(s); "
+                "reading stopped and the connection was dropped (raise the limit if such answers are expected)")
+        if not self.size:
+            self.preview = data[:_PREVIEW_BYTES]
+            if self.kind == "sse" and data[:64].lstrip()[:1] == b"{":
+                self.kind = "json"
+
     def _finish_stream(self) -> None:
         if not self._accumulator.done:
             _feed(self._decoder.flush(), self._accumulator)
+        if (odd := self._not_a_stream()) is not None:
+            raise odd
         self._succeed(self._accumulator.close())
 
-    def _succeed(self, completion: Completion | None = None) -> None:
+    def _not_a_stream(self) -> MalformedChunk | None:
+        """A mislabelled 200 body (``text/plain``, none, ...) that produced no chunk and does not begin the
+        way an event stream does: name what it is rather than call it a truncated stream."""
+        if self._accumulator.chunks or self._accumulator.done:
+            return None
+        start = self.preview.lstrip(b"\xef\xbb\xbf \t\r\n")
+        if not start or start.startswith(_SSE_STARTS):
+            return None
+        return self._unexpected_body()
+
+    def _lost_midway(self) -> PipelineError:
+        if self.kind not in ("sse", "json"):
+            return self._unexpected_body()
+        if self.kind == "sse" and (odd := self._not_a_stream()) is not None:
+            return odd
+        return TruncatedStream(f"connection lost after {self.reads} read(s), before [DONE]")
+
+    def _succeed(self, completion: Completion | None = None, *, reuse: bool = True) -> None:
         if self.result.done():
             return
         if completion is None:
@@ -316,7 +405,12 @@ class _ChatExchange:
         outcome = StreamOutcome(completion, self.ttft if self.kind == "sse" else None, latency,
                                 parse_rate_limit_headers(head.headers))
         self.result.set_result(outcome)
-        self._done_with_connection()
+        if completion.warnings:
+            log.warning("answer %s from %s: %s", completion.id or "(no id)", self.host, "; ".join(completion.warnings))
+        if reuse:
+            self._done_with_connection()
+        else:
+            self._drop_connection()
         if self.on_answer is not None:
             try:
                 self.on_answer(outcome)
@@ -328,16 +422,24 @@ class _ChatExchange:
             self.result.set_exception(exc)
         if reuse:  # the response ended cleanly: its connection can carry the next request
             self._done_with_connection()
-            return
-        if self._timer is not None:
-            self._timer.cancel()
+        else:
+            self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        self._stop_timers()
         if self._connection is not None:
             self._connection.abort()
             self._connection = None
 
-    def _done_with_connection(self) -> None:
+    def _stop_timers(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+
+    def _done_with_connection(self) -> None:
+        self._stop_timers()
         if self._connection is not None:
             self._connection.done()
             self._connection = None
@@ -377,16 +479,30 @@ class _ChatExchange:
     def _status_error(self) -> EndpointError:
         head = self.head
         assert head is not None
-        message, code = _error_message(bytes(self.body[:_ERROR_BODY_LIMIT]), head.reason)
+        message, code, kind = _error_message(bytes(self.body[:_ERROR_BODY_LIMIT]), head.reason)
         if 300 <= head.status < 400 and (location := head.headers.get("location")):
             message = f"the endpoint redirects to {location}; set endpoint.base_url to that (requests are not redirected)"
-        return error_for_status(head.status, message, retry_after=server_wait(head.headers, head.status), code=code)
+        wait = server_wait(head.headers, head.status, limit_type=kind)
+        return _should_retry(error_for_status(head.status, message, retry_after=wait, code=code), head)
 
     def _unexpected_body(self) -> MalformedChunk:
+        preview = bytes(self.body[:_PREVIEW_BYTES]) if self.body else self.preview
         return MalformedChunk(
-            f"endpoint answered 200 with Content-Type {self.kind}, not an event stream "
-            f"(a proxy or a wrong base_url? it usually ends in /v1): {bytes(self.body[:200])!r}"
+            f"endpoint answered 200 with Content-Type {self.ctype or '(none)'}, not an event stream nor JSON "
+            f"(a proxy or a wrong base_url? it usually ends in /v1): {preview!r}"
         )
+
+
+def _should_retry(error: EndpointError, head: ResponseHead) -> EndpointError:
+    """Honour ``x-should-retry`` (OpenAI's servers send it): the server knows whether another try can help."""
+    said = head.headers.get("x-should-retry", "").strip().lower()
+    if said == "false" and error.retryable:
+        error.retryable = False  # type: ignore[misc]
+        error.message += " (the endpoint sent x-should-retry: false; not retried)"
+    elif said == "true" and not error.retryable:
+        error.retryable = True  # type: ignore[misc]
+        error.row_specific = False  # type: ignore[misc]
+    return error
 
 
 def _feed(events: list[Any], accumulator: ChoiceAccumulator) -> bool:
@@ -421,6 +537,8 @@ def _plain_json(raw: bytes) -> Completion:
         body = json.loads(raw)
     except ValueError:
         raise MalformedChunk(f"endpoint answered 200 with invalid JSON: {raw[:200]!r}") from None
+    if isinstance(body, dict) and (error := error_in_answer(body)) is not None:
+        raise error
     if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
         raise MalformedChunk(f"endpoint answered 200 without choices: {raw[:200]!r}")
     accumulator = ChoiceAccumulator()
@@ -436,18 +554,20 @@ def _plain_json(raw: bytes) -> Completion:
     return accumulator.close()
 
 
-def _error_message(raw: bytes, reason: str) -> tuple[str, str | None]:
-    """The human message from OpenAI-, vLLM- or FastAPI-shaped error bodies, else the text itself."""
+def _error_message(raw: bytes, reason: str) -> tuple[str, str | None, str | None]:
+    """The human message, the code and the type from OpenAI-, vLLM- or FastAPI-shaped error bodies, else
+    the text itself (the type of a 429 says which budget ran out: ``requests`` or ``tokens``)."""
     text = raw.decode("utf-8", "replace").strip()
     try:
         body = json.loads(text)
     except ValueError:
         body = None
-    code = None
+    code = kind = None
     if isinstance(body, dict):
         err = body.get("error", body)
         if isinstance(err, dict):
             code = err.get("code") if isinstance(err.get("code"), str) else None
+            kind = err.get("type") if isinstance(err.get("type"), str) else None
             text = str(err.get("message") or err.get("detail") or err.get("msg") or text)
         elif isinstance(err, str):
             text = err
@@ -456,4 +576,4 @@ def _error_message(raw: bytes, reason: str) -> tuple[str, str | None]:
     text = " ".join(text.split()) or reason or "no message"
     if len(text) > _MESSAGE_LIMIT:
         text = text[: _MESSAGE_LIMIT - 3] + "..."
-    return text, code
+    return text, code, kind

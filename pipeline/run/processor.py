@@ -78,7 +78,8 @@ class RowProcessor:
         self.params = answer_params_digest(config.request, config.images)
         self.gate = RequestGate.from_config(config)
         self._secrets = tuple(job_secrets(config))  # masked out of every failure message (an echoed key)
-        self._client = ChatClient(config.endpoint, base_url=base_url, pool_size=pool_size or config.run.concurrency)
+        self._client = ChatClient(config.endpoint, base_url=base_url, pool_size=pool_size or config.run.concurrency,
+                                  max_response_bytes=config.request.max_response_bytes)
         self._open = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> RowProcessor:
