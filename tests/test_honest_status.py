@@ -64,7 +64,8 @@ def run_log(tmp_path: Path) -> str:
 
 def test_status_tells_a_killed_run_from_a_running_one(tmp_path: Path) -> None:
     manifest = make_manifest(tmp_path / "data", 40)
-    config = write_config(tmp_path, manifest, endpoint={"base_url": "local", "local": {"chunk_delay": 0.05}},
+    # a row takes over a second: the run is still going when status looks (it is killed long before its end)
+    config = write_config(tmp_path, manifest, endpoint={"base_url": "local", "local": {"first_byte_delay": 1.5}},
                           run={"concurrency": 1})
     proc = subprocess.Popen([*PIPELINE, "--log-level", "INFO", "run", str(config), "--no-progress"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
