@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
@@ -104,9 +105,24 @@ def run_job(config: Config | Mapping[str, Any] | str | os.PathLike[str], **optio
 
     Raises ``ConfigError`` / ``ManifestError`` for bad input and ``LockHeld`` when another run of the job
     is in progress; failed rows are reported in the summary (``exit_code`` as the CLI's).
+
+    Called where an event loop is already running (a Jupyter notebook, an async web handler), the job runs
+    on its own loop in a worker thread and this call blocks until it ends, as it does anywhere else; the
+    caller's loop does nothing meanwhile, so use ``await run_job_async(...)`` to keep it serving.
     """
     config = _as_config(config)
-    return run_coroutine(run_job_async(config, **options), config.run.event_loop)
+    if not _loop_running():
+        return run_coroutine(run_job_async(config, **options), config.run.event_loop)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline-run-job") as pool:
+        return pool.submit(lambda: run_coroutine(run_job_async(config, **options), config.run.event_loop)).result()
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 T = TypeVar("T")

@@ -16,7 +16,6 @@ import json
 import logging
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,11 +26,10 @@ from pipeline.core.errors import ConfigError, ExitCode, LockHeld, PipelineError
 from pipeline.ops.logs import configure_logging, run_log_path
 
 if TYPE_CHECKING:
-    from tqdm import tqdm
-
     from pipeline.core.config import Config
     from pipeline.ops.jobrun import JobRun
-    from pipeline.run.summary import Progress, RunSummary
+    from pipeline.ops.progress import ProgressReporter
+    from pipeline.run.summary import RunSummary
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -78,7 +76,7 @@ def _add_job_commands(commands: Any, logging_options: argparse.ArgumentParser) -
                               "image, prompt and parameters) are skipped; a stopped run resumes where it "
                               "stopped. The output file is rebuilt from the job's ledger at the end.")
     run.add_argument("config", type=Path, help="YAML or TOML job config")
-    run.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
+    _progress_options(run)
     run.add_argument("--exit-line", action="store_true",
                      help="end with one line: time, run id, exit code (what scheduled runs log)")
     run.add_argument("--fresh", action="store_true",
@@ -89,7 +87,7 @@ def _add_job_commands(commands: Any, logging_options: argparse.ArgumentParser) -
                                 description="Put failed rows back in the queue and run the job.")
     retry.add_argument("config", type=Path, help="YAML or TOML job config")
     retry.add_argument("--error-type", metavar="TYPE", help="only rows that failed with this error type")
-    retry.add_argument("--no-progress", action="store_true", help="do not draw the progress bar")
+    _progress_options(retry)
 
     status = commands.add_parser("status", help="counts by status, oldest pending row, error breakdown",
                                  description="Show where the job stands, from its ledger.")
@@ -115,6 +113,24 @@ def _add_job_commands(commands: Any, logging_options: argparse.ArgumentParser) -
                                    description="Check a config file and the manifest's columns and ids; "
                                    "prints 'ok' or one precise error.")
     validate.add_argument("config", type=Path, help="YAML or TOML job config")
+
+
+def _progress_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--no-progress", action="store_true",
+                         help="no progress bar and no progress lines in the log")
+    command.add_argument("--progress-interval", type=_positive_seconds, default=30.0, metavar="SECONDS",
+                         help="when stderr is not a terminal (no bar): seconds between progress lines in the "
+                         "log (default: 30)")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text!r}")
+    return value
 
 
 def _add_schedule_commands(commands: Any, logging_options: argparse.ArgumentParser) -> None:
@@ -210,7 +226,7 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     log_file = None if args.no_log_file else args.log_file or run_log_path(config.output.path, datetime.now(UTC))
     configure_logging(args.log_level, args.log_format, log_file, secrets=job_secrets(config), file_level="INFO")
-    bar = None if args.no_progress else _ProgressBar()
+    bar = None if args.no_progress else _progress(args.progress_interval)
     job = JobRun(config, on_progress=bar.update if bar else None, command=args.command,
                  fresh=getattr(args, "fresh", False), error_type=getattr(args, "error_type", None))
     args.summary = job.summary  # its run id, for --exit-line
@@ -219,7 +235,7 @@ def _run(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
-async def _run_async(job: JobRun, bar: _ProgressBar | None) -> RunSummary:
+async def _run_async(job: JobRun, bar: ProgressReporter | None) -> RunSummary:
     from pipeline.api import run_with_endpoint
 
     _install_stop_handlers(job)
@@ -228,6 +244,13 @@ async def _run_async(job: JobRun, bar: _ProgressBar | None) -> RunSummary:
     finally:
         if bar:
             bar.close()
+
+
+def _progress(interval: float) -> ProgressReporter:
+    """A bar on a terminal, else a progress line in the log every ``interval`` seconds."""
+    from pipeline.ops.progress import progress_reporter
+
+    return progress_reporter(sys.stderr, interval)
 
 
 def _install_stop_handlers(job: JobRun) -> None:
@@ -245,35 +268,6 @@ def _install_stop_handlers(job: JobRun) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-
-
-class _ProgressBar:
-    """tqdm fed from the engine's progress callback, redrawn at most every 0.2 s (a row costs well under that)."""
-
-    def __init__(self) -> None:
-        self.bar: tqdm | None = None
-        self._next_draw = 0.0
-
-    def update(self, progress: Progress) -> None:
-        now = time.monotonic()
-        if self.bar is not None and now < self._next_draw and progress.done < progress.total:
-            return
-        self._next_draw = now + 0.2
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=progress.total, unit="img", dynamic_ncols=True, mininterval=0.25,
-                            file=sys.stderr)
-        if self.bar.total != progress.total:
-            self.bar.total = progress.total
-        self.bar.n = progress.done
-        self.bar.set_postfix(ok=progress.ok, failed=progress.failed, in_flight=progress.in_flight,
-                             refresh=False)
-        self.bar.update(0)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _print_summary(summary: RunSummary, report: dict[str, Any]) -> None:
@@ -298,11 +292,13 @@ def _print_summary(summary: RunSummary, report: dict[str, Any]) -> None:
         print(f"  pre-flight {summary.bytes_saved / 1e6:.1f} MB not sent (images resized or re-encoded)")
     print(f"  output     {summary.output}: {summary.output_rows} rows "
           f"({summary.output_ok} ok, {summary.output_failed} failed)")
+    print(f"             for {summary.manifest_ok + summary.manifest_failed} of {summary.rows_total} manifest "
+          f"rows ({summary.manifest_ok} ok, {summary.manifest_failed} failed, {summary.rows_not_run} not run yet)")
     if summary.stop_reason == "budget":
         print(f"stopped: {summary.budget_message}\nraise the limit in limits: and run again to continue")
     elif summary.interrupted:
         print("interrupted: run the same command again to resume")
-    elif summary.output_failed and summary.rows_failed < summary.output_failed:
+    elif summary.manifest_failed and summary.rows_failed < summary.manifest_failed:
         print("earlier failures are kept; 'pipeline retry CONFIG' re-sends them")
     if summary.partition_path is not None:
         print(f"  partition  {summary.partition_path}")
@@ -332,10 +328,19 @@ def _status(args: argparse.Namespace) -> int:
             example = entry["examples"][0] if entry["examples"] else None
             hint = f"   e.g. {example['id']}: {example['message']}" if example else ""
             print(f"  {entry['error_type']:<20}{entry['count']:>6}{hint}")
-    if report["last_run"]:
-        run = report["last_run"]
-        print(f"last run: #{run['run_id']} {run['command']} {run['status']} at {run['started_at']}")
+    _print_last_run(report["last_run"], report["running_pid"])
     return ExitCode.OK
+
+
+def _print_last_run(run: dict[str, Any] | None, running_pid: int | None) -> None:
+    """The last run, and whether a run is going on now: the job's lock says so, not the ledger."""
+    if run:
+        print(f"last run: #{run['run_id']} {run['command']} {run['status']} at {run['started_at']}")
+        if run["status"] == "crashed":
+            print("  it stopped without finishing (killed or crashed; no run holds the lock): "
+                  "run the job again to resume")
+    if running_pid is not None:
+        print(f"running now: pid {running_pid} holds the job's lock")
 
 
 def _runs(args: argparse.Namespace) -> int:
@@ -392,8 +397,8 @@ def _export(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     report = export_job(config)
-    print(f"wrote {config.output.path}: {report.rows} rows ({report.ok} ok, {report.failed} failed, "
-          f"{report.manifest_rows_done} manifest rows with an outcome)")
+    print(f"wrote {config.output.path}: {report.rows} rows ({report.rows_ok} ok, {report.rows_failed} failed) "
+          f"for {report.manifest_rows_done} manifest rows ({report.ok} ok, {report.failed} failed)")
     return ExitCode.OK
 
 

@@ -82,11 +82,12 @@ def test_sigint_stops_cleanly_and_exits_4(tmp_path):
     manifest = make_manifest(tmp_path / "data", 60)
     config = write_config(tmp_path / "job.yaml", manifest, "out/captions.parquet",
                           endpoint={"local": {"chunk_delay": 0.03}}, run={"concurrency": 2})
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--log-level", "INFO", "run", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--log-level", "INFO", "run", str(config),
+                             "--progress-interval", "0.05"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # wait for real progress: the bar reports finished rows on stderr
+    # wait for real progress: stderr is no terminal, so no bar but progress lines report finished rows
     seen = ""
-    while proc.poll() is None and max(map(int, re.findall(r"(\d+)/60", seen)), default=0) < 4:
+    while proc.poll() is None and max(map(int, re.findall(r"(\d+) of 60 rows done", seen)), default=0) < 4:
         seen += proc.stderr.read(1)
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate(timeout=30)

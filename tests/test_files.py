@@ -8,16 +8,16 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline.edges.files import FILE_MODE, atomic_path, atomic_write_text
+from pipeline.edges.files import atomic_path, atomic_write_text, published_mode
 from pipeline.edges.sinks import write_atomic
 
 
-def test_atomic_write_text_replaces_the_file_readable_by_collectors(tmp_path: Path) -> None:
+def test_atomic_write_text_replaces_the_file_with_the_umask_mode(tmp_path: Path) -> None:
     target = tmp_path / "metrics" / "job.prom"  # the folder is created on the way
     atomic_write_text(target, "first\n")
     atomic_write_text(target, "second ü\n")
     assert target.read_text(encoding="utf-8") == "second ü\n"
-    assert stat.S_IMODE(target.stat().st_mode) == FILE_MODE
+    assert stat.S_IMODE(target.stat().st_mode) == published_mode()
     assert sorted(p.name for p in target.parent.iterdir()) == ["job.prom"]
 
 
@@ -46,4 +46,4 @@ def test_table_sink_writes_through_the_same_helper(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     assert write_atomic([pa.table({"id": ["a", "b"]}, schema=schema)], target, "csv", schema) == 2
     assert target.read_text().splitlines()[1:] == ['"a"', '"b"']
-    assert stat.S_IMODE(target.stat().st_mode) == FILE_MODE and [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+    assert stat.S_IMODE(target.stat().st_mode) == published_mode() and [p.name for p in tmp_path.iterdir()] == ["out.csv"]

@@ -396,6 +396,11 @@ def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
         yield values[start : start + _IN_CHUNK]
 
 
+def job_lock_path(ledger: Path) -> Path:
+    """The job's lock file, beside its ledger: ``<ledger>.lock``."""
+    return ledger.with_name(ledger.name + ".lock")
+
+
 class JobLock:
     """One run at a time per job: an exclusive ``flock`` on a file beside the ledger.
 
@@ -422,6 +427,32 @@ class JobLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
+
+    @contextmanager
+    def probe(self) -> Iterator[int | None]:
+        """Who holds the lock: the running run's pid, or None when no run holds it (a killed run's lock
+        is free: the kernel dropped it with the process).
+
+        Never waits and never creates the lock file. When the lock is free, a shared ``flock`` is kept for
+        the ``with`` block, so no run can start (and be taken for dead) while the caller reads the ledger;
+        keep the block short: a run starting in that moment is refused as for any concurrent run. A
+        holder that left no pid in the file is reported as pid 0.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.read(fd, 64).decode(errors="replace").strip()
+                yield int(text) if text.isdigit() else 0
+                return
+            yield None
+        finally:
+            os.close(fd)  # closing drops the shared lock
 
     def release(self) -> None:
         if self._fd is not None:

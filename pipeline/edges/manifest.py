@@ -8,6 +8,7 @@ request is sent; ``batches()`` then streams ``Row`` objects in manifest order.
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,7 @@ class ManifestReader:
         except ManifestError:
             raise
         except (pa.ArrowException, OSError, ValueError) as exc:
-            raise ManifestError(f"{path}: cannot read {fmt} manifest: {_short(exc)}") from None
+            raise _read_error(path, fmt, exc) from None
 
     @property
     def carried_columns(self) -> list[str]:
@@ -291,7 +292,7 @@ class ManifestReader:
                 for batch in _rebatch(reader, size):
                     yield batch.select(columns) if columns else batch
         except (pa.ArrowException, OSError) as exc:
-            raise ManifestError(f"{path}: cannot read {fmt} manifest: {_short(exc)}") from None
+            raise _read_error(path, fmt, exc) from None
 
     def _manifest_path(self) -> Path:
         path = self.config.manifest
@@ -299,6 +300,36 @@ class ManifestReader:
         if not path.is_file():
             raise ManifestError(f"{path}: manifest file not found (input.manifest)")
         return path
+
+
+def _read_error(path: Path, fmt: str, exc: BaseException) -> ManifestError:
+    """A manifest that cannot be read; for JSONL, the first bad line by its number in the file (from 1).
+
+    Arrow's JSON reader counts rows from 0 within each 1 MiB block it parses, which names no line anyone
+    can find; so on this (error) path the file is read again line by line to say which one is broken.
+    """
+    if fmt == "jsonl" and not isinstance(exc, OSError):
+        problem = _first_bad_json_line(path)
+        if problem is not None:
+            return ManifestError(f"{path}: {problem}; fix or remove that line (JSONL: one JSON object per line)")
+    return ManifestError(f"{path}: cannot read {fmt} manifest: {_short(exc)}")
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """"invalid JSON at line N (...)" or "line N is not a JSON object" for the first such line, else None."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as exc:
+                detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                column = f", column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+                return f"invalid JSON at line {number} ({detail}{column})"
+            if not isinstance(value, dict):
+                return f"line {number} is not a JSON object (found {type(value).__name__})"
+    return None
 
 
 def _csv_header(path: Path) -> list[str]:

@@ -24,10 +24,16 @@ _EXPORT_ROWS = 1_000
 
 @dataclass
 class ExportReport:
+    """What an export wrote, counted twice over: output rows (one per choice: ``request.n: 2`` gives two per
+    manifest row) and manifest rows. ``rows == rows_ok + rows_failed`` and ``manifest_rows_done == ok +
+    failed``; the rest of the manifest has no outcome yet."""
+
     rows: int = 0  # output rows written (one per choice)
     ok: int = 0  # manifest rows whose outcome is ok
     failed: int = 0  # manifest rows whose outcome is failed
     manifest_rows_done: int = 0
+    rows_ok: int = 0  # output rows of ok manifest rows
+    rows_failed: int = 0  # output rows of failed manifest rows
 
 
 def export_output(config: Config, reader: ManifestReader, store: StateStore,
@@ -75,16 +81,22 @@ def _tables(reader: ManifestReader, store: StateStore, schema: pa.Schema, report
             outcome = outcomes.get(row.id)
             if outcome is None:
                 continue
-            report.manifest_rows_done += 1
-            if outcome.status == "ok":
-                report.ok += 1
-            else:
-                report.failed += 1
             base = {"id": row.id, "path": row.path, **{name: row.columns.get(name) for name in names}}
-            records.extend({**base, **result} for result in outcome.results)
+            added = [{**base, **result} for result in outcome.results]
+            records.extend(added)
+            _count(report, outcome.status == "ok", len(added))
         if records:
             yielded = True
             yield to_table(records, schema)
     if not yielded:  # an empty file still carries the schema
         yield schema.empty_table()
 
+
+def _count(report: ExportReport, ok: bool, output_rows: int) -> None:
+    report.manifest_rows_done += 1
+    if ok:
+        report.ok += 1
+        report.rows_ok += output_rows
+    else:
+        report.failed += 1
+        report.rows_failed += output_rows

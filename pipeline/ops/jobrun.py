@@ -1,12 +1,17 @@
 """One run of a job: the plan's checks, the job's lock, the ledger's run record, the engine, the output
 and the report. The engine gets its endpoint URL from the caller (``pipeline.api`` starts the embedded
 endpoint for ``base_url: local``), so nothing here knows about the embedded server.
+
+Every run logs one INFO line when it starts (run id, manifest rows) and one when it ends (rows, exit code,
+or the error that ended it), whatever the outcome: an unattended run's log then says that it ran and how
+it ended even when nothing went wrong (the CLI's per-run log file takes INFO).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import shutil
 import time
 from datetime import UTC, datetime
@@ -15,12 +20,14 @@ from typing import Any
 
 from pipeline.core.config import Config
 from pipeline.core.errors import ConfigError, PipelineError
-from pipeline.edges.ledger import JobLock, StateStore
+from pipeline.edges.ledger import JobLock, StateStore, job_lock_path
 from pipeline.edges.manifest import ManifestInfo
 from pipeline.ops.publish import export_run, publish_report, run_report
 from pipeline.run.local import LocalEngine
 from pipeline.run.plan import Plan
 from pipeline.run.summary import Command, ProgressCallback, RunSummary
+
+log = logging.getLogger("pipeline.ops.jobrun")
 
 
 class JobRun:
@@ -51,20 +58,29 @@ class JobRun:
         info = await asyncio.to_thread(self.plan.check)
         self.summary.rows_total = info.rows
         ledger = self.config.ledger_path
-        with JobLock(ledger.with_name(ledger.name + ".lock")):
-            if self.fresh:
-                _backup(ledger)
-            synchronous = self.config.ledger.synchronous.upper()
-            with StateStore(ledger, synchronous=synchronous) as store, \
-                 StateStore(ledger, synchronous=synchronous) as lookups:
-                await self._run_locked(store, lookups, info, base_url, started)
+        try:
+            with JobLock(job_lock_path(ledger)):
+                if self.fresh:
+                    _backup(ledger)
+                synchronous = self.config.ledger.synchronous.upper()
+                with StateStore(ledger, synchronous=synchronous) as store, \
+                     StateStore(ledger, synchronous=synchronous) as lookups:
+                    await self._run_locked(store, lookups, info, base_url, started)
+        except BaseException as exc:
+            if self.summary.run_id:
+                _log_error_end(self.summary, exc)
+            raise
         await publish_report(self.config, self.summary, self.report)
+        _log_end(self.summary)
         return self.summary
 
     async def _run_locked(self, store: StateStore, lookups: StateStore, info: ManifestInfo,
                           base_url: str | None, started: float) -> None:
         summary, digest = self.summary, _config_digest(self.config)
         summary.run_id = store.start_run(self.command, digest)
+        log.info("%s #%d started: %d manifest rows, output %s", summary.command, summary.run_id, info.rows,
+                 summary.output, extra={"event": "run_start", "run_id": summary.run_id,
+                                        "command": summary.command, "rows_total": info.rows})
         store.reset_in_flight()
         if self.command == "retry":
             summary.requeued = store.requeue_failed(self.error_type)
@@ -77,6 +93,27 @@ class JobRun:
         summary.elapsed_s = time.monotonic() - started
         store.finish_run(summary.run_id, "interrupted" if summary.interrupted else "finished", summary.to_dict())
         self.report = run_report(self.config, store, summary, digest)
+
+
+def _log_end(summary: RunSummary) -> None:
+    """The run's last line in the log: how it ended, its rows and its exit code."""
+    state = f"stopped ({summary.stop_reason})" if summary.stop_reason else "finished"
+    log.info("%s #%d %s in %.1fs: exit code %d; this run %d ok, %d failed; manifest %d rows, %d not run yet; "
+             "output %d rows", summary.command, summary.run_id, state, summary.elapsed_s, summary.exit_code,
+             summary.rows_ok, summary.rows_failed, summary.rows_total, summary.rows_not_run, summary.output_rows,
+             extra={"event": "run_end", "run_id": summary.run_id, "command": summary.command,
+                    "exit_code": int(summary.exit_code), "rows_ok": summary.rows_ok,
+                    "rows_failed": summary.rows_failed, "rows_total": summary.rows_total,
+                    "rows_not_run": summary.rows_not_run, "output_rows": summary.output_rows})
+
+
+def _log_error_end(summary: RunSummary, exc: BaseException) -> None:
+    """An error ended the run: its last line names the error (the CLI maps it to an exit code)."""
+    log.info("%s #%d ended by an error after %d ok, %d failed rows: %s: %s", summary.command, summary.run_id,
+             summary.rows_ok, summary.rows_failed, type(exc).__name__, exc,
+             extra={"event": "run_end", "run_id": summary.run_id, "command": summary.command,
+                    "error": type(exc).__name__, "rows_ok": summary.rows_ok, "rows_failed": summary.rows_failed,
+                    "rows_total": summary.rows_total})
 
 
 def _first_pipeline_error(group: BaseExceptionGroup[Any]) -> BaseException:

@@ -94,6 +94,8 @@ def _formatter(fmt: LogFormat, text_format: str) -> logging.Formatter:
 
 #: Set on the handlers ``configure_logging`` installs, so a second call replaces exactly those.
 _OWNED = "_pipeline_owned"
+#: Set on its console (stderr) handler, which a progress bar routes through itself while it is shown.
+_CONSOLE = "_pipeline_console"
 
 
 def configure_logging(level: int | str = "WARNING", fmt: LogFormat = "text", log_file: Path | None = None, *,
@@ -117,6 +119,7 @@ def configure_logging(level: int | str = "WARNING", fmt: LogFormat = "text", log
     console = logging.StreamHandler(stream if stream is not None else sys.stderr)
     console.setLevel(level)
     console.setFormatter(_formatter(fmt, TEXT_FORMAT))
+    setattr(console, _CONSOLE, True)
     handlers: list[logging.Handler] = [console]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +134,12 @@ def configure_logging(level: int | str = "WARNING", fmt: LogFormat = "text", log
         target.addHandler(handler)
     target.setLevel(min(levels))
     return handlers
+
+
+def console_handlers(logger: logging.Logger | None = None) -> list[logging.StreamHandler[Any]]:
+    """The console handlers ``configure_logging`` installed on ``logger`` (the root)."""
+    target = logger if logger is not None else logging.getLogger()
+    return [h for h in target.handlers if getattr(h, _CONSOLE, False) and isinstance(h, logging.StreamHandler)]
 
 
 def run_log_path(output_path: Path, started: datetime, folder: Path | None = None) -> Path:

@@ -33,6 +33,7 @@ async def export_run(config: Config, plan: Plan, store: StateStore, info: Manife
     """Rebuild the output from the ledger, unless nothing it depends on changed since the last time;
     the output counts go into ``summary``."""
     signature = json.dumps({
+        "counts": 2,  # the stored report counts output rows and manifest rows apart (since counts 2)
         "writes": store.writes, "manifest": plan.manifest_digest, "rows": info.rows,
         "output": str(config.output.path), "format": config.output.output_format,
         "carried": info.carried.names,
@@ -47,7 +48,8 @@ async def export_run(config: Config, plan: Plan, store: StateStore, info: Manife
     if config.output.partition_by == "run_date" and not unchanged:
         summary.partition_path = await asyncio.to_thread(
             export_partition, config, plan.reader, store, summary.run_id, info.carried)
-    summary.output_rows, summary.output_ok, summary.output_failed = report.rows, report.ok, report.failed
+    summary.output_rows, summary.output_ok, summary.output_failed = report.rows, report.rows_ok, report.rows_failed
+    summary.manifest_ok, summary.manifest_failed = report.ok, report.failed
     summary.rows_not_run = summary.rows_total - report.manifest_rows_done
 
 

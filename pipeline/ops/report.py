@@ -201,6 +201,7 @@ def build_report(store: StateStore, run_id: int, summary: Mapping[str, Any] | An
         "rows": {name: data.get(f"rows_{name}", 0) for name in _ROW_COUNTS},
         "output_rows": {"total": data.get("output_rows", 0), "ok": data.get("output_ok", 0),
                         "failed": output_failed},
+        "manifest_rows": _manifest_rows(data),
         "requests": {"sent": data.get("attempts", 0), "ok": numbers.ok, "failed": numbers.failed,
                      "extra_attempts": numbers.extra_attempts},
         "tokens": {"prompt": prompt_tokens, "completion": completion_tokens,
@@ -218,6 +219,13 @@ def build_report(store: StateStore, run_id: int, summary: Mapping[str, Any] | An
 
 #: The summary's ``rows_*`` counters, in the order the report lists them.
 _ROW_COUNTS = ("total", "new", "changed", "resumed", "retried", "skipped", "ok", "failed", "deduplicated", "not_run")
+
+
+def _manifest_rows(data: Mapping[str, Any]) -> dict[str, int]:
+    """Manifest rows by their outcome in the output after the run: ``total == ok + failed + not_run``
+    (``output_rows`` counts output rows, one per choice, so with ``request.n`` > 1 the two differ)."""
+    return {"total": data.get("rows_total", 0), "ok": data.get("manifest_ok", 0),
+            "failed": data.get("manifest_failed", 0), "not_run": data.get("rows_not_run", 0)}
 
 
 def _elapsed(data: Mapping[str, Any], run: Mapping[str, Any]) -> float:
@@ -311,6 +319,13 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     return lines
 
 
+def _manifest_text(report: Mapping[str, Any]) -> str:
+    """The output's manifest rows, which add up to the manifest."""
+    rows = report["manifest_rows"]
+    return (f"for {_num(rows['ok'] + rows['failed'])} of {_num(rows['total'])} manifest rows ({_num(rows['ok'])} "
+            f"ok, {_num(rows['failed'])} failed, {_num(rows['not_run'])} not run yet)")
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
     """A short human report: a header, then small tables (GitHub / GitLab / any Markdown viewer)."""
     rows, out, req, tokens = report["rows"], report["output_rows"], report["requests"], report["tokens"]
@@ -329,8 +344,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                      "deduplicated", "not run"],
                     [[_num(rows[k]) for k in ("total", "new", "changed", "resumed", "retried", "skipped", "ok",
                                               "failed", "deduplicated", "not_run")]])
-    lines += ["", f"Output file: {_num(out['total'])} rows ({_num(out['ok'])} ok, {_num(out['failed'])} failed).",
-              "", "## Requests, tokens, cost", ""]
+    lines += ["", f"Output file: {_num(out['total'])} rows ({_num(out['ok'])} ok, {_num(out['failed'])} failed), "
+              f"{_manifest_text(report)}.", "", "## Requests, tokens, cost", ""]
     throughput = report["throughput"]
     lines += _table(["requests sent", "ok", "failed", "prompt tokens", "completion tokens", "cost", "rows/s"],
                     [[_num(req["sent"]), _num(req["ok"]), _num(req["failed"]), _num(tokens["prompt"]),

@@ -51,9 +51,14 @@ class RunSummary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     bytes_saved: int = 0  # by image pre-flight (resizing, re-encoding), over this run's answers
+    # the output file after the run, in output rows (one per choice: request.n: 2 gives two per manifest
+    # row): output_rows == output_ok + output_failed
     output_rows: int = 0
     output_ok: int = 0
     output_failed: int = 0
+    # manifest rows with an outcome in the output: rows_total == manifest_ok + manifest_failed + rows_not_run
+    manifest_ok: int = 0
+    manifest_failed: int = 0
     elapsed_s: float = 0.0
     interrupted: bool = False
     stop_reason: str | None = None  # "signal" (Ctrl-C / SIGTERM) or "budget"
@@ -71,11 +76,12 @@ class RunSummary:
         if self.interrupted:
             return ExitCode.INTERRUPTED
         tolerated = self.max_failed_fraction * self.output_ok_or_failed
-        return ExitCode.FAILED_ROWS if self.output_failed > tolerated else ExitCode.OK
+        return ExitCode.FAILED_ROWS if self.manifest_failed > tolerated else ExitCode.OK
 
     @property
     def output_ok_or_failed(self) -> int:
-        return self.output_ok + self.output_failed
+        """Manifest rows with an outcome (what ``run.max_failed_fraction`` is a fraction of)."""
+        return self.manifest_ok + self.manifest_failed
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
