@@ -5,17 +5,25 @@ moment (a dashboard, node_exporter, systemd), so each is written to a temporary 
 fsynced, and renamed over it: a reader sees the old file or the new one, never half of one. The temporary
 name starts with a dot and ends in ``.tmp``, so a collector globbing ``*.prom`` or ``*.parquet`` never
 picks it up, and it is removed if writing fails.
+
+A write that fails at the OS level (disk full, I/O error, read-only file system) becomes one
+``StorageError`` naming the target and the cause (``storage_error``): the run stops with a line a person
+can act on, never a traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text"]
+from pipeline.core.errors import StorageError
+
+__all__ = ["atomic_path", "atomic_write_text", "storage_error", "storage_errors", "storage_failure"]
 
 #: Published files are readable by the collectors that watch them, whatever mode ``mkstemp`` chose.
 FILE_MODE = 0o644
@@ -25,21 +33,66 @@ FILE_MODE = 0o644
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a fresh temporary path beside ``path`` to write; when the block ends without an error it is
     fsynced and renamed over ``path``, otherwise it is removed and ``path`` is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     temporary = Path(name)
     try:
         yield temporary
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(temporary, FILE_MODE)
-        os.replace(temporary, path)
+        with storage_errors(path):
+            with open(temporary, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(temporary, FILE_MODE)
+            os.replace(temporary, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:  # the file system went read-only or away: the write's own error is the news
+            pass
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8) atomically."""
-    with atomic_path(path) as temporary:
+    with atomic_path(path) as temporary, storage_errors(path):
         temporary.write_text(text, encoding="utf-8")
+
+
+#: What to do, by the kind of failure; each ends by saying the same command picks up where it stopped.
+_ADVICE = {
+    "full": "free space there (or point the path elsewhere in the config)",
+    "read-only": "make that file system writable (or point the path elsewhere in the config)",
+    "permission": "give this user write access there (or point the path elsewhere in the config)",
+    "io": "check the disk (dmesg, SMART) or point the path elsewhere in the config",
+}
+_KINDS = {errno.ENOSPC: "full", errno.EDQUOT: "full", errno.EFBIG: "full", errno.EROFS: "read-only",
+          errno.EACCES: "permission", errno.EPERM: "permission"}
+_ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)  # pyarrow's OSErrors carry it only in the text
+
+
+@contextmanager
+def storage_errors(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` raised while writing ``path`` into a ``StorageError`` naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise storage_error(path, exc) from exc
+
+
+def storage_error(path: Path, exc: OSError) -> StorageError:
+    """One line for a failed write: the path, the cause (``No space left on device (ENOSPC)``), the advice."""
+    code = exc.errno
+    if code is None and (found := _ERRNO_IN_TEXT.search(str(exc))):
+        code = int(found.group(1))
+    if code is None:
+        return storage_failure(path, str(exc) or type(exc).__name__, "io")
+    cause = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+    return storage_failure(path, cause, _KINDS.get(code, "io"))
+
+
+def storage_failure(path: Path, cause: str, kind: str) -> StorageError:
+    """``kind``: full, read-only, permission or io (picks the advice)."""
+    return StorageError(
+        f"cannot write {path}: {cause}; {_ADVICE.get(kind, _ADVICE['io'])}, then run the same command "
+        "again: rows already finished are kept in the ledger and are not sent again",
+        path=str(path), cause=cause)

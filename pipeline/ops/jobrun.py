@@ -1,11 +1,14 @@
 """One run of a job: the plan's checks, the job's lock, the ledger's run record, the engine, the output
-and the report. The engine gets its endpoint URL from the caller (``pipeline.api`` starts the embedded
+and the report. A failed write (``StorageError``: disk full, I/O error, read-only) stops the run: what can
+still be recorded (the run's status and summary in the ledger, the report) is, and the error is raised.
+The engine gets its endpoint URL from the caller (``pipeline.api`` starts the embedded
 endpoint for ``base_url: local``), so nothing here knows about the embedded server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import shutil
 import time
@@ -14,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import Config
-from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.errors import ConfigError, PipelineError, StorageError
 from pipeline.edges.ledger import JobLock, StateStore
 from pipeline.edges.manifest import ManifestInfo
-from pipeline.ops.publish import export_run, publish_report, run_report
+from pipeline.ops.publish import export_run, owe_partition, publish_report, run_report
 from pipeline.run.local import LocalEngine
 from pipeline.run.plan import Plan
 from pipeline.run.summary import Command, ProgressCallback, RunSummary
@@ -50,6 +53,19 @@ class JobRun:
         started = time.monotonic()
         info = await asyncio.to_thread(self.plan.check)
         self.summary.rows_total = info.rows
+        try:
+            await self._run_under_lock(info, base_url, started)
+        except StorageError as exc:
+            self.summary.io_error = exc.message
+            await publish_report(self.config, self.summary, self.report)  # where the disk still allows
+            raise
+        failure = await publish_report(self.config, self.summary, self.report)
+        if failure is not None:
+            self.summary.io_error = failure.message
+            raise failure
+        return self.summary
+
+    async def _run_under_lock(self, info: ManifestInfo, base_url: str | None, started: float) -> None:
         ledger = self.config.ledger_path
         with JobLock(ledger.with_name(ledger.name + ".lock")):
             if self.fresh:
@@ -57,22 +73,44 @@ class JobRun:
             synchronous = self.config.ledger.synchronous.upper()
             with StateStore(ledger, synchronous=synchronous) as store, \
                  StateStore(ledger, synchronous=synchronous) as lookups:
-                await self._run_locked(store, lookups, info, base_url, started)
-        await publish_report(self.config, self.summary, self.report)
-        return self.summary
+                try:
+                    await self._run_locked(store, lookups, info, base_url, started)
+                except StorageError as exc:
+                    self._record_storage_failure(store, exc, started)
+                    raise
+
+    @property
+    def config_digest(self) -> str:
+        return _config_digest(self.config)
+
+    def _record_storage_failure(self, store: StateStore, exc: StorageError, started: float) -> None:
+        """Best effort after a failed write: the run's status and summary in the ledger, and the report
+        (built from the ledger, which SQLite kept intact); a second failure must not hide the first."""
+        summary = self.summary
+        summary.io_error = exc.message
+        summary.elapsed_s = time.monotonic() - started
+        if not summary.run_id:
+            return
+        with contextlib.suppress(StorageError):
+            store.finish_run(summary.run_id, "failed", summary.to_dict())
+        with contextlib.suppress(Exception):  # noqa: BLE001 - a report is a bonus here, the error is the news
+            self.report = run_report(self.config, store, summary, self.config_digest)
 
     async def _run_locked(self, store: StateStore, lookups: StateStore, info: ManifestInfo,
                           base_url: str | None, started: float) -> None:
-        summary, digest = self.summary, _config_digest(self.config)
+        summary, digest = self.summary, self.config_digest
         summary.run_id = store.start_run(self.command, digest)
+        owe_partition(self.config, store, summary.run_id)
         store.reset_in_flight()
         if self.command == "retry":
             summary.requeued = store.requeue_failed(self.error_type)
         try:
             await self.engine.run(store, lookups, summary.run_id, info, base_url)
         except ExceptionGroup as group:
-            store.finish_run(summary.run_id, "failed", summary.to_dict())
-            raise _first_pipeline_error(group) from None
+            error = _first_pipeline_error(group)
+            if not isinstance(error, StorageError):
+                store.finish_run(summary.run_id, "failed", summary.to_dict())
+            raise error from None
         await export_run(self.config, self.plan, lookups, info, summary)
         summary.elapsed_s = time.monotonic() - started
         store.finish_run(summary.run_id, "interrupted" if summary.interrupted else "finished", summary.to_dict())
