@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import errno
 import re
+import resource
+import signal
 import sqlite3
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -180,3 +183,40 @@ def test_a_partition_or_report_that_cannot_be_written_is_exit_6_after_the_output
         assert len(read_rows(part)) == 4
     else:
         assert "pipeline_" in (elsewhere / "captions.prom").read_text()
+
+
+def test_a_run_log_on_a_full_disk_is_one_warning_not_a_traceback_per_line(tmp_path, tmpfs):
+    logs = tmpfs("logs")
+    config = write_job(tmp_path, 4, tmp_path / "out" / "captions.csv", tmp_path / "state" / "job.ledger.sqlite")
+    (tmp_path / "data" / "img_000.png").unlink()  # a failed row: a WARNING line for the log
+    fill(logs)
+
+    result = pipeline("run", str(config), "--no-progress", "--log-file", str(logs / "run.log"), cwd=tmp_path)
+
+    assert result.returncode == 1, result.stderr  # the run itself finished: one row failed, the log is a bonus
+    assert "Traceback" not in result.stderr and "Logging error" not in result.stderr, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: cannot write the log")]
+    assert warnings == [f"warning: cannot write the log file {logs / 'run.log'}: No space left on device (ENOSPC); "
+                        "logging to stderr only"], result.stderr
+
+
+def test_a_file_size_limit_is_a_clear_stop_too(tmp_path):
+    """No mount needed: RLIMIT_FSIZE makes the kernel refuse the output's growth with EFBIG."""
+    output = tmp_path / "out" / "captions.csv"
+    config = write_job(tmp_path, 150, output, tmp_path / "state" / "job.ledger.sqlite")
+    assert pipeline("run", str(config), "--no-progress", cwd=tmp_path).returncode == 0
+    before = output.read_bytes()
+    limit = 36_000  # room for the ledger's 32 KiB shared-memory file, not for the output
+    assert len(before) > limit
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run([sys.executable, "-m", "pipeline", "export", str(config)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, preexec_fn=limit_file_size)
+
+    assert result.returncode == 6 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: cannot write {output}: File too large (EFBIG); ")
+    assert output.read_bytes() == before  # the old output is left whole, no half file beside it
+    assert [p.name for p in output.parent.iterdir() if p.name.startswith(".")] == []
