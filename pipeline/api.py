@@ -103,8 +103,9 @@ async def local_endpoint(config: Config) -> AsyncIterator[str | None]:
 def run_job(config: Config | Mapping[str, Any] | str | os.PathLike[str], **options: Any) -> RunSummary:
     """Run a job to the end from synchronous code; ``options`` as for :func:`run_job_async`.
 
-    Raises ``ConfigError`` / ``ManifestError`` for bad input and ``LockHeld`` when another run of the job
-    is in progress; failed rows are reported in the summary (``exit_code`` as the CLI's).
+    Raises ``ConfigError`` / ``ManifestError`` for bad input, ``LockHeld`` when another run of the job
+    is in progress and ``StorageError`` when a write fails (disk full, I/O error); failed rows are reported
+    in the summary (``exit_code`` as the CLI's).
 
     Called where an event loop is already running (a Jupyter notebook, an async web handler), the job runs
     on its own loop in a worker thread and this call blocks until it ends, as it does anywhere else; the

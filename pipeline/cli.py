@@ -1,7 +1,8 @@
 """The command line: parse arguments, load the config, run the job, print, map outcomes to exit codes.
 
 Exit codes: 0 every row ok; 1 some rows failed; 2 bad config or manifest; 3 another run of the job holds
-its lock; 4 interrupted (run again to finish); 5 a budget guard stopped the run.
+its lock; 4 interrupted (run again to finish); 5 a budget guard stopped the run; 6 a write failed (disk
+full, I/O error, read-only file system: fix it and run the same command again).
 
 Each command imports what it needs inside its handler, so ``--help`` and the light commands (validate,
 status) start without loading the HTTP client, Pillow or the engines.
@@ -22,7 +23,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__
-from pipeline.core.errors import ConfigError, ExitCode, LockHeld, PipelineError
+from pipeline.core.errors import (
+    ConfigError,
+    ExitCode,
+    LockHeld,
+    PipelineError,
+    StorageError,
+)
 from pipeline.ops.logs import configure_logging, run_log_path
 
 if TYPE_CHECKING:
@@ -42,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Caption image collections through any OpenAI-compatible streaming vision endpoint.",
         epilog="Exit codes: 0 all rows ok, 1 some rows failed, 2 bad config or manifest, "
         "3 another run of the job is in progress, 4 interrupted (run again to resume), "
-        "5 a budget guard (limits.max_requests / max_total_tokens / max_cost) stopped the run.",
+        "5 a budget guard (limits.max_requests / max_total_tokens / max_cost) stopped the run, "
+        "6 a write failed (disk full, I/O error, read-only: fix it and run the same command again).",
     )
     parser.add_argument("--version", action="version", version=f"pipeline {__version__}")
     parser.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS,
@@ -196,6 +204,9 @@ def _handle(handler: Any, args: argparse.Namespace) -> int:
     except LockHeld as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.LOCKED
+    except StorageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ExitCode.IO_ERROR
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
@@ -230,7 +241,12 @@ def _run(args: argparse.Namespace) -> int:
     job = JobRun(config, on_progress=bar.update if bar else None, command=args.command,
                  fresh=getattr(args, "fresh", False), error_type=getattr(args, "error_type", None))
     args.summary = job.summary  # its run id, for --exit-line
-    summary = run_coroutine(_run_async(job, bar), config.run.event_loop)
+    try:
+        summary = run_coroutine(_run_async(job, bar), config.run.event_loop)
+    except StorageError:
+        if job.summary.run_id:  # the run started: say what it did before the write failed
+            _print_summary(job.summary, job.report)
+        raise
     _print_summary(summary, job.report)
     return summary.exit_code
 

@@ -145,3 +145,20 @@ def test_bad_fault_spec_and_empty_manifest_exit_2(tmp_path):
     result = pipeline("run", str(config), cwd=tmp_path)
     assert result.returncode == 2 and "the manifest has no rows" in result.stderr
     assert not (tmp_path / "out.csv").exists()
+
+
+HOSTILE_CONFIGS = {
+    "laughs.yaml": ("l0: &l0 lol\n" + "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 10))
+                    + "request: {model: m, extra_body: {bomb: *l9}}\n").encode(),
+    "deep.yaml": ("request: " + "[" * 50_000 + "]" * 50_000 + "\n").encode(),
+    "latin1.yaml": "request: {model: caf\xe9}\n".encode("latin-1"),
+}
+
+
+def test_hostile_config_files_exit_2_with_one_line(tmp_path):
+    for name, content in HOSTILE_CONFIGS.items():
+        (tmp_path / name).write_bytes(content)
+        for command in ("validate", "run"):
+            result = pipeline(command, name, cwd=tmp_path)
+            assert result.returncode == 2, (name, command, result.stderr[-2000:])
+            assert result.stderr.startswith(f"error: {name}: ") and result.stderr.count("\n") == 1, result.stderr

@@ -144,3 +144,81 @@ def test_shipped_configs_are_valid():
     assert len(configs) >= 4
     for path in configs:
         load_config(path, env=env)
+
+
+# --- hostile config files: alias bombs, deep nesting, bytes that are not UTF-8 -------------------------
+
+
+def laughs(levels: int, width: int = 10) -> str:
+    """The "billion laughs": each anchor is a list of ``width`` aliases of the one before; the request
+    carries the last one."""
+    lines = ['l0: &l0 "lol"']
+    for level in range(1, levels + 1):
+        lines.append(f"l{level}: &l{level} [{', '.join([f'*l{level - 1}'] * width)}]")
+    lines.append(f"request: {{model: m, extra_body: {{bomb: *l{levels}}}}}")
+    return "input: {manifest: m.csv}\noutput: {path: o.csv}\n" + "\n".join(lines) + "\n"
+
+
+def test_billion_laughs_is_refused_before_it_expands(tmp_path):
+    path = write(tmp_path, laughs(9))  # 10**9 strings once expanded, from a dozen lines: never built
+    with pytest.raises(ConfigError, match=r"expands to more than 100,000 values \(YAML aliases") as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_a_million_values_through_aliases_is_refused_too(tmp_path):
+    path = write(tmp_path, laughs(6))
+    with pytest.raises(ConfigError, match="refused as a config bomb"):
+        load_config(path, env={})
+
+
+def test_merge_key_bomb_is_refused(tmp_path):
+    # each level merges the previous mapping twice: the parser's merge alone doubles per level
+    lines = ["m0: &m0 {a: 1}"] + [f"m{i}: &m{i} {{<<: [*m{i - 1}, *m{i - 1}]}}" for i in range(1, 40)]
+    path = write(tmp_path, MINIMAL + "\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="refused as a config bomb"):
+        load_config(path, env={})
+
+
+def test_an_alias_inside_its_own_anchor_is_refused(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("request: {model: m}", "request: {model: m, extra_body: &a {x: [*a]}}"))
+    with pytest.raises(ConfigError, match="a YAML alias refers to a value that contains it"):
+        load_config(path, env={})
+
+
+def test_ordinary_aliases_still_work_and_stay_shared(tmp_path):
+    text = MINIMAL.replace("request: {model: m}", "request: {model: m, extra_body: {a: &h {k: '${V}'}, b: *h}}")
+    config = load_config(write(tmp_path, text), env={"V": "v"})
+    assert config.request.extra_body == {"a": {"k": "v"}, "b": {"k": "v"}}
+    import yaml
+
+    document = interpolate(yaml.safe_load("a: &x {k: '${V}', l: [1, '${V}']}\nb: *x\n"), {"V": "v"})
+    assert document["a"] == {"k": "v", "l": [1, "v"]}
+    assert document["b"] is document["a"]  # interpolated once, not copied per alias
+
+
+@pytest.mark.parametrize(("name", "text"), [
+    ("deep.yaml", "request: " + "[" * 20_000 + "]" * 20_000 + "\n"),
+    ("deep-flow.yaml", "request: " + "{a: " * 20_000 + "1" + "}" * 20_000 + "\n"),
+    ("deep.toml", "x = " + "[" * 20_000 + "]" * 20_000 + "\n"),
+    ("nested.yaml", "request: " + "[" * 100 + "]" * 100 + "\n"),
+])
+def test_deeply_nested_config_is_one_config_error(tmp_path, name, text):
+    path = write(tmp_path, text, name)
+    with pytest.raises(ConfigError, match="nested") as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+
+
+def test_a_config_that_is_not_utf8_is_one_config_error(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_bytes(MINIMAL.replace("model: m", "model: caf\xe9").encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 0xe9 at offset \d+\); save the config as UTF-8"):
+        load_config(path, env={})
+
+
+def test_yaml_syntax_error_is_one_line_without_the_source_text(tmp_path):
+    path = write(tmp_path, "endpoint: {api_key: sk-secret-123\nrequest: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML: .*\(line \d+, column \d+\)$") as info:
+        load_config(path, env={})
+    assert "\n" not in str(info.value) and "sk-secret-123" not in str(info.value)

@@ -19,6 +19,7 @@ imports I/O libraries: aiohttp/asyncio errors are translated in ``edges/client.p
     ├── BudgetExceeded               max_requests / max_total_tokens / max_cost reached: stop cleanly
     ├── LockHeld                     another run of the same job holds the ledger lock
     ├── LedgerError                  the ledger file is corrupt or from a newer pipeline
+    ├── StorageError                 a write failed: disk full, I/O error, read-only (the run stops)
     ├── EndpointError                HTTP-level answer or transport failure
     │   ├── TransientEndpointError   connect, timeouts, 408/409/429/5xx       (retryable)
     │   │   ├── ConnectError
@@ -57,6 +58,7 @@ class ExitCode(IntEnum):
     LOCKED = 3  # another run of the same job holds its lock
     INTERRUPTED = 4  # Ctrl-C / SIGTERM: run the same command again to resume
     BUDGET = 5  # a budget guard stopped the run: raise it and run again
+    IO_ERROR = 6  # a write failed (disk full, I/O error, read-only): fix the disk and run again
 
 
 #: HTTP statuses that are worth another attempt.
@@ -151,6 +153,23 @@ class LedgerError(PipelineError):
     """The ledger file is unusable (corrupt, or written by a newer pipeline)."""
 
     error_type = "ledger_error"
+
+
+class StorageError(PipelineError):
+    """Writing the output, a partition, a report, the log or the ledger failed at the OS level (disk full,
+    I/O error, read-only file system).
+
+    A job-level stop, not a row failure: the message names the path, the cause and what to do. The ledger
+    stays intact (SQLite rolls back the failed commit), so the same command finishes the job once the disk
+    is fixed, without sending finished rows again; ``--fresh`` would re-pay every row, so it is never advised.
+    """
+
+    error_type = "storage_error"
+
+    def __init__(self, message: str, *, path: str, cause: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.cause = cause
 
 
 class EndpointError(PipelineError):

@@ -11,18 +11,27 @@ before the rename it gets the mode a plain ``open()`` would have given the file,
 process umask, so published files follow the umask like the ledger and the logs do. The umask is read
 from ``/proc/self/status`` where there is one: setting it to read it back (the only portable way) would
 change it, for a moment, for every thread of the process.
+
+A write that fails at the OS level (disk full, I/O error, read-only file system) becomes one
+``StorageError`` naming the target and the cause (``storage_error``): the run stops with a line a person
+can act on, never a traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "published_mode"]
+from pipeline.core.errors import StorageError
+
+__all__ = ["atomic_path", "atomic_write_text", "published_mode", "storage_error", "storage_errors",
+           "storage_failure"]
 
 _PROC_STATUS = Path("/proc/self/status")
 
@@ -31,23 +40,28 @@ _PROC_STATUS = Path("/proc/self/status")
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a fresh temporary path beside ``path`` to write; when the block ends without an error it is
     fsynced and renamed over ``path``, otherwise it is removed and ``path`` is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    with storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
     temporary = Path(name)
     try:
         yield temporary
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(temporary, published_mode())
-        os.replace(temporary, path)
+        with storage_errors(path):
+            with open(temporary, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(temporary, published_mode())
+            os.replace(temporary, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:  # the file system went read-only or away: the write's own error is the news
+            pass
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8) atomically."""
-    with atomic_path(path) as temporary:
+    with atomic_path(path) as temporary, storage_errors(path):
         temporary.write_text(text, encoding="utf-8")
 
 
@@ -74,3 +88,43 @@ def _umask_at_first_use() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+#: What to do, by the kind of failure; each ends by saying the same command picks up where it stopped.
+_ADVICE = {
+    "full": "free space there (or point the path elsewhere in the config)",
+    "read-only": "make that file system writable (or point the path elsewhere in the config)",
+    "permission": "give this user write access there (or point the path elsewhere in the config)",
+    "io": "check the disk (dmesg, SMART) or point the path elsewhere in the config",
+}
+_KINDS = {errno.ENOSPC: "full", errno.EDQUOT: "full", errno.EFBIG: "full", errno.EROFS: "read-only",
+          errno.EACCES: "permission", errno.EPERM: "permission"}
+_ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)  # pyarrow's OSErrors carry it only in the text
+
+
+@contextmanager
+def storage_errors(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` raised while writing ``path`` into a ``StorageError`` naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise storage_error(path, exc) from exc
+
+
+def storage_error(path: Path, exc: OSError) -> StorageError:
+    """One line for a failed write: the path, the cause (``No space left on device (ENOSPC)``), the advice."""
+    code = exc.errno
+    if code is None and (found := _ERRNO_IN_TEXT.search(str(exc))):
+        code = int(found.group(1))
+    if code is None:
+        return storage_failure(path, str(exc) or type(exc).__name__, "io")
+    cause = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+    return storage_failure(path, cause, _KINDS.get(code, "io"))
+
+
+def storage_failure(path: Path, cause: str, kind: str) -> StorageError:
+    """``kind``: full, read-only, permission or io (picks the advice)."""
+    return StorageError(
+        f"cannot write {path}: {cause}; {_ADVICE.get(kind, _ADVICE['io'])}, then run the same command "
+        "again: rows already finished are kept in the ledger and are not sent again",
+        path=str(path), cause=cause)

@@ -4,12 +4,17 @@ A manifest row maps to a *request key* (image content + rendered prompt + every 
 parameter). A finished answer counts as done only once it is committed here, so a crash loses at most
 the requests that were in flight. Output files are derived from the ledger, never the other way round.
 
+A commit that fails for the disk (full, I/O error, read-only) is rolled back by SQLite, so the ledger keeps
+every earlier commit; it is raised as a ``StorageError`` naming the ledger (``disk_errors``), and the
+same command resumes once the disk is fixed.
+
 Tables: ``requests`` (one row per request key: status, attempts, last error, result JSON), ``items``
 (manifest row id -> its input digest and request key), ``runs`` (history), ``meta`` (schema version).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -24,6 +29,7 @@ from typing import Any
 import orjson
 
 from pipeline.core.errors import LedgerError, LockHeld
+from pipeline.edges.files import storage_errors, storage_failure
 
 SCHEMA_VERSION = 1
 
@@ -63,6 +69,9 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX items_by_key ON items (request_key);
     """,
 }
+
+#: SQLite's primary result codes that mean the disk, not the database: FULL, IOERR, READONLY, CANTOPEN.
+_DISK_CODES = {13: "full", 10: "io", 8: "read-only", 14: "io"}
 
 #: SQLite's default limit on bound parameters is 999 in old builds; stay below it.
 _IN_CHUNK = 900
@@ -125,14 +134,16 @@ class StateStore:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def open(self) -> StateStore:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with storage_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={self.synchronous}")
-            db.execute("PRAGMA busy_timeout=30000")
-            self._db = db
-            self._migrate()
+            with disk_errors(self.path):
+                db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(f"PRAGMA synchronous={self.synchronous}")
+                db.execute("PRAGMA busy_timeout=30000")
+                self._db = db
+                self._migrate()
         except sqlite3.DatabaseError as exc:
             raise LedgerError(f"{self.path}: not a usable ledger ({exc}); move it away or run with --fresh") from None
         return self
@@ -156,13 +167,17 @@ class StateStore:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        """One write transaction; a failed COMMIT (the disk filled up) is rolled back like a failed statement."""
+        with disk_errors(self.path):
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:  # SQLite may have rolled back already (SQLITE_FULL)
+                    with contextlib.suppress(sqlite3.Error):
+                        self.db.execute("ROLLBACK")
+                raise
 
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -391,6 +406,20 @@ class StateStore:
         return {"id": row[0], "since": row[1]} if row else None
 
 
+@contextmanager
+def disk_errors(path: Path) -> Iterator[None]:
+    """SQLite's disk failures (``database or disk is full``, I/O errors, a read-only file system) as a
+    ``StorageError`` naming the ledger; anything else (a corrupt file) passes through."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        kind = _DISK_CODES.get(getattr(exc, "sqlite_errorcode", -1) & 0xFF)
+        if kind is None:
+            raise
+        name = getattr(exc, "sqlite_errorname", "")
+        raise storage_failure(path, f"{exc} ({name})" if name else str(exc), kind) from exc
+
+
 def _chunks(values: Sequence[str]) -> Iterator[Sequence[str]]:
     for start in range(0, len(values), _IN_CHUNK):
         yield values[start : start + _IN_CHUNK]
@@ -413,8 +442,9 @@ class JobLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        with storage_errors(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -424,8 +454,13 @@ class JobLock:
                 f"another run of this job is in progress (pid {holder}, lock {self.path}); "
                 "wait for it to finish or stop it"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            with storage_errors(self.path):
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
 
     @contextmanager

@@ -2,11 +2,12 @@
 
 The output is always derived from the ledger. It is written under a temporary name beside the target,
 fsynced, then renamed into place (``edges/files.py``): a reader sees the old file or the new one, never
-half of one.
+half of one. A write that fails (disk full, I/O error, read-only) is a ``StorageError`` naming ``path``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from pipeline.edges.files import atomic_path
+from pipeline.edges.files import atomic_path, storage_errors
 
 _JSONL_BATCH = 10_000
 
@@ -68,11 +69,17 @@ def write_atomic(tables: Iterable[pa.Table], path: Path, fmt: str, schema: pa.Sc
     """Stream ``tables`` into ``path`` via a temporary file, fsync and rename; returns rows written."""
     rows = 0
     with atomic_path(path) as temporary:
-        sink = SINKS[fmt](temporary, schema)
+        with storage_errors(path):
+            sink = SINKS[fmt](temporary, schema)
         try:
-            for table in tables:
-                sink.write_table(table)
+            for table in tables:  # read outside storage_errors: a failed read is not a failed write
+                with storage_errors(path):
+                    sink.write_table(table)
                 rows += table.num_rows
-        finally:
+        except BaseException:
+            with contextlib.suppress(OSError):  # the first failure is the news
+                sink.close()
+            raise
+        with storage_errors(path):
             sink.close()
     return rows

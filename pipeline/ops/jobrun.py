@@ -1,5 +1,7 @@
 """One run of a job: the plan's checks, the job's lock, the ledger's run record, the engine, the output
-and the report. The engine gets its endpoint URL from the caller (``pipeline.api`` starts the embedded
+and the report. A failed write (``StorageError``: disk full, I/O error, read-only) stops the run: what can
+still be recorded (the run's status and summary in the ledger, the report) is, and the error is raised.
+The engine gets its endpoint URL from the caller (``pipeline.api`` starts the embedded
 endpoint for ``base_url: local``), so nothing here knows about the embedded server.
 
 Every run logs one INFO line when it starts (run id, manifest rows) and one when it ends (rows, exit code,
@@ -10,6 +12,7 @@ it ended even when nothing went wrong (the CLI's per-run log file takes INFO).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -19,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import Config
-from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.errors import ConfigError, PipelineError, StorageError
 from pipeline.edges.ledger import JobLock, StateStore, job_lock_path
 from pipeline.edges.manifest import ManifestInfo
-from pipeline.ops.publish import export_run, publish_report, run_report
+from pipeline.ops.publish import export_run, owe_partition, publish_report, run_report
 from pipeline.run.local import LocalEngine
 from pipeline.run.plan import Plan
 from pipeline.run.summary import Command, ProgressCallback, RunSummary
@@ -57,38 +60,73 @@ class JobRun:
         started = time.monotonic()
         info = await asyncio.to_thread(self.plan.check)
         self.summary.rows_total = info.rows
-        ledger = self.config.ledger_path
         try:
-            with JobLock(job_lock_path(ledger)):
-                if self.fresh:
-                    _backup(ledger)
-                synchronous = self.config.ledger.synchronous.upper()
-                with StateStore(ledger, synchronous=synchronous) as store, \
-                     StateStore(ledger, synchronous=synchronous) as lookups:
-                    await self._run_locked(store, lookups, info, base_url, started)
-        except BaseException as exc:
-            if self.summary.run_id:
-                _log_error_end(self.summary, exc)
+            await self._run_under_lock(info, base_url, started)
+        except StorageError as exc:
+            self.summary.io_error = exc.message
+            await publish_report(self.config, self.summary, self.report)  # where the disk still allows
+            _log_error_end(self.summary, exc)
             raise
-        await publish_report(self.config, self.summary, self.report)
+        except BaseException as exc:
+            _log_error_end(self.summary, exc)
+            raise
+        failure = await publish_report(self.config, self.summary, self.report)
+        if failure is not None:
+            self.summary.io_error = failure.message
+            _log_error_end(self.summary, failure)
+            raise failure
         _log_end(self.summary)
         return self.summary
 
+    async def _run_under_lock(self, info: ManifestInfo, base_url: str | None, started: float) -> None:
+        ledger = self.config.ledger_path
+        with JobLock(job_lock_path(ledger)):
+            if self.fresh:
+                _backup(ledger)
+            synchronous = self.config.ledger.synchronous.upper()
+            with StateStore(ledger, synchronous=synchronous) as store, \
+                 StateStore(ledger, synchronous=synchronous) as lookups:
+                try:
+                    await self._run_locked(store, lookups, info, base_url, started)
+                except StorageError as exc:
+                    self._record_storage_failure(store, exc, started)
+                    raise
+
+    @property
+    def config_digest(self) -> str:
+        return _config_digest(self.config)
+
+    def _record_storage_failure(self, store: StateStore, exc: StorageError, started: float) -> None:
+        """Best effort after a failed write: the run's status and summary in the ledger, and the report
+        (built from the ledger, which SQLite kept intact); a second failure must not hide the first."""
+        summary = self.summary
+        summary.io_error = exc.message
+        summary.elapsed_s = time.monotonic() - started
+        if not summary.run_id:
+            return
+        with contextlib.suppress(StorageError):
+            store.finish_run(summary.run_id, "failed", summary.to_dict())
+        with contextlib.suppress(Exception):  # noqa: BLE001 - a report is a bonus here, the error is the news
+            self.report = run_report(self.config, store, summary, self.config_digest)
+
     async def _run_locked(self, store: StateStore, lookups: StateStore, info: ManifestInfo,
                           base_url: str | None, started: float) -> None:
-        summary, digest = self.summary, _config_digest(self.config)
+        summary, digest = self.summary, self.config_digest
         summary.run_id = store.start_run(self.command, digest)
         log.info("%s #%d started: %d manifest rows, output %s", summary.command, summary.run_id, info.rows,
                  summary.output, extra={"event": "run_start", "run_id": summary.run_id,
                                         "command": summary.command, "rows_total": info.rows})
+        owe_partition(self.config, store, summary.run_id)
         store.reset_in_flight()
         if self.command == "retry":
             summary.requeued = store.requeue_failed(self.error_type)
         try:
             await self.engine.run(store, lookups, summary.run_id, info, base_url)
         except ExceptionGroup as group:
-            store.finish_run(summary.run_id, "failed", summary.to_dict())
-            raise _first_pipeline_error(group) from None
+            error = _first_pipeline_error(group)
+            if not isinstance(error, StorageError):
+                store.finish_run(summary.run_id, "failed", summary.to_dict())
+            raise error from None
         await export_run(self.config, self.plan, lookups, info, summary)
         summary.elapsed_s = time.monotonic() - started
         store.finish_run(summary.run_id, "interrupted" if summary.interrupted else "finished", summary.to_dict())
@@ -108,7 +146,10 @@ def _log_end(summary: RunSummary) -> None:
 
 
 def _log_error_end(summary: RunSummary, exc: BaseException) -> None:
-    """An error ended the run: its last line names the error (the CLI maps it to an exit code)."""
+    """An error ended the run: its last line names the error (the CLI maps it to an exit code). Nothing
+    when the run never started (the lock was held, the ledger could not be opened)."""
+    if not summary.run_id:
+        return
     log.info("%s #%d ended by an error after %d ok, %d failed rows: %s: %s", summary.command, summary.run_id,
              summary.rows_ok, summary.rows_failed, type(exc).__name__, exc,
              extra={"event": "run_end", "run_id": summary.run_id, "command": summary.command,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from pipeline.core.redact import redact, redact_value
+from pipeline.edges.files import storage_error, storage_errors
 
 LogFormat = Literal["text", "json"]
 
@@ -84,6 +85,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str, ensure_ascii=False)
 
 
+class LogFileHandler(logging.FileHandler):
+    """A log file that fills its disk says so once, in one line on stderr, and stops writing; the default
+    handler would print a traceback for every record. The run itself stops at its next output or ledger
+    write with a ``StorageError``."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        error = sys.exc_info()[1]
+        cause = storage_error(Path(self.baseFilename), error).cause if isinstance(error, OSError) else error
+        sys.stderr.write(f"warning: cannot write the log file {self.baseFilename}: {cause}; "
+                         "logging to stderr only\n")
+
+
 def _formatter(fmt: LogFormat, text_format: str) -> logging.Formatter:
     if fmt == "json":
         return JsonFormatter()
@@ -122,8 +144,9 @@ def configure_logging(level: int | str = "WARNING", fmt: LogFormat = "text", log
     setattr(console, _CONSOLE, True)
     handlers: list[logging.Handler] = [console]
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        to_file = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        with storage_errors(log_file):
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            to_file = LogFileHandler(log_file, mode="a", encoding="utf-8")
         to_file.setLevel(file_level if file_level is not None else level)
         to_file.setFormatter(_formatter(file_format or fmt, FILE_TEXT_FORMAT))
         handlers.append(to_file)

@@ -8,9 +8,11 @@ import asyncio
 import json
 import logging
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import Config, job_secrets
+from pipeline.core.errors import StorageError
 from pipeline.edges.ledger import StateStore
 from pipeline.edges.manifest import ManifestInfo
 from pipeline.ops.export import ExportReport, export_output, export_partition
@@ -45,12 +47,39 @@ async def export_run(config: Config, plan: Plan, store: StateStore, info: Manife
     else:
         report = await asyncio.to_thread(export_output, config, plan.reader, store, info.carried)
         store.set_meta("export", json.dumps({"signature": signature, "report": asdict(report)}))
-    if config.output.partition_by == "run_date" and not unchanged:
-        summary.partition_path = await asyncio.to_thread(
-            export_partition, config, plan.reader, store, summary.run_id, info.carried)
+    if config.output.partition_by == "run_date":
+        summary.partition_path = await _export_owed_partitions(config, plan, store, info, summary.run_id,
+                                                               changed=not unchanged)
     summary.output_rows, summary.output_ok, summary.output_failed = report.rows, report.rows_ok, report.rows_failed
     summary.manifest_ok, summary.manifest_failed = report.ok, report.failed
     summary.rows_not_run = summary.rows_total - report.manifest_rows_done
+
+
+#: Ledger meta key: the runs whose partition is not written yet (see ``owe_partition``).
+PARTITIONS_OWED = "partitions_owed"
+
+
+def owe_partition(config: Config, store: StateStore, run_id: int) -> None:
+    """Note, when a run starts, that its partition is owed: a run stopped by a full disk (or anything
+    else) before writing it has it written by the next run, so no finished row misses its partition."""
+    if config.output.partition_by == "run_date":
+        owed = json.loads(store.get_meta(PARTITIONS_OWED) or "[]")
+        store.set_meta(PARTITIONS_OWED, json.dumps(sorted({*owed, run_id})))
+
+
+async def _export_owed_partitions(config: Config, plan: Plan, store: StateStore, info: ManifestInfo,
+                                  run_id: int, *, changed: bool) -> Path | None:
+    """This run's partition and any an earlier run still owes; returns this run's (None: no rows, as when
+    nothing ``changed`` in the ledger since the last export)."""
+    owed = sorted({*json.loads(store.get_meta(PARTITIONS_OWED) or "[]"), run_id})
+    mine = None
+    for owed_run in list(owed):
+        if owed_run != run_id or changed:
+            path = await asyncio.to_thread(export_partition, config, plan.reader, store, owed_run, info.carried)
+            mine = path if owed_run == run_id else mine
+        owed.remove(owed_run)
+        store.set_meta(PARTITIONS_OWED, json.dumps(owed))
+    return mine
 
 
 def run_report(config: Config, store: StateStore, summary: RunSummary, config_digest: str) -> dict[str, Any]:
@@ -62,16 +91,27 @@ def run_report(config: Config, store: StateStore, summary: RunSummary, config_di
     )
 
 
-async def publish_report(config: Config, summary: RunSummary, report: dict[str, Any]) -> None:
-    """The run report beside the output, the Prometheus textfile, and the webhook; never fatal. Called
-    outside the job's lock: a slow webhook never holds up the next run."""
+async def publish_report(config: Config, summary: RunSummary, report: dict[str, Any]) -> StorageError | None:
+    """The run report beside the output, the Prometheus textfile, and the webhook. Called outside the job's
+    lock: a slow webhook never holds up the next run. A report that cannot be written (disk full, read-only)
+    is returned, for the caller to stop with; the webhook is still posted (a broken webhook is only logged).
+    Without a report (the run stopped before one was built) nothing is published."""
+    if not report:
+        return None
+    failure = None
     try:
         summary.report_path = (await asyncio.to_thread(write_reports, report, config.output.path))[0]
-        if config.metrics.prometheus is not None:
-            job = config.metrics.job or config.output.path.stem
-            text = render_prometheus(report, job)
-            await asyncio.to_thread(write_prometheus, text, prometheus_path(config.metrics.prometheus, job))
-    except OSError as exc:
-        log.warning("could not write the run report: %s", exc)
+    except StorageError as exc:
+        failure = exc
+    if config.metrics.prometheus is not None:
+        job = config.metrics.job or config.output.path.stem
+        try:
+            await asyncio.to_thread(write_prometheus, render_prometheus(report, job),
+                                    prometheus_path(config.metrics.prometheus, job))
+        except StorageError as exc:
+            failure = failure or exc
+    if failure is not None:
+        log.info("%s", failure)  # the log file keeps it; the caller says it once on stderr
     if config.notify.webhook_url is not None and notify_wanted(report, config.notify.when):
         await post_webhook(config.notify.webhook_url.get_secret_value(), report, timeout=config.notify.timeout)
+    return failure

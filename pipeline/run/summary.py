@@ -63,6 +63,7 @@ class RunSummary:
     interrupted: bool = False
     stop_reason: str | None = None  # "signal" (Ctrl-C / SIGTERM) or "budget"
     budget_message: str | None = None
+    io_error: str | None = None  # a write failed (disk full, I/O error, read-only) and stopped the run
     max_failed_fraction: float = 0.0
     report_path: Path | None = None
     partition_path: Path | None = None
@@ -70,7 +71,10 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 every output row ok, 1 some rows failed, 4 interrupted (run again to finish), 5 budget reached."""
+        """0 every output row ok, 1 some rows failed, 4 interrupted (run again to finish), 5 budget reached,
+        6 a write failed (fix the disk, run again)."""
+        if self.io_error is not None:
+            return ExitCode.IO_ERROR
         if self.stop_reason == "budget":
             return ExitCode.BUDGET
         if self.interrupted:

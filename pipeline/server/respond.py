@@ -157,11 +157,14 @@ async def send_stream(ex: Exchange, chunks: list[dict[str, Any]]) -> web.StreamR
     ex.stats.responded(200)
     frames = [sse_frame(chunk) for chunk in chunks] + [DONE_FRAME]
     fault_at = _fault_position(ex, chunks)
-    for position, frame in enumerate(frames):
-        if position == fault_at and await _mid_stream_fault(ex, response):
-            return response
-        await pause(ex.closing, ex.frame_delay())
-        await response.write(frame)
+    try:
+        for position, frame in enumerate(frames):
+            if position == fault_at and await _mid_stream_fault(ex, response):
+                return response
+            await pause(ex.closing, ex.frame_delay())
+            await response.write(frame)
+    except ConnectionResetError:  # the client went away mid-stream (its run stopped): nobody to tell
+        return response
     ex.stats.answer_completed(ex.image_keys, streamed=True)
     if ex.kind == "linger":  # [DONE] sent, connection held open: clients must stop reading at [DONE]
         await pause(ex.closing, ex.rule.seconds if ex.rule else 0.0)
