@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from pipeline.core.config import Config, config_from_dict
+from pipeline.core.config import Config, config_from_dict, with_proxy_environment
 from pipeline.core.errors import ConfigError
 from pipeline.edges.configfile import load_config
 from pipeline.run.summary import Command, ProgressCallback, RunSummary
@@ -25,10 +25,11 @@ if TYPE_CHECKING:
 
 
 def _as_config(config: Config | Mapping[str, Any] | str | os.PathLike[str]) -> Config:
+    """The job's config, with the environment's proxies where the config leaves ``endpoint.proxy`` unset."""
     if isinstance(config, Config):
-        return config
+        return with_proxy_environment(config, os.environ)
     if isinstance(config, Mapping):
-        return config_from_dict(config)
+        return with_proxy_environment(config_from_dict(config), os.environ)
     return load_config(config)
 
 

@@ -13,10 +13,12 @@ import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -27,6 +29,7 @@ from pydantic import (
 
 from pipeline.core.addresses import normalize_allow_entry
 from pipeline.core.errors import ConfigError
+from pipeline.core.proxy import NoProxy, ProxyURL, environment_proxies, parse_proxy_url
 from pipeline.core.redact import MASK, redact_url
 
 #: Keys the pipeline itself owns in the request body; ``extra_body`` may not override them.
@@ -67,6 +70,84 @@ class LocalEndpointOptions(_Model):
     faults: list[str] = Field(default_factory=list)
 
 
+def _proxy_shorthand(value: Any) -> Any:
+    """``proxy: none`` turns proxying off; ``proxy: URL`` is the proxy for http:// and https:// alike."""
+    if value is False:
+        return {"http": None, "https": None}
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("", "none", "off", "direct"):
+            return {"http": None, "https": None}
+        return {"http": text, "https": text}
+    return value
+
+
+class ProxyConfig(_Model):
+    """The proxy for http:// and for https:// URLs (None: go direct). Proxy URLs are secrets: they may
+    carry credentials (``http://user:password@proxy:3128``)."""
+
+    http: SecretStr | None = None
+    https: SecretStr | None = None
+
+    @field_validator("http", "https", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value in ("", None) else value
+
+    @model_validator(mode="after")
+    def _proxy_urls(self) -> ProxyConfig:
+        """One message per distinct URL (``proxy: URL`` sets both); it never quotes the password."""
+        values = {v.get_secret_value(): scheme for scheme, v in (("https", self.https), ("http", self.http)) if v}
+        for value, scheme in values.items():
+            try:
+                parse_proxy_url(value)
+            except ValueError as exc:
+                where = f"the {scheme} proxy " if len(values) > 1 else ""
+                raise ValueError(f"{where}{exc}") from None
+        return self
+
+    def for_scheme(self, scheme: str) -> ProxyURL | None:
+        value = self.https if scheme == "https" else self.http
+        return parse_proxy_url(value.get_secret_value()) if value is not None else None
+
+    def secret_values(self) -> list[str]:
+        values: list[str] = []
+        for value in (self.http, self.https):
+            if value is not None:
+                values += [value.get_secret_value(), *parse_proxy_url(value.get_secret_value()).secret_values()]
+        return values
+
+
+class TLSConfig(_Model):
+    """TLS towards a server: a private CA (besides the system's and ``SSL_CERT_FILE``), a client
+    certificate for mutual TLS, and the name to send and check when a gateway needs another one."""
+
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None  # none: the key is in client_cert's PEM
+    verify: bool = True  # false: certificates are not checked (a warning on every run)
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TLSConfig:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("client_key needs client_cert (the certificate that goes with the key)")
+        return self
+
+
+def route(proxy: ProxyConfig | None, no_proxy: NoProxy, url: str) -> ProxyURL | None:
+    """The proxy ``url`` goes through, or None to go direct (``NO_PROXY`` checked first)."""
+    if proxy is None:
+        return None
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if (proxy.https if scheme == "https" else proxy.http) is None:
+        return None
+    if no_proxy.matches(parts.hostname or "", parts.port or (443 if scheme == "https" else 80)):
+        return None
+    return proxy.for_scheme(scheme)
+
+
 class EndpointConfig(_Model):
     base_url: str = "local"
     api_key: SecretStr | None = None
@@ -77,6 +158,10 @@ class EndpointConfig(_Model):
     secret_names: list[str] = Field(default_factory=list)
     timeout: Timeouts = Timeouts()
     local: LocalEndpointOptions = LocalEndpointOptions()
+    # unset: from HTTPS_PROXY / HTTP_PROXY / ALL_PROXY / NO_PROXY (filled in by load_config / the API)
+    proxy: Annotated[ProxyConfig, BeforeValidator(_proxy_shorthand)] | None = None
+    no_proxy: str | None = None
+    tls: TLSConfig = TLSConfig()
 
     @field_validator("api_key", mode="before")
     @classmethod
@@ -131,6 +216,7 @@ class EndpointConfig(_Model):
         ``secret_names``. An endpoint that echoes what it got (an error body quoting the key) is masked
         with these before its message reaches the ledger or the logs."""
         values = [self.api_key.get_secret_value()] if self.api_key is not None else []
+        values += self.proxy.secret_values() if self.proxy is not None else []
         password = _url_password(self.base_url)
         values += [password] if password else []
         marked = {name.lower() for name in self.secret_names}
@@ -142,6 +228,10 @@ class EndpointConfig(_Model):
     @property
     def is_local(self) -> bool:
         return self.base_url == "local"
+
+    def proxy_for(self, url: str) -> ProxyURL | None:
+        """The proxy a request to ``url`` goes through (None: direct); never for the embedded endpoint."""
+        return None if self.is_local else route(self.proxy, NoProxy(self.no_proxy or ""), url)
 
 
 class RequestConfig(_Model):
@@ -220,6 +310,9 @@ class ImagesConfig(_Model):
     allow_hosts: tuple[Annotated[str, AfterValidator(normalize_allow_entry)], ...] = ()
     download_timeout: Annotated[float, Field(gt=0)] = 30.0
     download_attempts: Annotated[int, Field(ge=1, le=10)] = 3
+    # unset: the endpoint's proxy and TLS settings (endpoint.proxy / no_proxy / tls)
+    proxy: Annotated[ProxyConfig, BeforeValidator(_proxy_shorthand)] | None = None
+    tls: TLSConfig | None = None
 
     @field_validator("background")
     @classmethod
@@ -423,10 +516,33 @@ def job_secrets(config: Config) -> list[str]:
     """Values that must never appear in logs, the ledger, outputs or reports: the endpoint's secrets
     (``EndpointConfig.secret_values``) and the webhook URL. Computed once per job by whoever masks."""
     values = config.endpoint.secret_values()
+    values += config.images.proxy.secret_values() if config.images.proxy is not None else []
     if config.notify.webhook_url is not None:
         values.append(config.notify.webhook_url.get_secret_value())
     return [v for v in dict.fromkeys(values) if v]
 
+
+
+def with_proxy_environment(config: Config, environ: Mapping[str, str]) -> Config:
+    """``config`` with ``endpoint.proxy`` / ``endpoint.no_proxy`` taken from the environment where it leaves
+    them unset (``HTTPS_PROXY``, ``HTTP_PROXY``, ``ALL_PROXY``, ``NO_PROXY``, either case), so the job carries
+    its routing with it. A proxy variable that is not an HTTP proxy URL is a ``ConfigError`` naming it."""
+    endpoint = config.endpoint
+    if endpoint.proxy is not None and endpoint.no_proxy is not None:
+        return config
+    proxies, no_proxy = environment_proxies(environ)
+    update: dict[str, Any] = {}
+    if endpoint.proxy is None:
+        for name, value in filter(None, proxies.values()):
+            try:
+                parse_proxy_url(value)
+            except ValueError as exc:
+                raise ConfigError(f"the environment variable {name} {exc}; fix it, or set endpoint.proxy "
+                                  "(a URL, or none) in the config") from None
+        update["proxy"] = ProxyConfig(**{scheme: pair[1] if pair else None for scheme, pair in proxies.items()})
+    if endpoint.no_proxy is None:
+        update["no_proxy"] = no_proxy
+    return config.model_copy(update={"endpoint": endpoint.model_copy(update=update)})
 
 #: Header / query names whose values are credentials (``Authorization``, ``x-api-key``, ``X-Auth-Token``,
 #: ``?key=``, ``?sig=`` of a signed URL, ``?code=`` of an Azure Function, cookies, passwords).
@@ -507,7 +623,7 @@ def _most_specific(errors: list[Any]) -> list[Any]:
 
 
 #: Keys whose values are never echoed in a config error, at any depth (``endpoint.headers.X-Api-Key``).
-_SECRET_KEYS = ("api_key", "webhook_url")
+_SECRET_KEYS = ("api_key", "webhook_url", "proxy")
 #: Sections whose values are never echoed: any header or query value may be a credential.
 _SECRET_SECTIONS = (("endpoint", "headers"), ("endpoint", "query"))
 

@@ -23,12 +23,15 @@ imports I/O libraries: aiohttp/asyncio errors are translated in ``edges/client.p
     ├── EndpointError                HTTP-level answer or transport failure
     │   ├── TransientEndpointError   connect, timeouts, 408/409/429/5xx       (retryable)
     │   │   ├── ConnectError
-    │   │   │   └── ProtocolError    the server's bytes are not valid HTTP/1.1
+    │   │   │   ├── ProtocolError    the server's bytes are not valid HTTP/1.1
+    │   │   │   └── ProxyError       the proxy is down, closed the tunnel, or could not reach the endpoint
     │   │   ├── EndpointTimeout      connect / first_byte / idle / total
     │   │   ├── RateLimited          429
     │   │   └── ServerError          5xx, 408, 409
     │   ├── PermanentEndpointError   400/401/403/404/413/422 ...              (not retried)
     │   │   ├── AuthError            401/403: the key, not the row
+    │   │   │   └── ProxyAuthError   407: the proxy wants (other) credentials
+    │   │   ├── ProxyRefused         the proxy refused the CONNECT (403 ...): its policy, not the row
     │   │   └── NotFound             404: usually the model name or base_url
     │   ├── ServerWaitTooLong        the server asked to wait past max_retry_wait (not retried)
     │   └── ResponseTooLarge         one answer over request.max_response_bytes (not retried)
@@ -216,6 +219,12 @@ class ProtocolError(ConnectError):
     error_type = "protocol_error"
 
 
+class ProxyError(ConnectError):
+    """The proxy could not be reached, closed the tunnel, or could not reach the endpoint (502/503/504)."""
+
+    error_type = "proxy_error"
+
+
 class RateLimited(TransientEndpointError):
     error_type = "rate_limited"
 
@@ -233,6 +242,19 @@ class AuthError(PermanentEndpointError):
     """A job-level problem (the key), not the row's: the next run tries the row again."""
 
     error_type = "auth_error"
+    row_specific = False
+
+
+class ProxyAuthError(AuthError):
+    """The proxy answered 407: no credentials, wrong ones, or a scheme the pipeline does not speak."""
+
+    error_type = "proxy_auth_error"
+
+
+class ProxyRefused(PermanentEndpointError):
+    """The proxy refused to open a tunnel to the endpoint (its policy): job-level, not the row's."""
+
+    error_type = "proxy_refused"
     row_specific = False
 
 

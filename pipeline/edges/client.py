@@ -38,7 +38,12 @@ import orjson
 from yarl import URL
 
 from pipeline.core.accumulate import ChoiceAccumulator, Completion, error_in_answer
-from pipeline.core.config import DEFAULT_MAX_RESPONSE_BYTES, EndpointConfig, Timeouts
+from pipeline.core.config import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    EndpointConfig,
+    Timeouts,
+    TLSConfig,
+)
 from pipeline.core.errors import (
     ConfigError,
     ConnectError,
@@ -47,10 +52,12 @@ from pipeline.core.errors import (
     MalformedChunk,
     PipelineError,
     ProtocolError,
+    ProxyAuthError,
     ResponseTooLarge,
     TruncatedStream,
     error_for_status,
 )
+from pipeline.core.proxy import ProxyURL
 from pipeline.core.ratelimit import (
     RateLimitHeaders,
     parse_rate_limit_headers,
@@ -63,8 +70,11 @@ from pipeline.edges.http import (
     ConnectionPool,
     HTTPConnection,
     ResponseHead,
+    os_reason,
+    proxy_auth_message,
     request_head,
 )
+from pipeline.edges.tls import client_context, warn_unverified
 
 log = logging.getLogger("pipeline")
 
@@ -93,11 +103,18 @@ class ChatClient:
         self.max_response_bytes = max_response_bytes
         root = (base_url or endpoint.base_url).rstrip("/")
         self.url = URL(f"{root}/chat/completions").update_query(endpoint.query or None)
+        self.proxy = endpoint.proxy_for(str(self.url))
         self.host = f"{self.url.host}:{self.url.port}"
+        self.where = f"{self.host} through the proxy {self.proxy}" if self.proxy else self.host  # for messages
         self.pool_size = pool_size
         self._pool: ConnectionPool | None = None
+        # a plain-HTTP origin through a proxy: absolute-form requests that carry the proxy's credentials
+        absolute = self.proxy is not None and self.url.scheme == "http"
+        headers = self._headers()
+        if absolute and self.proxy is not None and self.proxy.authorization is not None:
+            headers["Proxy-Authorization"] = self.proxy.authorization
         try:
-            self._head = request_head("POST", self.url, self._headers())
+            self._head = request_head("POST", self.url, headers, absolute=absolute)
         except ValueError as exc:  # names the header, never its value
             raise ConfigError(f"endpoint.headers: {exc}") from None
 
@@ -115,7 +132,15 @@ class ChatClient:
         return headers
 
     async def __aenter__(self) -> Self:
-        self._pool = ConnectionPool(self.url, max_idle=self.pool_size)
+        tls = self.endpoint.tls
+        https = self.url.scheme == "https"
+        if https:
+            warn_unverified(tls, "endpoint.tls", "the endpoint's")
+        proxy_tls = TLSConfig(ca_file=tls.ca_file, verify=tls.verify)  # a proxy gets no client certificate
+        self._pool = ConnectionPool(
+            self.url, max_idle=self.pool_size, ssl_context=client_context(tls) if https else None,
+            server_name=tls.server_name, proxy=self.proxy,
+            proxy_ssl=client_context(proxy_tls) if self.proxy and self.proxy.scheme == "https" else None)
         return self
 
     async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
@@ -140,8 +165,9 @@ class ChatClient:
         payload = body if isinstance(body, bytes) else orjson.dumps(body)
         head = self._head + b"%d\r\n\r\n" % len(payload)
         loop = asyncio.get_running_loop()
-        exchange = _ChatExchange(self.endpoint.timeout, self.host, loop, loop.time(), on_answer,
+        exchange = _ChatExchange(self.endpoint.timeout, self.where, loop, loop.time(), on_answer,
                                  self.max_response_bytes)
+        exchange.proxy = self.proxy
         try:
             exchange.begin(await self._connect(exchange), head, payload)
             return await exchange.result
@@ -160,22 +186,28 @@ class ChatClient:
         except TimeoutError:
             if limit < timeouts.connect:
                 raise exchange.timeout_error() from None
-            raise EndpointTimeout(f"connect timeout after {timeouts.connect:g}s to {self.host}",
+            raise EndpointTimeout(f"connect timeout after {timeouts.connect:g}s to {self.where}",
                                   phase="connect") from None
         except OSError as exc:
-            raise _connect_error(exc, self.host) from None
+            raise _connect_error(exc, self.host, self.endpoint.tls) from None
 
 
-def _connect_error(exc: OSError, host: str) -> ConnectError:
+def _connect_error(exc: OSError, host: str, tls: TLSConfig) -> ConnectError:
     if isinstance(exc, socket.gaierror):
-        return ConnectError(f"cannot resolve {host.rsplit(':', 1)[0]}: {exc.strerror or exc}")
+        return ConnectError(f"cannot resolve {host.rsplit(':', 1)[0]}: {exc.strerror or exc}; behind a proxy? "
+                            "set HTTPS_PROXY / HTTP_PROXY or endpoint.proxy")
     if isinstance(exc, ssl.SSLCertVerificationError):
+        hint = ("is endpoint.tls.ca_file the CA that signed it?" if tls.ca_file is not None
+                else "behind a private CA? set endpoint.tls.ca_file (or SSL_CERT_FILE) to its PEM bundle")
         return ConnectError(f"TLS handshake with {host} failed: certificate verify failed ({exc.verify_message}); "
-                            "behind a private CA? point SSL_CERT_FILE at its bundle")
+                            f"{hint}")
+    if isinstance(exc, ssl.SSLError) and tls.client_cert is None and "CERTIFICATE_REQUIRED" in str(exc.reason):
+        return ConnectError(f"TLS handshake with {host} failed: the server requires a client certificate; "
+                            "set endpoint.tls.client_cert and client_key")
     if isinstance(exc, ssl.SSLError):
         hint = " (the server speaks plain HTTP? use http:// in base_url)" if exc.reason == "WRONG_VERSION_NUMBER" else ""
         return ConnectError(f"TLS handshake with {host} failed: {exc.reason or exc}{hint}")
-    return ConnectError(f"cannot connect to {host}: {exc.strerror or exc}")
+    return ConnectError(f"cannot connect to {host}: {os_reason(exc)}")
 
 
 class _ChatExchange:
@@ -213,6 +245,7 @@ class _ChatExchange:
         self._decoder = SSEDecoder()
         self._accumulator = ChoiceAccumulator()
         self._inflate: Any = None
+        self.proxy: ProxyURL | None = None  # the proxy a plain-HTTP request went through (its 407s)
 
     # -- driven by the client ------------------------------------------------------------------
 
@@ -482,6 +515,9 @@ class _ChatExchange:
         message, code, kind = _error_message(bytes(self.body[:_ERROR_BODY_LIMIT]), head.reason)
         if 300 <= head.status < 400 and (location := head.headers.get("location")):
             message = f"the endpoint redirects to {location}; set endpoint.base_url to that (requests are not redirected)"
+        if head.status == 407 and self.proxy is not None:
+            return ProxyAuthError(proxy_auth_message(self.proxy, head.headers.get("proxy-authenticate", "")),
+                                  status=407)
         wait = server_wait(head.headers, head.status, limit_type=kind)
         return _should_retry(error_for_status(head.status, message, retry_after=wait, code=code), head)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.core.config import Config, config_from_dict
+from pipeline.core.config import Config, config_from_dict, with_proxy_environment
 from pipeline.core.errors import ConfigError
 
 #: Values (mappings, lists, keys and scalars) a config may expand to; a real job config has a few hundred.
@@ -132,7 +132,8 @@ def _data_children(value: Any) -> list[Any]:
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
-    """Read, interpolate and validate a config file; every problem becomes one ``ConfigError``."""
+    """Read, interpolate and validate a config file; every problem becomes one ``ConfigError``. The
+    environment's proxy variables fill ``endpoint.proxy`` / ``no_proxy`` where the file leaves them unset."""
     path = Path(path)
     env = os.environ if env is None else env
     try:
@@ -162,7 +163,7 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
         document = interpolate(document, env)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return config_from_dict(document, source=str(path))
+    return with_proxy_environment(config_from_dict(document, source=str(path)), env)
 
 
 def _one_line(exc: Exception) -> str:

@@ -11,16 +11,21 @@ status line, headers, chunked and length-delimited bodies.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import httptools
 from yarl import URL
 
-from pipeline.core.errors import ProtocolError
+from pipeline.core.errors import ProtocolError, ProxyAuthError, ProxyError, ProxyRefused
+from pipeline.core.proxy import ProxyURL
 
-__all__ = ["ConnectionPool", "Exchange", "HTTPConnection", "ResponseHead", "request_head"]
+__all__ = ["ConnectionPool", "Exchange", "HTTPConnection", "ResponseHead", "proxy_auth_message", "request_head"]
+
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
 #: How long a connection whose answer is in hand may take to finish its response (say the zero-length
 #: chunk after ``[DONE]``) and go back to the pool; after that it is closed.
@@ -53,12 +58,15 @@ class Exchange(Protocol):
         ...
 
 
-def request_head(method: str, url: URL, headers: dict[str, str]) -> bytes:
+def request_head(method: str, url: URL, headers: dict[str, str], *, absolute: bool = False) -> bytes:
     """The request line and headers up to (and including) ``Content-Length: ``, built once per client.
 
-    Raises ValueError for a header that cannot go on the wire (a line break, or a non-Latin-1 character).
+    ``absolute``: the request line carries the whole URL (``POST http://host/path``), as a proxy needs
+    for a plain-HTTP origin. Raises ValueError for a header that cannot go on the wire (a line break, or
+    a non-Latin-1 character).
     """
-    lines = [f"{method} {url.raw_path_qs} HTTP/1.1", f"Host: {url.host_port_subcomponent}"]
+    target = str(url.with_user(None).with_fragment(None)) if absolute else url.raw_path_qs
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {url.host_port_subcomponent}"]
     for name, value in headers.items():
         if not name or any(c in name + value for c in "\r\n\0") or ":" in name:
             raise ValueError(f"header {name!r} has a line break, NUL or colon where it cannot")
@@ -213,13 +221,26 @@ class HTTPConnection(asyncio.Protocol):
 
 
 class ConnectionPool:
-    """Keep-alive connections to one origin, most recently used first."""
+    """Keep-alive connections to one origin, most recently used first; directly or through a proxy.
 
-    def __init__(self, url: URL, *, max_idle: int) -> None:
+    Through a proxy, an https origin is reached through a ``CONNECT`` tunnel with TLS to the origin inside
+    it (the origin's name for SNI and certificate checks), and the tunnel is pooled like any connection;
+    an http origin gets absolute-form requests on a connection to the proxy (``request_head(absolute=True)``).
+    Either way, once connected, a pooled connection is the same ``HTTPConnection``: the proxy costs the
+    answer path nothing.
+    """
+
+    def __init__(self, url: URL, *, max_idle: int, ssl_context: ssl.SSLContext | None = None,
+                 server_name: str | None = None, proxy: ProxyURL | None = None,
+                 proxy_ssl: ssl.SSLContext | None = None) -> None:
         self.host = url.raw_host or ""
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.max_idle = max_idle
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if url.scheme == "https" else None
+        https = url.scheme == "https"
+        self._ssl: ssl.SSLContext | None = (ssl_context or ssl.create_default_context()) if https else None
+        self._server_name = (server_name or self.host) if https else None
+        self.proxy = proxy
+        self._proxy_ssl = (proxy_ssl or ssl.create_default_context()) if proxy and proxy.scheme == "https" else None
         self._idle: list[HTTPConnection] = []
         self._open: set[HTTPConnection] = set()
         self.connects = 0  # connections opened, for tests and the bench
@@ -234,14 +255,52 @@ class ConnectionPool:
         return None
 
     async def connect(self) -> HTTPConnection:
-        """A new connection. Raises OSError (refused, unreachable, name not resolved, TLS failure)."""
+        """A new connection. Raises OSError (refused, unreachable, name not resolved, TLS failure with the
+        origin), or ``ProxyError`` / ``ProxyRefused`` / ``ProxyAuthError`` for what happens at the proxy."""
         loop = asyncio.get_running_loop()
-        _, connection = await loop.create_connection(
-            lambda: HTTPConnection(self), self.host, self.port, ssl=self._ssl,
-            server_hostname=self.host if self._ssl is not None else None,
-        )
+        if self.proxy is None:
+            _, connection = await loop.create_connection(
+                lambda: HTTPConnection(self), self.host, self.port, ssl=self._ssl, server_hostname=self._server_name)
+        elif self._ssl is None:
+            _, connection = await self._dial_proxy(lambda: HTTPConnection(self))
+        else:
+            connection = await self._tunnel(loop)
         self.connects += 1
         self._open.add(connection)
+        return connection
+
+    async def _dial_proxy(self, factory: Callable[[], _P]) -> tuple[asyncio.Transport, _P]:
+        """A connection to the proxy itself (TLS to it for an https:// proxy)."""
+        proxy = self.proxy
+        assert proxy is not None
+        try:
+            return await asyncio.get_running_loop().create_connection(
+                factory, proxy.host, proxy.port, ssl=self._proxy_ssl,
+                server_hostname=proxy.host if self._proxy_ssl is not None else None)
+        except ssl.SSLError as exc:
+            raise ProxyError(f"TLS handshake with the proxy {proxy} failed: {_tls_reason(exc)}; for a proxy "
+                             "with a private CA set endpoint.tls.ca_file (or SSL_CERT_FILE)") from None
+        except OSError as exc:
+            raise ProxyError(f"cannot connect to the proxy {proxy}: {os_reason(exc)}; check the proxy "
+                             "URL (endpoint.proxy, or HTTPS_PROXY / HTTP_PROXY / ALL_PROXY) and that the proxy "
+                             "is up") from None
+
+    async def _tunnel(self, loop: asyncio.AbstractEventLoop) -> HTTPConnection:
+        """``CONNECT host:port`` through the proxy, then TLS with the origin inside the tunnel."""
+        transport, setup = await self._dial_proxy(lambda: _TunnelSetup(loop))
+        try:
+            transport.write(connect_request(self.host, self.port, self.proxy))  # type: ignore[arg-type]
+            status, reason, headers = await setup.answer
+            check_tunnel_answer(status, reason, headers, self.proxy, f"{self.host}:{self.port}")  # type: ignore[arg-type]
+            connection = HTTPConnection(self)
+            tls = await loop.start_tls(transport, connection, self._ssl,  # type: ignore[arg-type]
+                                       server_hostname=self._server_name)
+        except BaseException:
+            transport.close()
+            raise
+        if tls is None:  # the proxy closed the tunnel during the handshake
+            raise ProxyError(f"the proxy {self.proxy} closed the tunnel to {self.host}:{self.port}")
+        connection.connection_made(tls)
         return connection
 
     def release(self, connection: HTTPConnection) -> None:
@@ -259,3 +318,102 @@ class ConnectionPool:
         for connection in list(self._open):
             connection.close()
         self._idle.clear()
+
+
+# --- proxy tunnels --------------------------------------------------------------------------------
+
+#: The most a proxy's answer to CONNECT may take before its blank line.
+_TUNNEL_HEAD_LIMIT = 64 * 1024
+
+
+def connect_request(host: str, port: int, proxy: ProxyURL) -> bytes:
+    """The ``CONNECT`` request for ``host:port``, with the proxy's credentials when it has some."""
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+    if proxy.authorization is not None:
+        lines.append(f"Proxy-Authorization: {proxy.authorization}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class _TunnelSetup(asyncio.Protocol):
+    """Reads the proxy's answer to ``CONNECT``: a status line and headers, nothing after them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.answer: asyncio.Future[tuple[int, str, dict[str, str]]] = loop.create_future()
+        self._buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        if self.answer.done():
+            return
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > _TUNNEL_HEAD_LIMIT:
+                self.answer.set_exception(ProxyError("the proxy's answer to CONNECT is not HTTP (no end of headers)"))
+            return
+        try:
+            self.answer.set_result(parse_status_head(bytes(self._buffer[:end])))
+        except ValueError as exc:
+            self.answer.set_exception(ProxyError(f"the proxy's answer to CONNECT is not HTTP: {exc}"))
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(ProxyError("the proxy closed the connection before answering CONNECT"))
+
+
+def parse_status_head(head: bytes) -> tuple[int, str, dict[str, str]]:
+    """``HTTP/1.1 200 Connection established`` and its headers (lower-case names)."""
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/") or not code.isdigit():
+        raise ValueError(f"status line {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        key = name.strip().lower()
+        headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+    return int(code), reason.strip(), headers
+
+
+def check_tunnel_answer(status: int, reason: str, headers: dict[str, str], proxy: ProxyURL, target: str) -> None:
+    """Raise what a non-2xx answer to ``CONNECT`` means, naming the proxy and what to do."""
+    if 200 <= status < 300:
+        return
+    said = f"HTTP {status} {reason}".strip()
+    if status == 407:
+        raise ProxyAuthError(proxy_auth_message(proxy, headers.get("proxy-authenticate", "")), status=status)
+    if status in (502, 503, 504):
+        raise ProxyError(f"the proxy {proxy} could not reach {target}: {said}", status=status)
+    raise ProxyRefused(f"the proxy {proxy} refused to open a tunnel to {target}: {said}; the proxy's policy "
+                       "must allow this host and port (ask its administrators), or add the host to NO_PROXY "
+                       "/ endpoint.no_proxy if it is reachable directly", status=status)
+
+
+def proxy_auth_message(proxy: ProxyURL, challenge: str) -> str:
+    """What a 407 means here: no credentials, refused credentials, or a scheme other than Basic."""
+    scheme = challenge.split(" ", 1)[0].strip()
+    if scheme and scheme.lower() != "basic" and "basic" not in challenge.lower():
+        return (f"the proxy {proxy} requires {scheme} authentication (HTTP 407), which pipeline does not speak; "
+                "use an account the proxy accepts with Basic authentication, or a local helper proxy that "
+                "authenticates for you")
+    if proxy.authorization is None:
+        return (f"the proxy {proxy} requires authentication (HTTP 407); put the credentials in the proxy URL: "
+                "http://USER:PASSWORD@host:port in HTTPS_PROXY / HTTP_PROXY or endpoint.proxy "
+                "(percent-encode special characters)")
+    return (f"the proxy {proxy} refused the credentials given in the proxy URL (HTTP 407); check the user "
+            "and password in HTTPS_PROXY / HTTP_PROXY or endpoint.proxy")
+
+
+def os_reason(exc: OSError) -> str:
+    """``Connection refused`` rather than asyncio's ``Connect call failed ('10.0.0.1', 3128)``."""
+    return exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed ({exc.verify_message})"
+    return exc.reason or str(exc)
