@@ -410,7 +410,7 @@ def proxy_auth_message(proxy: ProxyURL, challenge: str) -> str:
 
 def os_reason(exc: OSError) -> str:
     """``Connection refused`` rather than asyncio's ``Connect call failed ('10.0.0.1', 3128)``."""
-    return exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+    return os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
 
 
 def _tls_reason(exc: ssl.SSLError) -> str:
