@@ -11,6 +11,7 @@ import difflib
 import re
 import string
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -133,6 +134,26 @@ class TLSConfig(_Model):
         if self.client_key is not None and self.client_cert is None:
             raise ValueError("client_key needs client_cert (the certificate that goes with the key)")
         return self
+
+
+@dataclass(frozen=True, slots=True)
+class Egress:
+    """How one kind of outgoing request leaves the machine: through which proxy (per URL) and with what TLS.
+    ``Config.download_egress`` and ``Config.webhook_egress`` give the ones downloads and the webhook use."""
+
+    proxy: ProxyConfig | None = None
+    no_proxy: str = ""
+    tls: TLSConfig = TLSConfig()
+    tls_key: str = "endpoint.tls"  # where ``tls`` comes from, for messages
+
+    def proxy_for(self, url: str) -> ProxyURL | None:
+        return route(self.proxy, NoProxy(self.no_proxy), url)
+
+    def proxy_hosts(self) -> set[str]:
+        """The proxies' own host names: the download guard trusts them (the user configured them)."""
+        if self.proxy is None:
+            return set()
+        return {p.host for p in (self.proxy.for_scheme("http"), self.proxy.for_scheme("https")) if p is not None}
 
 
 def route(proxy: ProxyConfig | None, no_proxy: NoProxy, url: str) -> ProxyURL | None:
@@ -503,6 +524,19 @@ class Config(_Model):
     limits: LimitsConfig = LimitsConfig()
     notify: NotifyConfig = NotifyConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+    @property
+    def download_egress(self) -> Egress:
+        """Downloads: ``images.proxy`` / ``images.tls`` where set, else the endpoint's (NO_PROXY shared)."""
+        images, endpoint = self.images, self.endpoint
+        return Egress(images.proxy if images.proxy is not None else endpoint.proxy, endpoint.no_proxy or "",
+                      images.tls or endpoint.tls, "images.tls" if images.tls is not None else "endpoint.tls")
+
+    @property
+    def webhook_egress(self) -> Egress:
+        """The webhook: the endpoint's proxies and CA (never its client certificate nor its server name)."""
+        tls = self.endpoint.tls
+        return Egress(self.endpoint.proxy, self.endpoint.no_proxy or "", TLSConfig(ca_file=tls.ca_file, verify=tls.verify))
 
     @property
     def ledger_path(self) -> Path:

@@ -16,7 +16,14 @@ are refused unless ``images.allow_hosts`` opens them) is applied to the addresse
   checks and its scheme is checked against ``images.allow_schemes``.
 
 Pass-through URLs (``images.remote: pass_through``) and ``pipeline estimate`` download nothing and are not
-affected. Environment proxies are not used (``trust_env=False``): the peer is always the URL's host.
+affected.
+
+**Through a proxy** (``images.proxy``, else the endpoint's proxy settings; ``NO_PROXY`` applies per URL) the
+proxy resolves names and connects, so the addresses dialled cannot be checked here. What still holds: the
+proxy's own host is trusted (it is configured, not taken from a manifest); IP literals are checked as
+above; a name that resolves *here* only to refused addresses is refused; a name that does not resolve here
+is left to the proxy and its policy. aiohttp's own reading of the environment stays off (``trust_env=False``):
+routing comes from the job's config, which took the environment's proxies when it was loaded.
 """
 
 from __future__ import annotations
@@ -25,23 +32,27 @@ import asyncio
 import ipaddress
 import re
 import socket
+from typing import Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from pipeline.core.addresses import AddressPolicy
-from pipeline.core.config import ImagesConfig
+from pipeline.core.config import Egress, ImagesConfig
 from pipeline.core.errors import (
     RETRYABLE_STATUSES,
     DownloadBlocked,
     ImageError,
     TransientDownloadError,
 )
+from pipeline.core.proxy import ProxyURL
 from pipeline.core.redact import redact_url
 from pipeline.core.retry import download_retry_policy
+from pipeline.edges.http import proxy_auth_message
+from pipeline.edges.tls import client_context, warn_unverified
 
-__all__ = ["MAX_REDIRECTS", "Downloader", "GuardedResolver"]
+__all__ = ["MAX_REDIRECTS", "Downloader", "GuardedResolver", "aiohttp_proxy"]
 
 #: Redirect hops followed per download (aiohttp's own default).
 MAX_REDIRECTS = 10
@@ -62,14 +73,15 @@ class GuardedResolver(AbstractResolver):
     raises ``DownloadBlocked``, which aiohttp passes through unchanged.
     """
 
-    def __init__(self, guard: AddressPolicy) -> None:
+    def __init__(self, guard: AddressPolicy, trusted: frozenset[str] = frozenset()) -> None:
         self._guard = guard
+        self._trusted = trusted  # proxies' host names: configured by the user, not by a manifest
         self._inner = aiohttp.DefaultResolver()
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
-        if self._guard.host_allowed(host):
+        if host in self._trusted or self._guard.host_allowed(host):
             return results
         kept: list[ResolveResult] = []
         refused: dict[str, None] = {}
@@ -90,8 +102,9 @@ class GuardedResolver(AbstractResolver):
 class Downloader:
     """One run's downloads: a lazily opened session whose connector resolves through the guard."""
 
-    def __init__(self, images: ImagesConfig) -> None:
+    def __init__(self, images: ImagesConfig, egress: Egress | None = None) -> None:
         self._policy = images
+        self._egress = egress or Egress()
         self._guard = AddressPolicy.from_entries(images.allow_hosts)
         self._session: aiohttp.ClientSession | None = None
         self._resolver: GuardedResolver | None = None
@@ -127,6 +140,9 @@ class Downloader:
             raise TransientDownloadError(reason) from None
         except (aiohttp.InvalidURL, ValueError):  # the text of either quotes the whole URL, query and all
             raise ImageError(f"{label}: not a valid URL; fix the row", error_type="image_remote_error") from None
+        except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the CONNECT: its policy or credentials
+            raise ImageError(f"{label}: {self._proxy_refusal(URL(url), exc.status, exc.message)}",
+                             error_type="image_remote_error") from None
         except aiohttp.ClientError as exc:  # another try won't help
             raise ImageError(f"{label}: download failed ({type(exc).__name__}: {exc}); fix the URL",
                              error_type="image_remote_error") from None
@@ -137,7 +153,13 @@ class Downloader:
         for _ in range(MAX_REDIRECTS + 1):
             try:
                 self._check_literal(url)
-                async with self._open().get(url, allow_redirects=False) as response:
+                proxy = self._egress.proxy_for(str(url))
+                if proxy is not None:
+                    await self._check_name_here(url)
+                async with self._open().get(url, allow_redirects=False, **aiohttp_proxy(proxy)) as response:
+                    if response.status == 407 and proxy is not None:
+                        raise ImageError(f"{label}: {self._proxy_refusal(url, 407, response.reason or '')}",
+                                         error_type="image_remote_error")
                     location = response.headers.get("Location")
                     if response.status not in _REDIRECT_STATUSES or location is None:
                         return await _body(response, label, self._policy.max_source_bytes)
@@ -161,6 +183,25 @@ class Downloader:
         if reason is not None:
             raise DownloadBlocked(f"{host} is a {reason} address")
 
+    async def _check_name_here(self, url: URL) -> None:
+        """Through a proxy: refuse a name that resolves here only to refused addresses; a name that does not
+        resolve here is the proxy's to resolve (and its policy's to allow)."""
+        host = url.raw_host or ""
+        if ":" in host or _NUMERIC_HOST.fullmatch(host):
+            return  # a literal: _check_literal has decided
+        self._open()
+        assert self._resolver is not None
+        try:
+            await self._resolver.resolve(host, url.port or 0)
+        except OSError:
+            return
+
+    def _proxy_refusal(self, url: URL, status: int, reason: str) -> str:
+        proxy = self._egress.proxy_for(str(url))
+        if status == 407 and proxy is not None:
+            return f"download: {proxy_auth_message(proxy, '')}"
+        return f"the proxy {proxy} refused the download (HTTP {status} {reason}); its policy must allow this host"
+
     def _next_hop(self, current: URL, location: str, label: str) -> URL:
         try:
             target = current.join(URL(location))
@@ -176,11 +217,24 @@ class Downloader:
     def _open(self) -> aiohttp.ClientSession:
         """The session, opened on first use inside the running loop (the resolver needs the loop)."""
         if self._session is None:
-            self._resolver = GuardedResolver(self._guard)
+            egress = self._egress
+            warn_unverified(egress.tls, egress.tls_key, "download servers'")
+            self._resolver = GuardedResolver(self._guard, frozenset(egress.proxy_hosts()))
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(resolver=self._resolver),
+                connector=aiohttp.TCPConnector(resolver=self._resolver, ssl=client_context(egress.tls, egress.tls_key)),
                 headers={"User-Agent": "pipeline-image-preflight"}, trust_env=False)
         return self._session
+
+
+def aiohttp_proxy(proxy: ProxyURL | None) -> dict[str, Any]:
+    """aiohttp's per-request proxy options; the credentials go in ``proxy_auth``, never in a URL that an
+    aiohttp error message could quote."""
+    if proxy is None:
+        return {}
+    options: dict[str, Any] = {"proxy": URL(proxy.display)}
+    if proxy.authorization is not None:
+        options["proxy_auth"] = aiohttp.BasicAuth(proxy.username, proxy.password)
+    return options
 
 
 async def _body(response: aiohttp.ClientResponse, label: str, cap: int) -> bytes:

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pipeline.core.config import ImagesConfig
+from pipeline.core.config import Egress, ImagesConfig
 from pipeline.core.errors import ImageError
 from pipeline.core.redact import redact_url
 from pipeline.edges.downloads import Downloader
@@ -68,7 +68,7 @@ class ImageLoader:
     """
 
     def __init__(self, images: ImagesConfig, *, root: Path | None = None, workers: int | None = None,
-                 inline_bytes: int = 256 * 1024, use_draft: bool = True) -> None:
+                 inline_bytes: int = 256 * 1024, use_draft: bool = True, egress: Egress | None = None) -> None:
         """``workers`` defaults to the cores. Files up to ``inline_bytes`` are read and header-checked on the
         event loop (a thread hop costs more CPU than that work); anything needing pixels goes to the pool.
         ``use_draft=False`` (full-scale JPEG decode) is for benchmarks."""
@@ -77,7 +77,7 @@ class ImageLoader:
         self._use_draft = use_draft
         self._root = Path(os.path.realpath(root)) if root is not None else None
         self._pool = ThreadPoolExecutor(max_workers=workers or _cores(), thread_name_prefix="preflight")
-        self._downloader = Downloader(images)
+        self._downloader = Downloader(images, egress)  # egress: proxies and TLS for downloads
 
     async def __aenter__(self) -> ImageLoader:
         return self

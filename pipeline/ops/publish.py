@@ -113,5 +113,6 @@ async def publish_report(config: Config, summary: RunSummary, report: dict[str, 
     if failure is not None:
         log.info("%s", failure)  # the log file keeps it; the caller says it once on stderr
     if config.notify.webhook_url is not None and notify_wanted(report, config.notify.when):
-        await post_webhook(config.notify.webhook_url.get_secret_value(), report, timeout=config.notify.timeout)
+        await post_webhook(config.notify.webhook_url.get_secret_value(), report, timeout=config.notify.timeout,
+                           egress=config.webhook_egress)
     return failure

@@ -28,10 +28,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pipeline.core.redact import redact, redact_url
+
+if TYPE_CHECKING:
+    from pipeline.core.config import Egress
 from pipeline.edges.files import atomic_write_text
 from pipeline.edges.ledger import StateStore
 
@@ -508,14 +511,23 @@ def notify_wanted(report: Mapping[str, Any], when: str = "always") -> bool:
     return when == "always" or not report["success"]
 
 
-async def post_webhook(url: str, report: Mapping[str, Any], *, timeout: float = 10.0) -> bool:
+async def post_webhook(url: str, report: Mapping[str, Any], *, timeout: float = 10.0,
+                       egress: Egress | None = None) -> bool:
     """POST the report as JSON; True on a 2xx answer. Never raises: a broken webhook is logged as a
-    warning and must not turn a good run into a failed one."""
+    warning and must not turn a good run into a failed one. ``egress``: the proxy and CA to use
+    (``Config.webhook_egress``: the endpoint's)."""
     import aiohttp
 
+    from pipeline.core.config import Egress
+    from pipeline.edges.downloads import aiohttp_proxy
+    from pipeline.edges.tls import client_context
+
+    egress = egress or Egress()
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session, \
-                session.post(url, json=webhook_payload(report)) as response:
+        connector = aiohttp.TCPConnector(ssl=client_context(egress.tls, egress.tls_key))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout), connector=connector,
+                                         trust_env=False) as session, \
+                session.post(url, json=webhook_payload(report), **aiohttp_proxy(egress.proxy_for(url))) as response:
             if 200 <= response.status < 300:
                 return True
             body = _short(await response.text(errors="replace"))[:200]

@@ -74,7 +74,7 @@ class RowProcessor:
         """``base_url`` overrides ``endpoint.base_url`` (the embedded endpoint's address, say)."""
         self.config = config
         self.builder = RequestBuilder(config.request, config.images)
-        self.images = ImageLoader(config.images, root=config.input.root)
+        self.images = ImageLoader(config.images, root=config.input.root, egress=config.download_egress)
         self.params = answer_params_digest(config.request, config.images)
         self.gate = RequestGate.from_config(config)
         self._secrets = tuple(job_secrets(config))  # masked out of every failure message (an echoed key)
