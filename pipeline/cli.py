@@ -30,6 +30,7 @@ from pipeline.core.errors import (
     PipelineError,
     StorageError,
 )
+from pipeline.core.redact import redact_url
 from pipeline.ops.logs import configure_logging, run_log_path
 
 if TYPE_CHECKING:
@@ -226,6 +227,8 @@ def _validate(args: argparse.Namespace) -> int:
     info = check_job(config)  # every check run makes, so validate and run refuse the same configs
     print(f"ok: {args.config}: {info.rows} rows in {info.source} (columns: {', '.join(info.columns)}); "
           f"output {config.output.path} ({config.output.output_format})")
+    if not config.endpoint.is_local and (proxy := config.endpoint.proxy_for(config.endpoint.base_url)):
+        print(f"    requests go to {redact_url(config.endpoint.base_url)} through the proxy {proxy}")
     return ExitCode.OK
 
 

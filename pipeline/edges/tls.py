@@ -12,10 +12,10 @@ import logging
 import ssl
 from functools import lru_cache
 
-from pipeline.core.config import TLSConfig
+from pipeline.core.config import Config, TLSConfig
 from pipeline.core.errors import ConfigError
 
-__all__ = ["client_context", "warn_unverified"]
+__all__ = ["check_tls_files", "client_context", "warn_unverified"]
 
 log = logging.getLogger("pipeline")
 
@@ -42,6 +42,15 @@ def client_context(tls: TLSConfig, section: str = "endpoint.tls") -> ssl.SSLCont
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def check_tls_files(config: Config) -> None:
+    """Load every CA file and client certificate the job will use, so ``validate`` and ``run`` refuse a bad
+    path before any request (``ConfigError``, exit code 2) rather than on the first connection."""
+    if config.endpoint.base_url.startswith("https://"):
+        client_context(config.endpoint.tls)
+    downloads = config.download_egress
+    client_context(downloads.tls, downloads.tls_key)
 
 
 def warn_unverified(tls: TLSConfig | None, section: str, what: str) -> None:

@@ -18,6 +18,7 @@ from pipeline.core.request import answer_params_digest, input_digest, render_pro
 from pipeline.core.results import RESULT_COLUMNS
 from pipeline.edges.ledger import StateStore
 from pipeline.edges.manifest import ManifestInfo, ManifestReader, Row
+from pipeline.edges.tls import check_tls_files
 
 Fingerprint = Callable[[str, Path], str]
 
@@ -58,6 +59,7 @@ class Plan:
         """Everything about the manifest and output that can be checked before a request is sent
         (raises ManifestError/ConfigError)."""
         info = self.reader.check([self.config.request.prompt])
+        check_tls_files(self.config)
         output = self.config.output
         if output.if_exists == "error" and output.path.exists():
             raise ConfigError(
