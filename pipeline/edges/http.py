@@ -295,11 +295,15 @@ class ConnectionPool:
             connection = HTTPConnection(self)
             tls = await loop.start_tls(transport, connection, self._ssl,  # type: ignore[arg-type]
                                        server_hostname=self._server_name)
-        except BaseException:
+        except (ssl.SSLEOFError, ConnectionError) as exc:  # the tunnel closed under the handshake
+            transport.close()
+            raise ProxyError(f"the tunnel through the proxy {self.proxy} to {self.host}:{self.port} closed during "
+                             f"the TLS handshake ({os_reason(exc)})") from None
+        except BaseException:  # a certificate problem is the endpoint's: the client names it
             transport.close()
             raise
-        if tls is None:  # the proxy closed the tunnel during the handshake
-            raise ProxyError(f"the proxy {self.proxy} closed the tunnel to {self.host}:{self.port}")
+        if tls is None:
+            raise ProxyError(f"the tunnel through the proxy {self.proxy} to {self.host}:{self.port} closed")
         connection.connection_made(tls)
         return connection
 
@@ -410,6 +414,8 @@ def proxy_auth_message(proxy: ProxyURL, challenge: str) -> str:
 
 def os_reason(exc: OSError) -> str:
     """``Connection refused`` rather than asyncio's ``Connect call failed ('10.0.0.1', 3128)``."""
+    if isinstance(exc, ssl.SSLError):  # its errno is an SSL error code, not an OS one
+        return exc.reason or str(exc)
     return os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or str(exc)
 
 
