@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import signal
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -309,7 +310,7 @@ class LocalEndpoint:
 
     @property
     def base_url(self) -> str:
-        """``http://HOST:PORT/v1`` once started."""
+        """``http://HOST:PORT/v1`` once started (``https://`` when started with an ``ssl_context``)."""
         if self._base_url is None:
             raise RuntimeError("LocalEndpoint is not started")
         return self._base_url
@@ -320,8 +321,12 @@ class LocalEndpoint:
             raise RuntimeError("LocalEndpoint is not started")
         return self._port
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Listen on ``host:port`` (0 picks a free port); returns the base URL."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *,
+                    ssl_context: ssl.SSLContext | None = None) -> str:
+        """Listen on ``host:port`` (0 picks a free port); returns the base URL.
+
+        With ``ssl_context`` it serves https (the base URL says so): tests of private CAs and mTLS use it.
+        """
         if self._runner is not None:
             raise RuntimeError("LocalEndpoint is already started")
         self._app = create_app(self.faults, api_key=self._api_key, stats=self.stats)
@@ -329,7 +334,7 @@ class LocalEndpoint:
                                shutdown_timeout=SHUTDOWN_GRACE_S)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port)
+            site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
             await site.start()
         except BaseException:
             await runner.cleanup()
@@ -337,7 +342,8 @@ class LocalEndpoint:
         self._runner = runner
         self._port = int(runner.addresses[0][1])
         url_host = f"[{host}]" if ":" in host else host
-        self._base_url = f"http://{url_host}:{self._port}/v1"
+        scheme = "https" if ssl_context is not None else "http"
+        self._base_url = f"{scheme}://{url_host}:{self._port}/v1"
         return self._base_url
 
     async def stop(self) -> None:
