@@ -112,10 +112,11 @@ class ProxyConfig(_Model):
         return parse_proxy_url(value.get_secret_value()) if value is not None else None
 
     def secret_values(self) -> list[str]:
+        """The proxies' passwords and Basic tokens; the proxy's address itself is not secret (messages name it)."""
         values: list[str] = []
         for value in (self.http, self.https):
             if value is not None:
-                values += [value.get_secret_value(), *parse_proxy_url(value.get_secret_value()).secret_values()]
+                values += parse_proxy_url(value.get_secret_value()).secret_values()
         return values
 
 

@@ -110,6 +110,7 @@ class ChatClient:
         self._pool: ConnectionPool | None = None
         # a plain-HTTP origin through a proxy: absolute-form requests that carry the proxy's credentials
         absolute = self.proxy is not None and self.url.scheme == "http"
+        self._tls_client = None if self.url.scheme != "https" else "sent" if endpoint.tls.client_cert else "none"
         headers = self._headers()
         if absolute and self.proxy is not None and self.proxy.authorization is not None:
             headers["Proxy-Authorization"] = self.proxy.authorization
@@ -168,6 +169,7 @@ class ChatClient:
         exchange = _ChatExchange(self.endpoint.timeout, self.where, loop, loop.time(), on_answer,
                                  self.max_response_bytes)
         exchange.proxy = self.proxy
+        exchange.tls_client = self._tls_client
         try:
             exchange.begin(await self._connect(exchange), head, payload)
             return await exchange.result
@@ -197,8 +199,13 @@ def _connect_error(exc: OSError, host: str, tls: TLSConfig) -> ConnectError:
         return ConnectError(f"cannot resolve {host.rsplit(':', 1)[0]}: {exc.strerror or exc}; behind a proxy? "
                             "set HTTPS_PROXY / HTTP_PROXY or endpoint.proxy")
     if isinstance(exc, ssl.SSLCertVerificationError):
-        hint = ("is endpoint.tls.ca_file the CA that signed it?" if tls.ca_file is not None
-                else "behind a private CA? set endpoint.tls.ca_file (or SSL_CERT_FILE) to its PEM bundle")
+        if "mismatch" in str(exc.verify_message):
+            hint = ("the certificate is for another name: use that name in base_url, or set endpoint.tls.server_name "
+                    "to it")
+        elif tls.ca_file is not None:
+            hint = "is endpoint.tls.ca_file the CA that signed it?"
+        else:
+            hint = "behind a private CA? set endpoint.tls.ca_file (or SSL_CERT_FILE) to its PEM bundle"
         return ConnectError(f"TLS handshake with {host} failed: certificate verify failed ({exc.verify_message}); "
                             f"{hint}")
     if isinstance(exc, ssl.SSLError) and tls.client_cert is None and "CERTIFICATE_REQUIRED" in str(exc.reason):
@@ -208,6 +215,20 @@ def _connect_error(exc: OSError, host: str, tls: TLSConfig) -> ConnectError:
         hint = " (the server speaks plain HTTP? use http:// in base_url)" if exc.reason == "WRONG_VERSION_NUMBER" else ""
         return ConnectError(f"TLS handshake with {host} failed: {exc.reason or exc}{hint}")
     return ConnectError(f"cannot connect to {host}: {os_reason(exc)}")
+
+
+def _closed_unanswered(host: str, exc: BaseException | None, tls_client: str | None) -> ConnectError:
+    """The server closed before any answer. Under TLS 1.3 a server refuses a client certificate (or the lack
+    of one) only after the handshake: an alert, if it sends one, else just this close; so say what to check.
+    ``tls_client``: None for plain HTTP, else whether a client certificate was sent."""
+    reason = (exc.reason or "") if isinstance(exc, ssl.SSLError) else ""
+    message = f"{host} closed the connection before answering" + (f" (TLS alert {reason})" if reason else "")
+    if tls_client == "none":
+        message += ("; if the server requires a client certificate (mutual TLS), set endpoint.tls.client_cert and "
+                    "client_key")
+    elif tls_client == "sent" and (reason or exc is None):
+        message += "; if the server checks client certificates, does it trust endpoint.tls.client_cert?"
+    return ConnectError(message)
 
 
 class _ChatExchange:
@@ -246,6 +267,7 @@ class _ChatExchange:
         self._accumulator = ChoiceAccumulator()
         self._inflate: Any = None
         self.proxy: ProxyURL | None = None  # the proxy a plain-HTTP request went through (its 407s)
+        self.tls_client: str | None = None  # https: whether a client certificate is configured (messages)
 
     # -- driven by the client ------------------------------------------------------------------
 
@@ -324,7 +346,7 @@ class _ChatExchange:
         if isinstance(exc, ProtocolError):
             self._fail(ConnectError(f"{self.host} sent {exc}"))
         elif self.head is None:
-            self._fail(ConnectError(f"{self.host} closed the connection before answering"))
+            self._fail(_closed_unanswered(self.host, exc, self.tls_client))
         elif self.head.close_delimited and self.kind in ("sse", "json") and exc is None:
             self.on_end()  # the close is the end of such a body
         elif self.kind == "error":

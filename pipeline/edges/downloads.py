@@ -227,14 +227,13 @@ class Downloader:
 
 
 def aiohttp_proxy(proxy: ProxyURL | None) -> dict[str, Any]:
-    """aiohttp's per-request proxy options; the credentials go in ``proxy_auth``, never in a URL that an
-    aiohttp error message could quote."""
+    """aiohttp's per-request proxy option. Credentials ride in the URL: aiohttp sends them for CONNECT and
+    for plain-HTTP requests alike (its ``proxy_headers`` only reach CONNECT, and ``proxy_auth`` is deprecated);
+    the password is a job secret, so a message that quotes the URL is masked before it is shown."""
     if proxy is None:
         return {}
-    options: dict[str, Any] = {"proxy": URL(proxy.display)}
-    if proxy.authorization is not None:
-        options["proxy_auth"] = aiohttp.BasicAuth(proxy.username, proxy.password)
-    return options
+    return {"proxy": URL.build(scheme=proxy.scheme, user=proxy.username or None, password=proxy.password or None,
+                               host=proxy.host, port=proxy.port)}
 
 
 async def _body(response: aiohttp.ClientResponse, label: str, cap: int) -> bytes:
