@@ -27,6 +27,7 @@ from pipeline.edges.configfile import load_config
 from pipeline.edges.ledger import JobLock
 from pipeline.ops.schedule import (
     Scheduler,
+    check_job_config,
     SchedulerEvent,
     cron_to_calendar,
     crontab_line,
@@ -658,6 +659,23 @@ def test_a_python_that_cannot_import_pipeline_bare_is_refused(keyed_job, tmp_pat
     with pytest.raises(ScheduleError, match="cannot create the log folder"):
         prepare_schedule(keyed_job["config"], workdir=keyed_job["work"], log_file=blocked / "logs" / "job.log",
                          env_file=keyed_job["env"], python=sys.executable, shell_env={})
+
+
+def test_a_proxy_only_the_shell_has_is_refused(tmp_path):
+    """Under cron the job would go direct: refused until the env file has the variable or the config decides."""
+    shell = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "HTTPS_PROXY": "http://alice:pw-1234@gw.corp:3128"}
+    config = write_job(tmp_path / "job", endpoint={"base_url": "https://api.example.com/v1"})
+    with pytest.raises(ScheduleError, match="this shell sets HTTPS_PROXY, which a scheduled run does not see") as error:
+        check_job_config(config, None, shell)
+    assert "--env-file" in str(error.value) and "endpoint.proxy" in str(error.value)
+    assert "pw-1234" not in str(error.value)
+    env_file = tmp_path / "job.env"
+    env_file.write_text(f"HTTPS_PROXY={shell['HTTPS_PROXY']}\n")
+    env_file.chmod(0o600)
+    scheduled = check_job_config(config, env_file, shell)  # the env file carries it: accepted
+    assert str(scheduled.endpoint.proxy_for("https://api.example.com/v1")) == "http://gw.corp:3128"
+    decided = write_job(tmp_path / "direct", endpoint={"base_url": "https://api.example.com/v1", "proxy": "none"})
+    assert check_job_config(decided, None, shell).endpoint.proxy_for("https://api.example.com/v1") is None
 
 
 def test_exit_line_is_written_when_the_run_cannot_start(tmp_path):

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from croniter import croniter
 
 from pipeline.core.errors import ConfigError, ExitCode, ScheduleError
+from pipeline.core.proxy import NO_PROXY_VARIABLES, PROXY_VARIABLES
 from pipeline.edges.configfile import load_config
 from pipeline.edges.files import atomic_write_text
 
@@ -635,14 +636,31 @@ def bare_environment(shell_env: Mapping[str, str]) -> dict[str, str]:
 def check_job_config(config_path: Path, env_file: Path | None, shell_env: Mapping[str, str]) -> Config:
     """The job's config as a scheduled run will load it: with the env file's variables, not the shell's."""
     env = {**bare_environment(shell_env), **(read_env_file(env_file) if env_file is not None else {})}
+    where = f"the env file {env_file}" if env_file is not None else "an env file (--env-file FILE, chmod 600)"
     try:
-        return load_config(config_path, env=env)
+        config = load_config(config_path, env=env)
     except ConfigError as exc:
         if "environment variable" not in str(exc):
             raise
-        where = f"the env file {env_file}" if env_file is not None else "an env file (--env-file FILE, chmod 600)"
         raise ScheduleError(f"{exc}; a scheduled run does not see this shell's variables: put it in {where}") \
             from None
+    check_proxy_variables(config_path, config, env, shell_env, where)
+    return config
+
+
+def check_proxy_variables(config_path: Path, config: Config, env: Mapping[str, str], shell_env: Mapping[str, str],
+                          where: str) -> None:
+    """A job that reaches its endpoint through this shell's proxy would go direct under cron (and fail, or
+    bypass the proxy): refuse to schedule it until the variables are in the env file or the config decides."""
+    names = [*dict.fromkeys(n for group in PROXY_VARIABLES.values() for n in group), *NO_PROXY_VARIABLES]
+    missing = [name for name in names if shell_env.get(name) and name not in env]
+    if not missing:
+        return
+    in_shell = load_config(config_path, env={**env, **{name: shell_env[name] for name in missing}}).endpoint
+    if (in_shell.proxy, in_shell.no_proxy) != (config.endpoint.proxy, config.endpoint.no_proxy):
+        raise ScheduleError(f"this shell sets {', '.join(missing)}, which a scheduled run does not see: put "
+                            f"{'them' if len(missing) > 1 else 'it'} in {where}, or set endpoint.proxy in the config "
+                            "(a URL, or none to go direct)")
 
 
 def check_python_imports_pipeline(python: str, workdir: Path, env: Mapping[str, str]) -> None:
