@@ -126,8 +126,9 @@ async def test_tls_to_an_https_proxy_and_to_the_endpoint_inside_it(tmp_path: Pat
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
-async def test_proxy_credentials_accepted_missing_and_refused(tmp_path: Path, manifest: Path,
-                                                              material: TlsMaterial, scheme: str) -> None:
+async def test_proxy_credentials_accepted_missing_and_refused(tmp_path: Path, material: TlsMaterial,
+                                                              scheme: str) -> None:
+    manifest = make_manifest(tmp_path / "in", 3 * ROWS)
     async with tls_endpoint(material) as secure, LocalEndpoint() as plain:
         endpoint = secure if scheme == "https" else plain
         async with ForwardProxy(basic_auth=f"alice:{PASSWORD}",
@@ -136,20 +137,27 @@ async def test_proxy_credentials_accepted_missing_and_refused(tmp_path: Path, ma
             tls = {"ca_file": str(material.ca_pem)}
             cases = {"none": proxy.url, "wrong": proxy.url_with_credentials("alice:not-the-password"),
                      "right": proxy.url_with_credentials()}
-            outcomes = {}
+            outcomes, refusals = {}, []
             for name, url in cases.items():
+                before = len(proxy.requests())
                 _, rows = await run(manifest, tmp_path / f"{name}.parquet", base, endpoint={"proxy": url, "tls": tls})
                 outcomes[name] = errors(rows)
-            assert endpoint.stats.requests == ROWS  # only the run with the right credentials got through
-            proxy_url, statuses = proxy.url, {e.status for e in proxy.requests()}
-    (kind, message), = outcomes["none"]
-    assert kind == "proxy_auth_error" and "requires authentication (HTTP 407)" in message
-    assert "http://USER:PASSWORD@host:port" in message and proxy_url in message
-    (kind, message), = outcomes["wrong"]
-    assert kind == "proxy_auth_error" and "refused the credentials given in the proxy URL" in message
-    assert "not-the-password" not in message
+                refusals.append(sum(e.status == 407 for e in proxy.requests()[before:]))
+            assert endpoint.stats.requests == 3 * ROWS  # only the run with the right credentials got through
+            proxy_url = proxy.url
+    # once refused, the credentials are not tried again in that run (proxies lock accounts): at most one 407
+    # per request already in flight (concurrency 4), not one per row, and no retries
+    assert 1 <= refusals[0] <= 4 and 1 <= refusals[1] <= 4 and refusals[2] == 0
+    kinds = {kind for kind, _ in outcomes["none"]}
+    messages = " | ".join(message for _, message in outcomes["none"])
+    assert kinds == {"proxy_auth_error"} and "requires authentication (HTTP 407)" in messages
+    assert "http://USER:PASSWORD@host:port" in messages and proxy_url in messages
+    assert "not sent: the proxy refused this run's credentials already" in messages
+    kinds = {kind for kind, _ in outcomes["wrong"]}
+    messages = " | ".join(message for _, message in outcomes["wrong"])
+    assert kinds == {"proxy_auth_error"} and "refused the credentials given in the proxy URL" in messages
+    assert "not-the-password" not in messages
     assert outcomes["right"] == {(None, None)}
-    assert statuses == {407, 200}
 
 
 async def test_proxy_from_the_environment_and_no_proxy_through_the_cli(tmp_path: Path, manifest: Path,
@@ -269,6 +277,23 @@ async def test_downloads_go_through_the_proxy_and_the_guard_still_holds(
     assert "localhost resolves only to refused addresses" in by_id["local"]["error_message"]
     assert sorted(e.target for e in entries) == sorted(urls)  # the embedded endpoint is never proxied
     assert {e.method for e in entries} == {"GET"}
+
+
+async def test_downloads_stop_asking_a_proxy_that_refused_their_credentials(
+        tmp_path: Path, image_server: tuple[int, list[str]]) -> None:
+    port, served = image_server
+    images_host = "images.via-proxy.test"
+    manifest = tmp_path / "remote.csv"
+    manifest.write_text("id,path\n" + "".join(f"r{i},http://{images_host}:{port}/img/{i % ROWS}.png\n"
+                                               for i in range(3 * ROWS)))
+    async with ForwardProxy(basic_auth=f"alice:{PASSWORD}", host_map={images_host: ("127.0.0.1", port)}) as proxy:
+        summary, rows = await run(manifest, tmp_path / "out.parquet", "local", endpoint={"proxy": proxy.url})
+        refusals = [e for e in proxy.requests() if e.status == 407]
+    assert summary.rows_failed == 3 * ROWS and served == []
+    assert {row["error_type"] for row in rows} == {"image_remote_error"}
+    messages = " | ".join(row["error_message"] for row in rows)
+    assert "requires authentication (HTTP 407)" in messages and "refused already in this run" in messages
+    assert 1 <= len(refusals) <= 4  # the downloads in flight when the first 407 came, not one per row
 
 
 async def test_webhook_goes_through_the_proxy(tmp_path: Path, manifest: Path) -> None:

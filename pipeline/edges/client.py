@@ -108,6 +108,7 @@ class ChatClient:
         self.where = f"{self.host} through the proxy {self.proxy}" if self.proxy else self.host  # for messages
         self.pool_size = pool_size
         self._pool: ConnectionPool | None = None
+        self._proxy_refused: str | None = None  # the proxy's 407: later requests fail without being sent
         # a plain-HTTP origin through a proxy: absolute-form requests that carry the proxy's credentials
         absolute = self.proxy is not None and self.url.scheme == "http"
         self._tls_client = None if self.url.scheme != "https" else "sent" if endpoint.tls.client_cert else "none"
@@ -163,6 +164,9 @@ class ChatClient:
         runner stages the answer for the ledger there, so one commit serves a whole burst of answers."""
         if self._pool is None:
             raise RuntimeError("ChatClient is not open; use 'async with ChatClient(...)'")
+        if self._proxy_refused is not None:  # never retry refused proxy credentials: proxies lock accounts
+            raise ProxyAuthError(f"{self._proxy_refused} (not sent: the proxy refused this run's credentials "
+                                 "already)", status=407)
         payload = body if isinstance(body, bytes) else orjson.dumps(body)
         head = self._head + b"%d\r\n\r\n" % len(payload)
         loop = asyncio.get_running_loop()
@@ -173,6 +177,9 @@ class ChatClient:
         try:
             exchange.begin(await self._connect(exchange), head, payload)
             return await exchange.result
+        except ProxyAuthError as exc:
+            self._proxy_refused = exc.message
+            raise
         finally:
             exchange.end()
 

@@ -108,6 +108,7 @@ class Downloader:
         self._guard = AddressPolicy.from_entries(images.allow_hosts)
         self._session: aiohttp.ClientSession | None = None
         self._resolver: GuardedResolver | None = None
+        self._proxy_refused: str | None = None  # a 407: no more downloads with credentials the proxy refused
 
     async def aclose(self) -> None:
         """Close the session and the resolver (the connector does not own a resolver it was given)."""
@@ -155,6 +156,9 @@ class Downloader:
                 self._check_literal(url)
                 proxy = self._egress.proxy_for(str(url))
                 if proxy is not None:
+                    if self._proxy_refused is not None:  # proxies lock accounts after failed logins
+                        raise ImageError(f"{label}: {self._proxy_refused} (not sent: refused already in this run)",
+                                         error_type="image_remote_error")
                     await self._check_name_here(url)
                 async with self._open().get(url, allow_redirects=False, **aiohttp_proxy(proxy)) as response:
                     if response.status == 407 and proxy is not None:
@@ -199,7 +203,8 @@ class Downloader:
     def _proxy_refusal(self, url: URL, status: int, reason: str) -> str:
         proxy = self._egress.proxy_for(str(url))
         if status == 407 and proxy is not None:
-            return f"download: {proxy_auth_message(proxy, '')}"
+            self._proxy_refused = f"download: {proxy_auth_message(proxy, '')}"
+            return self._proxy_refused
         return f"the proxy {proxy} refused the download (HTTP {status} {reason}); its policy must allow this host"
 
     def _next_hop(self, current: URL, location: str, label: str) -> URL:
