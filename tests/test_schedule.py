@@ -27,8 +27,8 @@ from pipeline.edges.configfile import load_config
 from pipeline.edges.ledger import JobLock
 from pipeline.ops.schedule import (
     Scheduler,
-    check_job_config,
     SchedulerEvent,
+    check_job_config,
     cron_to_calendar,
     crontab_line,
     crontab_marker,
