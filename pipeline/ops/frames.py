@@ -13,6 +13,7 @@ as categoricals, and text as pandas' ``string`` dtype.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,9 +64,10 @@ def to_frame(table: pa.Table) -> pd.DataFrame:
         return None
 
     frame = table.to_pandas(types_mapper=dtype)
-    for name, column in frame.items():
-        if isinstance(column.dtype, pd.DatetimeTZDtype) or pa.types.is_timestamp(table.schema.field(name).type):
-            frame[name] = pd.to_datetime(column, utc=True).astype("datetime64[ns, UTC]")
+    for field in table.schema:
+        if pa.types.is_timestamp(field.type):  # pandas 3 keeps Arrow's microseconds; 2.x gives nanoseconds
+            with contextlib.suppress(OverflowError, pd.errors.OutOfBoundsDatetime):  # a carried year 9999
+                frame[field.name] = frame[field.name].dt.as_unit("ns")
     if "status" in frame:
         frame["status"] = frame["status"].astype(pd.CategoricalDtype(_STATUSES))
     for name in _CATEGORICAL:
