@@ -1,12 +1,14 @@
 """pipeline: caption large image collections through any OpenAI-compatible streaming vision endpoint.
 
 The public surface: ``run_job(config_or_path)`` / ``run_job_async(...)`` run a job from Python and return a
-``RunSummary``; ``load_config`` reads a config file into a ``Config``; every error the pipeline raises on
-purpose is a ``PipelineError`` (the tree is drawn in ``pipeline.core.errors``), and ``ExitCode`` names the
-process exit codes.
+``RunSummary`` (``manifest=df`` runs a pandas DataFrame or Arrow table); ``read_results(config_or_path)``
+reads its output back as a typed DataFrame (``as_arrow=True``: a pyarrow Table); ``load_config`` reads a
+config file into a ``Config``; every error the pipeline raises on purpose is a ``PipelineError`` (the tree
+is drawn in ``pipeline.core.errors``), and ``ExitCode`` names the process exit codes.
 
 ``import pipeline`` stays cheap (the CLI's ``--help``, tools that only catch errors): the errors are plain
-classes, and the API (pydantic, pyarrow, aiohttp, Pillow behind it) is imported on first use of its names.
+classes, and the API (pydantic, pyarrow, pandas, aiohttp, Pillow behind it) is imported on first use of
+its names.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pipeline.core.errors import (
     MalformedChunk,
     ManifestError,
     NotFound,
+    OutputMissing,
     PermanentEndpointError,
     PipelineError,
     ProtocolError,
@@ -49,16 +52,24 @@ from pipeline.core.errors import (
 )
 
 if TYPE_CHECKING:
-    from pipeline.api import Config, RunSummary, load_config, run_job, run_job_async
+    from pipeline.api import (
+        Config,
+        RunSummary,
+        load_config,
+        read_results,
+        run_job,
+        run_job_async,
+    )
 
 from pipeline.core.version import __version__
 
 #: Resolved from ``pipeline.api`` on first use.
-_API_NAMES = ("run_job", "run_job_async", "RunSummary", "Config", "load_config")
+_API_NAMES = ("run_job", "run_job_async", "read_results", "RunSummary", "Config", "load_config")
 
 __all__ = [
     "run_job",
     "run_job_async",
+    "read_results",
     "RunSummary",
     "Config",
     "load_config",
@@ -78,6 +89,7 @@ __all__ = [
     "MalformedChunk",
     "ManifestError",
     "NotFound",
+    "OutputMissing",
     "PermanentEndpointError",
     "ProtocolError",
     "ProxyAuthError",

@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pipeline.core.config import Config, config_from_dict, with_proxy_environment
@@ -20,6 +21,9 @@ from pipeline.edges.configfile import load_config
 from pipeline.run.summary import Command, ProgressCallback, RunSummary
 
 if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+
     from pipeline.edges.manifest import ManifestInfo
     from pipeline.ops.jobrun import JobRun
 
@@ -35,13 +39,19 @@ def _as_config(config: Config | Mapping[str, Any] | str | os.PathLike[str]) -> C
 
 async def run_job_async(config: Config | Mapping[str, Any] | str | os.PathLike[str], *, command: Command = "run",
                         fresh: bool = False, error_type: str | None = None,
-                        on_progress: ProgressCallback | None = None) -> RunSummary:
-    """Run (or resume, or ``command="retry"``) a job inside the caller's event loop."""
+                        on_progress: ProgressCallback | None = None, manifest: Any = None) -> RunSummary:
+    """Run (or resume, or ``command="retry"``) a job inside the caller's event loop.
+
+    ``manifest``: a pandas DataFrame or pyarrow Table to read in place of ``input.manifest`` (which the
+    config may then leave out): ids from ``input.id_column``, images from ``input.path_column`` (paths,
+    URLs) or ``input.image_column`` (encoded image bytes). Resumable like a file: the ledger knows each row
+    by its id and its image's content, so running the same table again sends only what changed.
+    """
     # imported here: aiohttp and pyarrow load when a job runs, not on import
     from pipeline.ops.jobrun import JobRun
 
     job = JobRun(_as_config(config), on_progress=on_progress, command=command, fresh=fresh,
-                 error_type=error_type)
+                 error_type=error_type, manifest=manifest)
     return await run_with_endpoint(job)
 
 
@@ -66,7 +76,7 @@ def local_fault_rules(config: Config) -> list[Any]:
     return rules
 
 
-def check_job(config: Config) -> ManifestInfo:
+def check_job(config: Config, manifest: Any = None) -> ManifestInfo:
     """Every check ``run`` makes before its first request, with nothing sent and nothing written: what
     ``pipeline validate`` runs, so a config it passes is one ``run`` accepts. It builds the same parts the
     run builds (fault rules, event loop choice, limits and budget, the client's request head, the plan)."""
@@ -78,7 +88,7 @@ def check_job(config: Config) -> ManifestInfo:
     loop_factory(config.run.event_loop)
     RequestGate.from_config(config)
     ChatClient(config.endpoint, base_url="http://127.0.0.1:9" if config.endpoint.is_local else None)
-    return Plan(config).check()
+    return Plan(config, table=manifest).check()
 
 
 @contextlib.asynccontextmanager
@@ -99,6 +109,36 @@ async def local_endpoint(config: Config) -> AsyncIterator[str | None]:
         yield base_url
     finally:
         await server.stop()
+
+
+def read_results(config_or_path: Config | Mapping[str, Any] | str | os.PathLike[str], *,
+                 as_arrow: bool = False) -> pd.DataFrame | pa.Table:
+    """A job's output as a pandas DataFrame (``as_arrow=True``: a pyarrow Table), for a notebook or a report.
+
+    ``config_or_path`` is the job (a ``Config``, a config dict, or a ``.yaml`` / ``.yml`` / ``.toml`` file:
+    its ``output.path`` is read) or an output itself: a ``.parquet``, ``.csv`` or ``.jsonl`` file, or a
+    partitions folder (``output.partition_by: run_date``; each row gets its ``run_date``). The DataFrame has
+    typed columns: UTC timestamps, nullable ``Int64`` token counts, categorical ``status`` and
+    ``error_type``, ``string`` text, and the carried manifest columns (docs/python.md). Raises
+    ``OutputMissing`` when there is no output yet, naming the path and what writes it.
+    """
+    from pipeline.ops.frames import read_output, to_frame
+
+    path, fmt, hint = _output_of(config_or_path)
+    table = read_output(path, fmt, hint=hint)
+    return table if as_arrow else to_frame(table)
+
+
+def _output_of(source: Config | Mapping[str, Any] | str | os.PathLike[str]) -> tuple[Path, str | None, str]:
+    """(output path, its format if a config says it, what to run to write it)."""
+    if isinstance(source, Config | Mapping):
+        output = _as_config(source).output
+        return output.path, output.output_format, "; run the job first: run_job(config) writes it"
+    path = Path(source)
+    if path.suffix.lower() in (".yaml", ".yml", ".toml"):
+        output = load_config(path).output
+        return output.path, output.output_format, f"; run the job first: pipeline run {path} (or run_job)"
+    return path, None, ""
 
 
 def run_job(config: Config | Mapping[str, Any] | str | os.PathLike[str], **options: Any) -> RunSummary:

@@ -64,10 +64,20 @@ def test_bad_values_name_file_key_and_value(tmp_path, text, expected):
     assert expected in message
 
 
-def test_input_needs_exactly_one_source(tmp_path):
-    path = write(tmp_path, "request: {model: m}\ninput: {}\noutput: {path: o.csv}\n")
+def test_input_takes_one_source_at_most(tmp_path):
+    path = write(tmp_path, "request: {model: m}\ninput: {manifest: m.csv, directory: d}\noutput: {path: o.csv}\n")
     with pytest.raises(ConfigError, match="exactly one of input.manifest or input.directory"):
         load_config(path)
+
+
+def test_input_with_no_source_loads_but_cannot_be_read(tmp_path):
+    """No manifest nor directory: a config for run_job(config, manifest=df); reading it says what is missing."""
+    from pipeline.edges.manifest import ManifestReader
+
+    path = write(tmp_path, "request: {model: m}\ninput: {}\noutput: {path: o.csv}\n")
+    config = load_config(path)
+    with pytest.raises(ConfigError, match=r"set input.manifest .* or input.directory .*manifest=df"):
+        ManifestReader(config.input)
 
 
 def test_unknown_output_suffix_needs_format(tmp_path):

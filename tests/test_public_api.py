@@ -16,7 +16,7 @@ def test_every_public_name_resolves_and_is_listed_by_dir() -> None:
     for name in pipeline.__all__:
         assert getattr(pipeline, name) is not None, name
     assert set(pipeline.__all__) <= set(dir(pipeline))
-    for name in ("run_job", "run_job_async", "RunSummary", "Config", "load_config"):
+    for name in ("run_job", "run_job_async", "read_results", "RunSummary", "Config", "load_config"):
         assert getattr(pipeline, name) is getattr(pipeline.api, name)
 
 
@@ -34,7 +34,7 @@ def test_the_whole_error_tree_is_exported_as_the_same_objects() -> None:
 
 
 def test_import_pipeline_leaves_heavy_libraries_unimported() -> None:
-    heavy = ["pydantic", "pyarrow", "aiohttp", "PIL"]
+    heavy = ["pydantic", "pyarrow", "aiohttp", "PIL", "pandas"]
     probe = ("import json, sys, pipeline; pipeline.LockHeld; dir(pipeline); "
              f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)

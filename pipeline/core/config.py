@@ -359,6 +359,8 @@ class InputConfig(_Model):
     glob: str = "**/*"
     id_column: str = "id"
     path_column: str = "path"
+    # an in-memory table only (run_job(config, manifest=df)): a column of encoded image bytes to send
+    image_column: str | None = None
     prompt_column: str | None = None
     carry_columns: list[str] | None = None
     chunk_size: Annotated[int, Field(ge=1)] = 10_000
@@ -367,7 +369,9 @@ class InputConfig(_Model):
 
     @model_validator(mode="after")
     def _one_source(self) -> InputConfig:
-        if (self.manifest is None) == (self.directory is None):
+        # neither is allowed here: run_job(config, manifest=df) brings the rows; a reader without a table
+        # says what is missing (edges/manifest.py), so validate and run still refuse such a config
+        if self.manifest is not None and self.directory is not None:
             raise ValueError("set exactly one of input.manifest or input.directory")
         if self.manifest is not None and self.manifest_format is None:
             raise _unknown_format(self.manifest, "input.format", "csv, jsonl or parquet")

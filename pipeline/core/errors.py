@@ -20,6 +20,7 @@ imports I/O libraries: aiohttp/asyncio errors are translated in ``edges/client.p
     ├── LockHeld                     another run of the same job holds the ledger lock
     ├── LedgerError                  the ledger file is corrupt or from a newer pipeline
     ├── StorageError                 a write failed: disk full, I/O error, read-only (the run stops)
+    ├── OutputMissing                read_results found no output file (the job has not run yet)
     ├── EndpointError                HTTP-level answer or transport failure
     │   ├── TransientEndpointError   connect, timeouts, 408/409/429/5xx       (retryable)
     │   │   ├── ConnectError
@@ -173,6 +174,17 @@ class StorageError(PipelineError):
         super().__init__(message)
         self.path = path
         self.cause = cause
+
+
+class OutputMissing(PipelineError):
+    """``read_results`` was pointed at an output that does not exist (yet): the message names the path and
+    the command that writes it."""
+
+    error_type = "output_missing"
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class EndpointError(PipelineError):

@@ -91,8 +91,11 @@ class ImageLoader:
         await self._downloader.aclose()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def load(self, source: str, base_dir: Path) -> ImagePayload:
-        """One manifest ``path`` value (relative paths resolve against ``base_dir``) -> what to send."""
+    async def load(self, source: str, base_dir: Path, data: bytes | None = None) -> ImagePayload:
+        """One manifest ``path`` value (relative paths resolve against ``base_dir``) -> what to send; or,
+        with ``data`` (an in-memory table's image cell), those bytes, ``source`` being only their label."""
+        if data is not None:
+            return await self._load_bytes(data, source)
         if not source:
             raise ImageError("the image path is empty for this row; fill in the path column",
                              error_type="image_missing")
@@ -116,6 +119,17 @@ class ImageLoader:
             report["image_action"] = "remote_url"
             return ImagePayload(source, hashlib.sha256(source.encode("utf-8")).hexdigest(), report)
         data = await self._downloader.get(source, label)
+        return self._quick_payload(data, label) or await self._in_pool(self._payload, data, label)
+
+    async def _load_bytes(self, data: bytes, label: str) -> ImagePayload:
+        """Image bytes handed in by the caller: the same checks and pre-flight as a file's bytes."""
+        if not data:
+            raise ImageError(f"{label}: no image bytes in this row's image column (None or empty); fill it in",
+                             error_type="image_missing")
+        limit = self._policy.max_source_bytes
+        if len(data) > limit:
+            raise ImageError(f"{label}: image is {len(data)} bytes, over images.max_source_bytes={limit}",
+                             error_type="image_too_large")
         return self._quick_payload(data, label) or await self._in_pool(self._payload, data, label)
 
     # -- local files: small ones inline while no pixels are needed, the rest in one pool hop --------

@@ -19,11 +19,14 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from pipeline.core.config import InputConfig, template_fields
-from pipeline.core.errors import ManifestError
+from pipeline.core.errors import ConfigError, ManifestError
 
 #: Suffixes a directory scan picks up when ``input.glob`` is left at its default.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp"})
 _DEFAULT_GLOB = "**/*"
+#: A config that names no rows at all (``pipeline validate`` and ``run`` say this, nothing is sent).
+NO_SOURCE = ("input: set input.manifest (a CSV, JSONL or Parquet file) or input.directory (a folder of "
+             "images); from Python, run_job(config, manifest=df) takes a pandas DataFrame or Arrow table instead")
 _BLOCK_SIZE = 1 << 20
 
 
@@ -37,6 +40,8 @@ class Row:
     prompt: str | None  # per-row prompt override, if the manifest has a prompt column
     columns: dict[str, Any]  # every manifest column by name (template inputs and carried values)
     base_dir: Path  # relative image paths resolve against this folder
+    data: bytes | None = None  # the image itself, from an in-memory table's image column (None: read ``path``)
+    fingerprint: str | None = None  # the image's identity when the reader knows it (bytes: their sha256)
 
     @property
     def number(self) -> int:
@@ -69,10 +74,14 @@ class ManifestReader:
         if config.directory is not None:
             self.source = config.directory
             self.base_dir = config.directory
-        else:
-            assert config.manifest is not None
+        elif config.manifest is not None:
             self.source = config.manifest
             self.base_dir = config.manifest.parent
+        else:
+            raise ConfigError(NO_SOURCE)
+        if config.image_column is not None:
+            raise ConfigError(f"input.image_column ({config.image_column!r}) is for in-memory tables "
+                              "(run_job(config, manifest=df)); a manifest file names its images in input.path_column")
         self._schema: pa.Schema | None = None
 
     # -- schema -------------------------------------------------------------------------------
@@ -128,9 +137,7 @@ class ManifestReader:
     def _check_columns(self, templates: Sequence[str]) -> None:
         names = self.schema.names
         shown = ", ".join(names) or "(none)"
-        wanted = {"input.id_column": self.config.id_column, "input.path_column": self.config.path_column}
-        if self.config.prompt_column:
-            wanted["input.prompt_column"] = self.config.prompt_column
+        wanted = self._required_columns()
         for key, column in wanted.items():
             if column not in names:
                 raise ManifestError(
@@ -152,6 +159,13 @@ class ManifestReader:
                 f"{self.source}: column(s) {', '.join(clash)} clash with result columns of the same name; "
                 "rename them or list the columns to keep in input.carry_columns"
             )
+
+    def _required_columns(self) -> dict[str, str]:
+        """Config key -> the column it names, for every column the manifest must have."""
+        wanted = {"input.id_column": self.config.id_column, "input.path_column": self.config.path_column}
+        if self.config.prompt_column:
+            wanted["input.prompt_column"] = self.config.prompt_column
+        return wanted
 
     def _id_values(self) -> Iterator[list[Any]]:
         """The id column, batch by batch, as Python values (CSV through the csv module: no Arrow buffers)."""

@@ -37,12 +37,13 @@ class JobRun:
     """Runs one job described by a validated ``Config`` on the local engine, resuming from its ledger."""
 
     def __init__(self, config: Config, *, on_progress: ProgressCallback | None = None, command: Command = "run",
-                 fresh: bool = False, error_type: str | None = None) -> None:
+                 fresh: bool = False, error_type: str | None = None, manifest: Any = None) -> None:
+        """``manifest``: a pandas DataFrame or Arrow table read in place of ``input.manifest``."""
         self.config = config
         self.command = command
         self.fresh = fresh
         self.error_type = error_type
-        self.plan = Plan(config)
+        self.plan = Plan(config, table=manifest)
         self.summary = RunSummary(output=config.output.path, command=command,
                                   max_failed_fraction=config.run.max_failed_fraction)
         self.engine = LocalEngine(config, self.plan, self.summary, on_progress=on_progress)

@@ -11,13 +11,15 @@ import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.core.config import Config
 from pipeline.core.errors import ConfigError
 from pipeline.core.request import answer_params_digest, input_digest, render_prompt
 from pipeline.core.results import RESULT_COLUMNS
 from pipeline.edges.ledger import StateStore
-from pipeline.edges.manifest import ManifestInfo, ManifestReader, Row
+from pipeline.edges.manifest import ManifestInfo, Row
+from pipeline.edges.tables import manifest_reader
 from pipeline.edges.tls import check_tls_files
 
 Fingerprint = Callable[[str, Path], str]
@@ -46,10 +48,11 @@ class TriageCounts:
 class Plan:
     """Checks a job's inputs and sorts its manifest rows into work to do and work already done."""
 
-    def __init__(self, config: Config, *, fingerprint: Fingerprint | None = None) -> None:
-        """``fingerprint`` identifies an image cheaply (default: ``image_fingerprint``, one ``stat``)."""
+    def __init__(self, config: Config, *, fingerprint: Fingerprint | None = None, table: Any = None) -> None:
+        """``fingerprint`` identifies an image cheaply (default: ``image_fingerprint``, one ``stat``);
+        ``table`` (a pandas DataFrame or Arrow table) is the manifest in place of ``input.manifest``."""
         self.config = config
-        self.reader = ManifestReader(config.input, reserved=RESULT_COLUMNS)
+        self.reader = manifest_reader(config.input, RESULT_COLUMNS, table)
         self.params = answer_params_digest(config.request, config.images)
         self.counts = TriageCounts()
         self._fingerprint = fingerprint
@@ -90,7 +93,8 @@ class Plan:
         tasks = []
         for row in batch:
             prompt = row.prompt or render_prompt(template, row.columns)
-            digest = input_digest(params, fingerprint(row.path, row.base_dir), prompt)
+            # a row's own fingerprint (a table's image bytes: their sha256) wins over the path's stat
+            digest = input_digest(params, row.fingerprint or fingerprint(row.path, row.base_dir), prompt)
             state = states.get(row.id)
             if state is None:
                 counts.new += 1

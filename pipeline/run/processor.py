@@ -101,7 +101,7 @@ class RowProcessor:
         try:
             if not row.path:
                 raise ImageError("the path column is empty for this row", error_type="image_missing")
-            image = await self.images.load(row.path, row.base_dir)
+            image = await self.images.load(row.path, row.base_dir, data=row.data)
             payload = self.builder.build_payload(task.prompt, image.url)
         except PipelineError as exc:
             return PreparedRow(task, failure=exc)
