@@ -179,3 +179,16 @@ def test_a_local_job_never_imports_fsspec(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[0] == "False"
+
+
+async def test_estimate_counts_rows_whose_images_are_keys_on_s3(tmp_path: Path, endpoint: LocalEndpoint,
+                                                                s3: S3Server) -> None:  # noqa: F811
+    from pipeline.ops.estimate import estimate_job
+
+    bucket = s3.create_bucket("estimate")
+    make_manifest(tmp_path / "in", 3)
+    s3.upload_folder(tmp_path / "in", f"{bucket}/e")
+    config = s3_job(s3, f"{bucket}/e/manifest.csv", tmp_path / "out.parquet", endpoint)
+    report = await asyncio.to_thread(estimate_job, config)
+    assert (report.manifest_rows, report.rows_to_send, report.rows_invalid) == (3, 3, 0)
+    assert report.input_tokens > 0 and requests_seen(endpoint) == 0
