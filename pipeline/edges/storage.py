@@ -18,6 +18,7 @@ local files pays nothing for it. For a URL:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -351,6 +352,8 @@ class AsyncStore:
         """Close the sessions opened on this loop (s3fs keeps an aiohttp session per filesystem)."""
         for fs in self._open.values():
             client = getattr(fs, "_s3creator", None)
-            if client is not None:
-                await client.__aexit__(None, None, None)
+            close = getattr(client, "__aexit__", None)
+            if close is not None:
+                with contextlib.suppress(Exception):  # closing a session must not fail a finished run
+                    await close(None, None, None)
         self._open.clear()
