@@ -192,3 +192,51 @@ async def test_estimate_counts_rows_whose_images_are_keys_on_s3(tmp_path: Path, 
     report = await asyncio.to_thread(estimate_job, config)
     assert (report.manifest_rows, report.rows_to_send, report.rows_invalid) == (3, 3, 0)
     assert report.input_tokens > 0 and requests_seen(endpoint) == 0
+
+
+async def test_store_reads_in_flight_are_bounded_by_store_concurrency(tmp_path: Path,
+                                                                       s3: S3Server) -> None:  # noqa: F811
+    from pipeline.core.config import ImagesConfig
+    from pipeline.edges.images import ImageLoader
+    from pipeline.edges.storage import AsyncStore
+
+    class CountingStore(AsyncStore):
+        """The real store, counting the reads it has in flight."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.now = self.most = 0
+
+        async def read(self, url: str, end: int) -> bytes:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            try:
+                return await super().read(url, end)
+            finally:
+                self.now -= 1
+
+    bucket = s3.create_bucket("bounded")
+    for i in range(12):
+        s3.put(f"{bucket}/b/{i}.png", make_image(tmp_path / "x.png", COLOURS[i % len(COLOURS)]))
+    store = CountingStore(s3.storage_options, where="input.storage_options")
+    async with ImageLoader(ImagesConfig(), store=store, store_concurrency=3) as loader:
+        payloads = await asyncio.gather(*(loader.load(f"{bucket}/b/{i}.png", tmp_path) for i in range(12)))
+    assert len({p.sha256 for p in payloads}) == len(COLOURS) and store.most == 3
+
+
+async def test_a_backend_without_async_reads_in_threads(tmp_path: Path, endpoint: LocalEndpoint) -> None:
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    root = f"memory://pipeline-tests/{tmp_path.name}"
+    manifest = make_manifest(tmp_path / "in", 3)
+    for path in (tmp_path / "in").iterdir():
+        memory.pipe_file(f"{root}/{path.name}", path.read_bytes())
+    config = job_config(f"{root}/manifest.csv", tmp_path / "out.parquet", endpoint.base_url)  # type: ignore[arg-type]
+    first = await run_job_async(config)
+    again = await run_job_async(config)
+    assert (first.rows_ok, again.rows_skipped, requests_seen(endpoint)) == (3, 3, 3)
+    local = await run_job_async(job_config(manifest, tmp_path / "local.parquet", endpoint.base_url))
+    assert local.rows_ok == 3
+    assert [r["content"] for r in read_rows(tmp_path / "out.parquet")] == \
+        [r["content"] for r in read_rows(tmp_path / "local.parquet")]

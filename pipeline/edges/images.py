@@ -228,7 +228,8 @@ def _object_fingerprint(url: str, info: dict[str, Any] | ObjectStoreError) -> st
     if isinstance(info, ObjectStoreError):
         return f"{'missing' if info.problem in ('not_found', 'no_bucket') else 'unreadable'}:{url}"
     tag = info.get("ETag") or info.get("etag") or info.get("generation") or info.get("md5Hash") or ""
-    when = info.get("LastModified") or info.get("last_modified") or info.get("updated") or info.get("mtime")
+    when = (info.get("LastModified") or info.get("last_modified") or info.get("updated") or info.get("mtime")
+            or info.get("created"))
     if hasattr(when, "timestamp"):
         when = f"{when.timestamp():.6f}"
     return f"{url}|{str(tag).strip(chr(34))}|{info.get('size')}|{when}"
