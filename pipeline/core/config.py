@@ -30,6 +30,12 @@ from pydantic import (
 
 from pipeline.core.addresses import normalize_allow_entry
 from pipeline.core.errors import ConfigError
+from pipeline.core.locations import (
+    Location,
+    location_suffix,
+    mask_options,
+    option_secrets,
+)
 from pipeline.core.proxy import NoProxy, ProxyURL, environment_proxies, parse_proxy_url
 from pipeline.core.redact import MASK, redact_url
 
@@ -352,10 +358,25 @@ class ImagesConfig(_Model):
         return int(digits[0:2], 16), int(digits[2:4], 16), int(digits[4:6], 16)
 
 
-class InputConfig(_Model):
-    manifest: Path | None = None
+#: ``storage_options``: keyword arguments for the fsspec filesystem of an object-store URL (s3fs, gcsfs,
+#: adlfs), top level and per section; a section's keys override the top-level ones key by key.
+StorageOptions = dict[str, Any]
+
+
+class _StoreSection(_Model):
+    """A section whose paths may be object-store URLs: its ``storage_options`` never show their secrets."""
+
+    storage_options: StorageOptions = Field(default_factory=dict)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, mask_options(value) if name == "storage_options" else value
+
+
+class InputConfig(_StoreSection):
+    manifest: Location | None = None
     format: ManifestFormat | None = None
-    directory: Path | None = None
+    directory: Location | None = None
     glob: str = "**/*"
     id_column: str = "id"
     path_column: str = "path"
@@ -366,6 +387,8 @@ class InputConfig(_Model):
     chunk_size: Annotated[int, Field(ge=1)] = 10_000
     # when set, every local image must resolve (symlinks followed) inside this folder
     root: Path | None = None
+    # object-store image reads in flight at once; default: 2 x run.concurrency (Config.store_reads)
+    store_concurrency: Annotated[int, Field(ge=1, le=4096)] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> InputConfig:
@@ -391,12 +414,12 @@ _FORMAT_BY_SUFFIX = {
 }
 
 
-def _format_of(path: Path, explicit: str | None) -> str | None:
+def _format_of(path: Path | str, explicit: str | None) -> str | None:
     """The file format: as configured, else from the suffix, else None."""
-    return explicit if explicit is not None else _FORMAT_BY_SUFFIX.get(path.suffix.lower())
+    return explicit if explicit is not None else _FORMAT_BY_SUFFIX.get(location_suffix(path).lower())
 
 
-def _unknown_format(path: Path, key: str, choices: str) -> ValueError:
+def _unknown_format(path: Path | str, key: str, choices: str) -> ValueError:
     return ValueError(f"cannot tell the format of {str(path)!r} from its suffix; set {key} to {choices}")
 
 
@@ -411,14 +434,14 @@ class RunConfig(_Model):
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
 
-class LedgerConfig(_Model):
+class LedgerConfig(_StoreSection):
     """Where the job's durable state lives; by default beside the output (``captions.ledger.sqlite``)."""
 
     path: Path | None = None
     synchronous: Literal["normal", "full"] = "normal"
 
 
-class OutputConfig(_Model):
+class OutputConfig(_StoreSection):
     path: Path
     format: OutputFormat | None = None
     if_exists: Literal["overwrite", "error"] = "overwrite"
@@ -529,6 +552,23 @@ class Config(_Model):
     limits: LimitsConfig = LimitsConfig()
     notify: NotifyConfig = NotifyConfig()
     metrics: MetricsConfig = MetricsConfig()
+    storage_options: StorageOptions = Field(default_factory=dict)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, mask_options(value) if name == "storage_options" else value
+
+    def storage_options_for(self, section: Literal["input", "output", "ledger"]) -> dict[str, Any]:
+        """The fsspec keyword arguments for ``section``'s URLs: the top-level ``storage_options`` with the
+        section's own keys laid over them, key by key."""
+        return {**self.storage_options, **getattr(self, section).storage_options}
+
+    @property
+    def store_reads(self) -> int:
+        """Object-store image reads in flight at once: ``input.store_concurrency``, else twice
+        ``run.concurrency`` (a read waits on the store's latency, and the next row's read overlaps the
+        current row's request)."""
+        return self.input.store_concurrency or 2 * self.run.concurrency
 
     @property
     def download_egress(self) -> Egress:
@@ -558,6 +598,8 @@ def job_secrets(config: Config) -> list[str]:
     values += config.images.proxy.secret_values() if config.images.proxy is not None else []
     if config.notify.webhook_url is not None:
         values.append(config.notify.webhook_url.get_secret_value())
+    for section in (config, config.input, config.output, config.ledger):  # object-store credentials
+        values += option_secrets(section.storage_options)
     return [v for v in dict.fromkeys(values) if v]
 
 
@@ -735,7 +777,8 @@ def _lower_first(text: str) -> str:
 
 def _show_input(loc: list[str], value: Any) -> str:
     """The offending value as an error may show it: secrets hidden, URL credentials dropped."""
-    if any(s in loc for s in _SECRET_KEYS) or tuple(loc[:2]) in _SECRET_SECTIONS or loc == ["endpoint"]:
+    if any(s in loc for s in _SECRET_KEYS) or tuple(loc[:2]) in _SECRET_SECTIONS or loc == ["endpoint"] \
+            or "storage_options" in loc:
         return "<hidden>"
     if loc[-1:] == ["base_url"] and isinstance(value, str):
         return _show(redact_url(value))

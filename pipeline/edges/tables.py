@@ -30,10 +30,12 @@ from pipeline.edges.manifest import ManifestInfo, ManifestReader, Row
 _NO_BYTES = "bytes:none"
 
 
-def manifest_reader(config: InputConfig, reserved: Sequence[str] = (), table: Any = None) -> ManifestReader:
-    """The reader for a job: ``table`` (a DataFrame or Arrow table) when given, else the configured file."""
+def manifest_reader(config: InputConfig, reserved: Sequence[str] = (), table: Any = None,
+                    storage_options: Mapping[str, Any] | None = None) -> ManifestReader:
+    """The reader for a job: ``table`` (a DataFrame or Arrow table) when given, else the configured file
+    (``storage_options`` for a manifest or folder on an object store)."""
     if table is None:
-        return ManifestReader(config, reserved)
+        return ManifestReader(config, reserved, storage_options)
     return TableReader(table, config, reserved)
 
 
@@ -50,6 +52,8 @@ class TableReader(ManifestReader):
         self.reserved = frozenset(reserved)
         self.source = _kind(table)
         self.base_dir = Path.cwd()  # relative paths in a table: the caller's working directory
+        self.options: dict[str, Any] = {}  # paths in a table are local or URLs read with the job's own options
+        self._listing: list[str] | None = None
         self._input = table
         self._schema: pa.Schema | None = None
         self._table: pa.Table | None = None

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import Config
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.request import answer_params_digest, input_digest, render_prompt
 from pipeline.core.results import RESULT_COLUMNS
 from pipeline.edges.ledger import StateStore
@@ -22,7 +22,7 @@ from pipeline.edges.manifest import ManifestInfo, Row
 from pipeline.edges.tables import manifest_reader
 from pipeline.edges.tls import check_tls_files
 
-Fingerprint = Callable[[str, Path], str]
+Fingerprint = Callable[[str, Path | str], str]
 
 
 @dataclass(slots=True)
@@ -52,7 +52,8 @@ class Plan:
         """``fingerprint`` identifies an image cheaply (default: ``image_fingerprint``, one ``stat``);
         ``table`` (a pandas DataFrame or Arrow table) is the manifest in place of ``input.manifest``."""
         self.config = config
-        self.reader = manifest_reader(config.input, RESULT_COLUMNS, table)
+        self.reader = manifest_reader(config.input, RESULT_COLUMNS, table,
+                                      storage_options=config.storage_options_for("input"))
         self.params = answer_params_digest(config.request, config.images)
         self.counts = TriageCounts()
         self._fingerprint = fingerprint
@@ -63,6 +64,7 @@ class Plan:
         (raises ManifestError/ConfigError)."""
         info = self.reader.check([self.config.request.prompt])
         check_tls_files(self.config)
+        self._check_store_images()
         output = self.config.output
         if output.if_exists == "error" and output.path.exists():
             raise ConfigError(
@@ -70,6 +72,21 @@ class Plan:
                 "move it away or set output.if_exists: overwrite"
             )
         return info
+
+    def _check_store_images(self) -> None:
+        """When the first row's image is on an object store, make sure the store takes the job's credentials
+        before anything is sent (exit code 2), rather than failing every row one by one. A manifest or
+        directory on the store has proved that already, so only other buckets are asked (one HEAD)."""
+        from pipeline.edges import storage
+        first = next(self.reader.batches(1), [])
+        try:
+            url = storage.store_location(first[0].path, first[0].base_dir) if first else None
+        except PipelineError:
+            return  # a row that climbs out of its bucket fails on its own
+        source = str(self.reader.source)
+        if url is None or (storage.is_url(source) and url.split("/")[2] == source.split("/")[2]):
+            return
+        storage.check_readable(url, self.config.storage_options_for("input"), where=storage.INPUT_OPTIONS)
 
     def batches(self) -> Iterator[list[Row]]:
         return self.reader.batches()
@@ -88,13 +105,12 @@ class Plan:
         self._manifest_ids.update("\0".join(ids).encode())
         self._manifest_ids.update(b"\1")
         states = store.item_states(ids) if store is not None else {}
-        fingerprint, params = self._image_fingerprint(), self.params
+        params = self.params
         template, counts = self.config.request.prompt, self.counts
         tasks = []
-        for row in batch:
+        for row, image in zip(batch, self._fingerprints(batch), strict=True):
             prompt = row.prompt or render_prompt(template, row.columns)
-            # a row's own fingerprint (a table's image bytes: their sha256) wins over the path's stat
-            digest = input_digest(params, row.fingerprint or fingerprint(row.path, row.base_dir), prompt)
+            digest = input_digest(params, image, prompt)
             state = states.get(row.id)
             if state is None:
                 counts.new += 1
@@ -110,10 +126,18 @@ class Plan:
             tasks.append(RowTask(row, prompt, digest))
         return tasks
 
-    def _image_fingerprint(self) -> Fingerprint:
-        if self._fingerprint is None:
+    def _fingerprints(self, batch: list[Row]) -> list[str]:
+        """Each row's image identity: the row's own (a table's image bytes: their sha256), else the given
+        ``fingerprint`` per row, else ``images.fingerprints`` for the batch (one ``stat`` per local file; objects
+        on a store asked together, or read from the listing)."""
+        pending = [row for row in batch if row.fingerprint is None]
+        if self._fingerprint is not None:
+            computed = iter([self._fingerprint(row.path, row.base_dir) for row in pending])
+        else:
             # imported here: checking a manifest (validate) needs neither aiohttp nor Pillow
-            from pipeline.edges.images import image_fingerprint
+            from pipeline.edges.images import fingerprints
 
-            self._fingerprint = image_fingerprint
-        return self._fingerprint
+            computed = iter(fingerprints([(row.path, row.base_dir) for row in pending],
+                                         self.config.storage_options_for("input"), limit=self.config.store_reads)
+                            if pending else [])
+        return [row.fingerprint if row.fingerprint is not None else next(computed) for row in batch]
