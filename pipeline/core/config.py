@@ -27,8 +27,14 @@ from pydantic import (
 
 from pipeline.core.addresses import normalize_allow_entry
 from pipeline.core.errors import ConfigError
-from pipeline.core.locations import Location, RemotePath
+from pipeline.core.locations import (
+    Location,
+    location_suffix,
+    mask_options,
+    option_secrets,
+)
 from pipeline.core.redact import MASK, redact_url
+from pipeline.core.targets import RemotePath, Target
 
 #: Keys the pipeline itself owns in the request body; ``extra_body`` may not override them.
 RESERVED_BODY_KEYS = frozenset({"model", "messages", "stream"})
@@ -238,10 +244,25 @@ class ImagesConfig(_Model):
         return int(digits[0:2], 16), int(digits[2:4], 16), int(digits[4:6], 16)
 
 
-class InputConfig(_Model):
-    manifest: Path | None = None
+#: ``storage_options``: keyword arguments for the fsspec filesystem of an object-store URL (s3fs, gcsfs,
+#: adlfs), top level and per section; a section's keys override the top-level ones key by key.
+StorageOptions = dict[str, Any]
+
+
+class _StoreSection(_Model):
+    """A section whose paths may be object-store URLs: its ``storage_options`` never show their secrets."""
+
+    storage_options: StorageOptions = Field(default_factory=dict)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, mask_options(value) if name == "storage_options" else value
+
+
+class InputConfig(_StoreSection):
+    manifest: Location | None = None
     format: ManifestFormat | None = None
-    directory: Path | None = None
+    directory: Location | None = None
     glob: str = "**/*"
     id_column: str = "id"
     path_column: str = "path"
@@ -250,6 +271,8 @@ class InputConfig(_Model):
     chunk_size: Annotated[int, Field(ge=1)] = 10_000
     # when set, every local image must resolve (symlinks followed) inside this folder
     root: Path | None = None
+    # object-store image reads in flight at once; default: 2 x run.concurrency (Config.store_reads)
+    store_concurrency: Annotated[int, Field(ge=1, le=4096)] | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> InputConfig:
@@ -273,12 +296,12 @@ _FORMAT_BY_SUFFIX = {
 }
 
 
-def _format_of(path: Path, explicit: str | None) -> str | None:
+def _format_of(path: Path | str, explicit: str | None) -> str | None:
     """The file format: as configured, else from the suffix, else None."""
-    return explicit if explicit is not None else _FORMAT_BY_SUFFIX.get(path.suffix.lower())
+    return explicit if explicit is not None else _FORMAT_BY_SUFFIX.get(location_suffix(path).lower())
 
 
-def _unknown_format(path: Path, key: str, choices: str) -> ValueError:
+def _unknown_format(path: Path | str, key: str, choices: str) -> ValueError:
     return ValueError(f"cannot tell the format of {str(path)!r} from its suffix; set {key} to {choices}")
 
 
@@ -293,7 +316,7 @@ class RunConfig(_Model):
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
 
-class LedgerConfig(_Model):
+class LedgerConfig(_StoreSection):
     """Where the job's durable state lives; by default beside the output (``captions.ledger.sqlite``).
 
     The ledger itself is always a local SQLite file. ``sync`` (an object-store URL) keeps a copy on a store
@@ -317,17 +340,17 @@ class LedgerConfig(_Model):
         return value
 
 
-class OutputConfig(_Model):
+class OutputConfig(_StoreSection):
     # a local path, or an object-store URL (s3://bucket/key.parquet): staged locally, uploaded whole
-    path: Annotated[Location, Field(union_mode="left_to_right")]
+    path: Target
     format: OutputFormat | None = None
     if_exists: Literal["overwrite", "error"] = "overwrite"
     partition_by: Literal["run_date"] | None = None  # also write each run's rows under run_date=YYYY-MM-DD/
     # default: <output folder>/<output stem>/
-    partition_dir: Annotated[Location, Field(union_mode="left_to_right")] | None = None
+    partition_dir: Target | None = None
 
     @property
-    def partitions(self) -> Location:
+    def partitions(self) -> Target:
         return self.partition_dir if self.partition_dir is not None else self.path.with_suffix("")
 
     @model_validator(mode="after")
@@ -415,7 +438,7 @@ class MetricsConfig(_Model):
     which ``<job>.prom`` is written. ``job``: the ``job`` label; default the output file's stem.
     """
 
-    prometheus: Annotated[Location, Field(union_mode="left_to_right")] | None = None
+    prometheus: Target | None = None
     job: Annotated[str, Field(min_length=1)] | None = None
 
 
@@ -430,6 +453,23 @@ class Config(_Model):
     limits: LimitsConfig = LimitsConfig()
     notify: NotifyConfig = NotifyConfig()
     metrics: MetricsConfig = MetricsConfig()
+    storage_options: StorageOptions = Field(default_factory=dict)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, mask_options(value) if name == "storage_options" else value
+
+    def storage_options_for(self, section: Literal["input", "output", "ledger"]) -> dict[str, Any]:
+        """The fsspec keyword arguments for ``section``'s URLs: the top-level ``storage_options`` with the
+        section's own keys laid over them, key by key."""
+        return {**self.storage_options, **getattr(self, section).storage_options}
+
+    @property
+    def store_reads(self) -> int:
+        """Object-store image reads in flight at once: ``input.store_concurrency``, else twice
+        ``run.concurrency`` (a read waits on the store's latency, and the next row's read overlaps the
+        current row's request)."""
+        return self.input.store_concurrency or 2 * self.run.concurrency
 
     @property
     def ledger_path(self) -> Path:
@@ -447,19 +487,14 @@ class Config(_Model):
         return self
 
 
-def section_storage_options(config: Config, section: str) -> dict[str, Any]:
-    """The fsspec ``storage_options`` for a section's URLs (``output``, ``ledger``): the section's own, else
-    the top-level ones. PLACEHOLDER until the input side's storage options land."""
-    own = getattr(getattr(config, section), "storage_options", None)
-    return dict(own if own is not None else getattr(config, "storage_options", None) or {})
-
-
 def job_secrets(config: Config) -> list[str]:
     """Values that must never appear in logs, the ledger, outputs or reports: the endpoint's secrets
     (``EndpointConfig.secret_values``) and the webhook URL. Computed once per job by whoever masks."""
     values = config.endpoint.secret_values()
     if config.notify.webhook_url is not None:
         values.append(config.notify.webhook_url.get_secret_value())
+    for section in (config, config.input, config.output, config.ledger):  # object-store credentials
+        values += option_secrets(section.storage_options)
     return [v for v in dict.fromkeys(values) if v]
 
 
@@ -615,7 +650,8 @@ def _lower_first(text: str) -> str:
 
 def _show_input(loc: list[str], value: Any) -> str:
     """The offending value as an error may show it: secrets hidden, URL credentials dropped."""
-    if any(s in loc for s in _SECRET_KEYS) or tuple(loc[:2]) in _SECRET_SECTIONS or loc == ["endpoint"]:
+    if any(s in loc for s in _SECRET_KEYS) or tuple(loc[:2]) in _SECRET_SECTIONS or loc == ["endpoint"] \
+            or "storage_options" in loc:
         return "<hidden>"
     if loc[-1:] == ["base_url"] and isinstance(value, str):
         return _show(redact_url(value))

@@ -9,7 +9,10 @@ imports I/O libraries: aiohttp/asyncio errors are translated in ``edges/client.p
 
     PipelineError
     ├── ConfigError                  bad config file / key / value            (never retried)
-    │   └── ScheduleError            a cron expression the scheduler cannot take
+    │   ├── ScheduleError            a cron expression the scheduler cannot take
+    │   └── ObjectStoreError         an object-store URL unusable as configured: backend not installed,
+    │                                credentials refused, access denied, no such bucket / object, endpoint
+    │                                unreachable (``problem`` says which; edges/storage.py translates)
     ├── ManifestError                missing column, duplicate id, empty      (never retried)
     ├── ImageError                   per-row: missing / empty / unsupported   (never retried)
     │   ├── TransientDownloadError   one download attempt failed (connect, timeout, 408/429/5xx):
@@ -99,6 +102,24 @@ class ScheduleError(ConfigError):
     could not start there (its env file, config variables, Python or log folder)."""
 
     error_type = "schedule_error"
+
+
+class ObjectStoreError(ConfigError):
+    """An object-store URL (``s3://``, ``gs://``, ``az://`` ...) cannot be used as configured.
+
+    Raised before any request goes to the endpoint when the manifest, a listing or the first image is on
+    the store, so the run exits with code 2. ``problem`` is one of ``backend`` (its package is not
+    installed), ``options`` (the backend refused a storage_options key), ``credentials``, ``denied``,
+    ``no_bucket``, ``not_found``, ``unreachable`` or ``other``; ``url`` is the URL as it may be shown
+    (no credentials, no query). The message names the storage_options key to check, never its value.
+    """
+
+    error_type = "object_store_error"
+
+    def __init__(self, message: str, *, url: str, problem: str) -> None:
+        super().__init__(message)
+        self.url = url
+        self.problem = problem
 
 
 class ImageError(PipelineError):

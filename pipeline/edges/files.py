@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.errors import StorageError
-from pipeline.core.locations import Location
+from pipeline.core.targets import Target
 
 __all__ = ["atomic_path", "atomic_write_text", "location_exists", "published", "published_mode", "storage_error", "storage_errors",
            "storage_failure"]
@@ -62,7 +62,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 
 @contextmanager
-def published(path: Location, options: Mapping[str, Any] | None = None) -> Iterator[Path]:
+def published(path: Target, options: Mapping[str, Any] | None = None) -> Iterator[Path]:
     """``atomic_path`` for a local ``path``; for an object-store URL, a local temporary file uploaded whole
     when the block ends (``edges/remote.staged_upload``; fsspec is imported only then). ``options``: the
     store's ``storage_options``, unused for a local path."""
@@ -76,7 +76,7 @@ def published(path: Location, options: Mapping[str, Any] | None = None) -> Itera
         yield temporary
 
 
-def location_exists(path: Location, options: Mapping[str, Any] | None = None) -> bool:
+def location_exists(path: Target, options: Mapping[str, Any] | None = None) -> bool:
     """``path.exists()``, also for an object-store URL (one metadata request)."""
     if isinstance(path, Path):
         return path.exists()
@@ -85,7 +85,7 @@ def location_exists(path: Location, options: Mapping[str, Any] | None = None) ->
     return exists(path, options)
 
 
-def atomic_write_text(path: Location, text: str, options: Mapping[str, Any] | None = None) -> None:
+def atomic_write_text(path: Target, text: str, options: Mapping[str, Any] | None = None) -> None:
     """Replace ``path`` (a local file or an object) with ``text`` (UTF-8) atomically."""
     with published(path, options) as temporary, storage_errors(path):  # type: ignore[arg-type]
         temporary.write_text(text, encoding="utf-8")
@@ -122,7 +122,6 @@ _ADVICE = {
     "read-only": "make that file system writable (or point the path elsewhere in the config)",
     "permission": "give this user write access there (or point the path elsewhere in the config)",
     "io": "check the disk (dmesg, SMART) or point the path elsewhere in the config",
-    "store": "check the object store's credentials, bucket and network (storage_options)",
 }
 _KINDS = {errno.ENOSPC: "full", errno.EDQUOT: "full", errno.EFBIG: "full", errno.EROFS: "read-only",
           errno.EACCES: "permission", errno.EPERM: "permission"}

@@ -33,10 +33,13 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from pipeline.core.errors import LockHeld
-from pipeline.core.locations import RemotePath
-from pipeline.edges.remote import Options, write_errors
-from pipeline.edges.storage import filesystem
+from pipeline.core.errors import LockHeld, PipelineError
+from pipeline.core.targets import RemotePath
+from pipeline.edges.remote import Options
+from pipeline.edges.storage import filesystem, store_error
+
+#: The config key the lock object's options come from, for messages.
+WHERE = "ledger.storage_options"
 
 __all__ = ["LockOwner", "ObjectLock", "lock_url"]
 
@@ -68,7 +71,7 @@ class ObjectLock:
     def __init__(self, url: RemotePath, ttl: float, options: Options = None) -> None:
         self.url = url
         self.ttl = ttl
-        self._options = options
+        self._options = dict(options or {})
         self._token = uuid.uuid4().hex
         self._etag: str | None = None  # the version this run last wrote; None while not held
         self.lost = False
@@ -82,29 +85,32 @@ class ObjectLock:
 
     def acquire(self) -> None:
         """Take the lock or raise ``LockHeld`` naming its holder; an expired lock is taken over."""
-        with write_errors(self.url):
-            fs, path = filesystem(self.url, self._options)
+        fs = filesystem(self.url, self._options, where=WHERE)
+        try:
             try:
-                self._etag = self._put(fs, path, mode="create")
+                self._etag = self._put(fs, mode="create")
             except FileExistsError:
-                self._take_over(fs, path)
-            self._check_owner(fs, path)
+                self._take_over(fs)
+            self._check_owner(fs)
+        except PipelineError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - each SDK has its own tree: store_error sorts them
+            raise store_error(exc, self.url, self._options, where=WHERE, action="write the job lock") from None
 
     def renew(self) -> bool:
         """Push the expiry forward; False (and ``lost``) when another run holds the lock now."""
         if not self.held:
             return False
-        with write_errors(self.url):
-            fs, path = filesystem(self.url, self._options)
-            try:
-                self._etag = self._put(fs, path, match=self._etag)
-                self._check_owner(fs, path)
-            except (LockHeld, FileNotFoundError, PermissionError) as exc:
-                self.lost = True
-                log.error("lost the job lock %s: %s; this run stops taking rows and will not upload its ledger",
-                          self.url, exc)
-            except OSError as exc:  # the store is unreachable for now: keep going, the expiry is the bound
-                log.warning("could not renew the job lock %s: %s", self.url, exc)
+        try:
+            fs = filesystem(self.url, self._options, where=WHERE)
+            self._etag = self._put(fs, match=self._etag)
+            self._check_owner(fs)
+        except (LockHeld, FileNotFoundError) as exc:
+            self.lost = True
+            log.error("lost the job lock %s: %s; this run stops taking rows and will not upload its ledger",
+                      self.url, exc)
+        except Exception as exc:  # noqa: BLE001 - the store is unreachable for now: the expiry is the bound
+            log.warning("could not renew the job lock %s: %s", self.url, exc)
         return not self.lost
 
     def release(self) -> None:
@@ -113,43 +119,45 @@ class ObjectLock:
             return
         self._etag = None
         try:
-            fs, path = filesystem(self.url, self._options)
-            owner = self._read(fs, path)
+            fs = filesystem(self.url, self._options, where=WHERE)
+            owner = self._read(fs)
             if owner is not None and owner[0].run == self._token:
-                fs.rm_file(path)
+                fs.rm_file(str(self.url))
         except Exception as exc:  # noqa: BLE001 - the lock expires by itself; say so and go on
             log.warning("could not release the job lock %s (it expires by itself): %s", self.url, exc)
 
-    def _take_over(self, fs: Any, path: str) -> None:
-        found = self._read(fs, path)
+    def _take_over(self, fs: Any) -> None:
+        found = self._read(fs)
         if found is None:  # released between our two requests: try once more
-            self._etag = self._put(fs, path, mode="create")
+            self._etag = self._put(fs, mode="create")
             return
         owner, etag = found
         if owner.expires > time.time():
             raise LockHeld(f"another run of this job is in progress ({owner.describe()}; lock {self.url}); "
                            "wait for it to finish or stop it")
         log.warning("taking over the expired job lock %s (%s)", self.url, owner.describe())
-        self._etag = self._put(fs, path, match=etag)
+        self._etag = self._put(fs, match=etag)
 
-    def _put(self, fs: Any, path: str, *, mode: str = "overwrite", match: str | None = None) -> str | None:
+    def _put(self, fs: Any, *, mode: str = "overwrite", match: str | None = None) -> str | None:
         owner = LockOwner(socket.gethostname(), os.getpid(), self._token, time.time() + self.ttl)
         body = json.dumps(asdict(owner)).encode()
         kwargs: dict[str, Any] = {}
         if match is not None and _is_s3(fs):
             kwargs["IfMatch"] = match
         try:
-            answer = fs.pipe_file(path, body, mode=mode, **kwargs)
+            answer = fs.pipe_file(str(self.url), body, mode=mode, **kwargs)
+        except FileExistsError:  # If-None-Match on create: the caller reads who holds it
+            raise
         except OSError as exc:
-            if "precondition" in str(exc).lower():  # S3 412 on If-Match: someone else wrote it since
+            if _precondition_failed(exc):  # S3 412 on If-Match: someone else wrote it since
                 raise LockHeld(f"the job lock {self.url} changed under this run (another run took it)") from exc
             raise
         etag = answer.get("ETag") if isinstance(answer, dict) else None
         return str(etag) if etag else "written"
 
-    def _check_owner(self, fs: Any, path: str) -> None:
+    def _check_owner(self, fs: Any) -> None:
         """Read the lock back: on a store without conditional writes, the last writer wins; make sure it is us."""
-        found = self._read(fs, path)
+        found = self._read(fs)
         if found is None or found[0].run != self._token:
             holder = found[0].describe() if found else "nobody"
             self._etag = None
@@ -157,10 +165,10 @@ class ObjectLock:
                            "wait for it to finish or stop it")
         self._etag = found[1] or self._etag
 
-    def _read(self, fs: Any, path: str) -> tuple[LockOwner, str | None] | None:
+    def _read(self, fs: Any) -> tuple[LockOwner, str | None] | None:
         try:
-            info = fs.info(path, refresh=True) if _is_s3(fs) else fs.info(path)
-            data = json.loads(fs.cat_file(path))
+            info = fs.info(str(self.url), refresh=True) if _is_s3(fs) else fs.info(str(self.url))
+            data = json.loads(fs.cat_file(str(self.url)))
         except FileNotFoundError:
             return None
         except ValueError:  # not our JSON (a hand-made object): treat it as an expired lock of unknown owner
@@ -169,6 +177,14 @@ class ObjectLock:
                           float(data.get("expires", 0)))
         etag = info.get("ETag") or info.get("generation")
         return owner, (str(etag) if etag else None)
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """S3's 412 (s3fs raises it as ``OSError(EINVAL)``; the botocore error it came from has the code)."""
+    response = getattr(exc.__cause__, "response", None)
+    if isinstance(response, dict) and response.get("Error", {}).get("Code") == "PreconditionFailed":
+        return True
+    return "precondition" in str(exc).lower().replace("-", "")
 
 
 def _is_s3(fs: Any) -> bool:

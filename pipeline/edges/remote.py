@@ -23,14 +23,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.errors import StorageError
-from pipeline.core.locations import RemotePath
-from pipeline.edges.files import storage_failure
-from pipeline.edges.storage import filesystem, storage_error_text
+from pipeline.core.errors import ObjectStoreError, StorageError
+from pipeline.core.targets import RemotePath
+from pipeline.edges.storage import filesystem, translated
 
-__all__ = ["ObjectInfo", "download", "exists", "object_info", "staged_upload", "upload"]
+__all__ = ["ObjectInfo", "download", "exists", "object_info", "staged_upload", "store_calls", "upload"]
 
 Options = Mapping[str, Any] | None
+#: The config key the options of a published file come from, for messages.
+WHERE = "output.storage_options"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,26 +43,25 @@ class ObjectInfo:
     size: int
 
 
-def _fs(url: RemotePath, options: Options) -> tuple[Any, str]:
-    return filesystem(url, options)
-
-
 @contextmanager
-def write_errors(url: RemotePath) -> Iterator[None]:
-    """A failed write to the store as one ``StorageError`` naming the URL (credentials, network, bucket)."""
+def store_calls(url: RemotePath, options: Options, *, where: str = WHERE, action: str = "write") -> Iterator[Any]:
+    """The blocking fsspec filesystem for ``url``; any SDK failure inside is one ``ObjectStoreError``
+    naming the URL, the problem and the ``storage_options`` key to check (``edges/storage.store_error``)."""
+    opts = dict(options or {})
+    with translated(url, opts, where=where, action=action):
+        yield filesystem(url, opts, where=where)
+
+
+def upload(local: Path, url: RemotePath, options: Options = None, *, where: str = WHERE) -> None:
+    """Upload ``local`` whole to ``url`` (one PUT, or a multipart upload completed at the end). A failure is
+    a ``StorageError`` (exit code 6, like a full disk): the rows are in the ledger, the same command
+    publishes them once the store is reachable again."""
     try:
-        yield
-    except StorageError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - fsspec backends raise OSError, botocore and SDK errors alike
-        raise storage_failure(url, storage_error_text(exc), "store") from exc  # type: ignore[arg-type]
-
-
-def upload(local: Path, url: RemotePath, options: Options = None) -> None:
-    """Upload ``local`` whole to ``url`` (one PUT, or a multipart upload completed at the end)."""
-    with write_errors(url):
-        fs, path = _fs(url, options)
-        fs.put_file(str(local), path)
+        with store_calls(url, options, where=where) as fs:
+            fs.put_file(str(local), str(url))
+    except ObjectStoreError as exc:
+        raise StorageError(f"cannot write {exc}; then run the same command again: rows already finished are "
+                           "kept in the ledger and are not sent again", path=exc.url, cause=exc.problem) from None
 
 
 @contextmanager
@@ -79,12 +79,11 @@ def staged_upload(url: RemotePath, options: Options = None) -> Iterator[Path]:
             temporary.unlink(missing_ok=True)
 
 
-def object_info(url: RemotePath, options: Options = None) -> ObjectInfo | None:
-    """The object's metadata, or None when there is no such object."""
-    with write_errors(url):
-        fs, path = _fs(url, options)
+def object_info(url: RemotePath, options: Options = None, *, where: str = WHERE) -> ObjectInfo | None:
+    """The object's metadata (never from a listing cache), or None when there is no such object."""
+    with store_calls(url, options, where=where, action="read") as fs:
         try:
-            info = fs.info(path, refresh=True) if _takes_refresh(fs) else fs.info(path)
+            info = fs.info(str(url), refresh=True) if _takes_refresh(fs) else fs.info(str(url))
         except FileNotFoundError:
             return None
     if info.get("type") == "directory":
@@ -92,19 +91,18 @@ def object_info(url: RemotePath, options: Options = None) -> ObjectInfo | None:
     return ObjectInfo(etag=_etag(info), modified=_modified(info), size=int(info.get("size") or 0))
 
 
-def exists(url: RemotePath, options: Options = None) -> bool:
-    return object_info(url, options) is not None
+def exists(url: RemotePath, options: Options = None, *, where: str = WHERE) -> bool:
+    return object_info(url, options, where=where) is not None
 
 
-def download(url: RemotePath, local: Path, options: Options = None) -> None:
+def download(url: RemotePath, local: Path, options: Options = None, *, where: str = WHERE) -> None:
     """Fetch the object into ``local`` (written beside it and renamed, so ``local`` is never half a file)."""
     local.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".tmp", dir=local.parent)
     os.close(fd)
     try:
-        with write_errors(url):
-            fs, path = _fs(url, options)
-            fs.get_file(path, name)
+        with store_calls(url, options, where=where, action="read") as fs:
+            fs.get_file(str(url), name)
         os.replace(name, local)
     finally:
         with contextlib.suppress(OSError):

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from pipeline.core.locations import Location
+from pipeline.core.targets import Target
 from pipeline.edges.files import published, storage_errors
 
 _JSONL_BATCH = 10_000
@@ -66,7 +66,7 @@ SINKS: dict[str, Callable[[Path, pa.Schema], SinkWriter]] = {
 }
 
 
-def write_atomic(tables: Iterable[pa.Table], path: Location, fmt: str, schema: pa.Schema,
+def write_atomic(tables: Iterable[pa.Table], path: Target, fmt: str, schema: pa.Schema,
                  options: Mapping[str, Any] | None = None) -> int:
     """Stream ``tables`` into ``path`` via a temporary file, fsync and rename (an object-store URL: upload
     the finished file whole, ``files.published``); returns rows written."""

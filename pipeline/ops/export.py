@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.core.config import Config, section_storage_options
-from pipeline.core.locations import Location
+from pipeline.core.config import Config
 from pipeline.core.results import result_schema, to_table
+from pipeline.core.targets import Target
 from pipeline.edges.ledger import StateStore
 from pipeline.edges.manifest import ManifestReader
 from pipeline.edges.sinks import write_atomic
@@ -44,12 +44,12 @@ def export_output(config: Config, reader: ManifestReader, store: StateStore,
     report = ExportReport()
     fmt = config.output.output_format or "parquet"
     report.rows = write_atomic(_tables(reader, store, schema, report), config.output.path, fmt, schema,
-                               section_storage_options(config, "output"))
+                               config.storage_options_for("output"))
     return report
 
 
 def export_partition(config: Config, reader: ManifestReader, store: StateStore, run_id: int,
-                     carried: pa.Schema | None = None) -> Location | None:
+                     carried: pa.Schema | None = None) -> Target | None:
     """The rows run ``run_id`` finished, as ``<partitions>/run_date=YYYY-MM-DD/part-runNNNNN.<fmt>``.
 
     Hive-style folders, so pandas, pyarrow, DuckDB and Polars read the whole tree as one table with a
@@ -67,7 +67,7 @@ def export_partition(config: Config, reader: ManifestReader, store: StateStore, 
     started = run["started_at"]
     fmt = config.output.output_format or "parquet"
     path = config.output.partitions / f"run_date={started[:10]}" / f"part-run{run_id:05d}.{fmt}"
-    write_atomic(tables, path, fmt, schema, section_storage_options(config, "output"))
+    write_atomic(tables, path, fmt, schema, config.storage_options_for("output"))
     return path
 
 

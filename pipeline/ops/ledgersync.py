@@ -27,13 +27,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.core.config import Config, section_storage_options
+from pipeline.core.config import Config
 from pipeline.core.errors import StorageError
 from pipeline.edges.ledger import StateStore
 from pipeline.edges.objectlock import ObjectLock, lock_url
 from pipeline.edges.remote import download, object_info, upload
 
 log = logging.getLogger("pipeline.ops.ledgersync")
+
+#: The config key the options of the synced ledger come from, for messages.
+WHERE = "ledger.storage_options"
 
 
 class LedgerSync:
@@ -44,7 +47,7 @@ class LedgerSync:
         self.url = config.ledger.sync
         self.local = config.ledger_path
         self.interval = config.ledger.sync_interval
-        self._options = section_storage_options(config, "ledger")
+        self._options = config.storage_options_for("ledger")
         self.lock = ObjectLock(lock_url(self.url), config.ledger.lock_ttl, self._options)
         self._on_lost_lock = on_lost_lock
         self._stop = threading.Event()
@@ -72,7 +75,7 @@ class LedgerSync:
 
     def restore(self) -> bool:
         """Replace the local ledger with the store's copy when the local one is missing or older."""
-        info = object_info(self.url, self._options)
+        info = object_info(self.url, self._options, where=WHERE)
         if info is None:
             log.info("ledger sync: no copy at %s yet; starting from the local ledger", self.url)
             return False
@@ -85,7 +88,7 @@ class LedgerSync:
                 return False
         for suffix in ("-wal", "-shm"):  # a stale WAL must never be replayed into the restored file
             self.local.with_name(self.local.name + suffix).unlink(missing_ok=True)
-        download(self.url, self.local, self._options)
+        download(self.url, self.local, self._options, where=WHERE)
         self._remember(info.etag)
         log.info("ledger sync: restored the ledger from %s (%d bytes)", self.url, info.size,
                  extra={"event": "ledger_restored"})
@@ -99,10 +102,10 @@ class LedgerSync:
             snapshot = Path(folder) / self.local.name
             with StateStore(self.local) as store:
                 store.snapshot(snapshot)
-            upload(snapshot, self.url, self._options)
+            upload(snapshot, self.url, self._options, where=WHERE)
         self.uploads += 1
         with contextlib.suppress(StorageError):
-            info = object_info(self.url, self._options)
+            info = object_info(self.url, self._options, where=WHERE)
             self._remember(info.etag if info else None)
         log.debug("ledger sync: saved the ledger to %s", self.url)
 

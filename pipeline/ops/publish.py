@@ -10,9 +10,9 @@ import logging
 from dataclasses import asdict
 from typing import Any
 
-from pipeline.core.config import Config, job_secrets, section_storage_options
+from pipeline.core.config import Config, job_secrets
 from pipeline.core.errors import StorageError
-from pipeline.core.locations import Location
+from pipeline.core.targets import Target
 from pipeline.edges.files import location_exists
 from pipeline.edges.ledger import StateStore
 from pipeline.edges.manifest import ManifestInfo
@@ -43,7 +43,7 @@ async def export_run(config: Config, plan: Plan, store: StateStore, info: Manife
     })
     previous = json.loads(store.get_meta("export") or "{}")
     unchanged = previous.get("signature") == signature and await asyncio.to_thread(
-        location_exists, config.output.path, section_storage_options(config, "output"))
+        location_exists, config.output.path, config.storage_options_for("output"))
     if unchanged:
         report = ExportReport(**previous["report"])
     else:
@@ -70,7 +70,7 @@ def owe_partition(config: Config, store: StateStore, run_id: int) -> None:
 
 
 async def _export_owed_partitions(config: Config, plan: Plan, store: StateStore, info: ManifestInfo,
-                                  run_id: int, *, changed: bool) -> Location | None:
+                                  run_id: int, *, changed: bool) -> Target | None:
     """This run's partition and any an earlier run still owes; returns this run's (None: no rows, as when
     nothing ``changed`` in the ledger since the last export)."""
     owed = sorted({*json.loads(store.get_meta(PARTITIONS_OWED) or "[]"), run_id})
@@ -101,7 +101,7 @@ async def publish_report(config: Config, summary: RunSummary, report: dict[str, 
     if not report:
         return None
     failure = None
-    options = section_storage_options(config, "output")
+    options = config.storage_options_for("output")
     try:
         summary.report_path = (await asyncio.to_thread(write_reports, report, config.output.path, options))[0]
     except StorageError as exc:

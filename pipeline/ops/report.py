@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.core.locations import Location
 from pipeline.core.redact import redact, redact_url
+from pipeline.core.targets import Target
 from pipeline.edges.files import atomic_write_text
 from pipeline.edges.ledger import StateStore
 
@@ -257,14 +257,14 @@ def _throughput(numbers: _RunNumbers, rows_ok: int, elapsed: float) -> dict[str,
 # --- files ------------------------------------------------------------------------------------------
 
 
-def report_paths(output_path: Location) -> tuple[Location, Location]:
+def report_paths(output_path: Target) -> tuple[Target, Target]:
     """``<output stem>.summary.json`` and ``.summary.md`` beside the output (a local file or an object)."""
     return (output_path.with_name(f"{output_path.stem}.summary.json"),
             output_path.with_name(f"{output_path.stem}.summary.md"))
 
 
-def write_reports(report: Mapping[str, Any], output_path: Location,
-                  options: Mapping[str, Any] | None = None) -> tuple[Location, Location]:
+def write_reports(report: Mapping[str, Any], output_path: Target,
+                  options: Mapping[str, Any] | None = None) -> tuple[Target, Target]:
     """Write the report beside the output as JSON and Markdown (each atomically); returns both paths.
     ``options``: the store's ``storage_options`` when the output is an object-store URL."""
     json_path, md_path = report_paths(output_path)
@@ -486,14 +486,14 @@ def render_prometheus(report: Mapping[str, Any], job: str) -> str:
     return "\n".join(prom.lines) + "\n"
 
 
-def prometheus_path(target: Location, job: str) -> Location:
+def prometheus_path(target: Target, job: str) -> Target:
     """A configured ``.prom`` file as is, or ``<job>.prom`` inside a configured textfile-collector folder
     (on an object store: a URL without a suffix, or ending in ``/``, is a folder)."""
     folder = target.is_dir() if isinstance(target, Path) else target.endswith("/")
     return target / f"{job}.prom" if folder or not target.suffix else target
 
 
-def write_prometheus(text: str, path: Location, options: Mapping[str, Any] | None = None) -> Location:
+def write_prometheus(text: str, path: Target, options: Mapping[str, Any] | None = None) -> Target:
     """Atomically replace the job's ``.prom`` file (node_exporter may read it at any moment)."""
     atomic_write_text(path, text, options)
     return path

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.config import Config, section_storage_options
+from pipeline.core.config import Config
 from pipeline.core.errors import ConfigError
 from pipeline.core.request import answer_params_digest, input_digest, render_prompt
 from pipeline.core.results import RESULT_COLUMNS
@@ -61,7 +61,7 @@ class Plan:
         info = self.reader.check([self.config.request.prompt])
         output = self.config.output
         if output.if_exists == "error" and location_exists(output.path,
-                                                           section_storage_options(self.config, "output")):
+                                                           self.config.storage_options_for("output")):
             raise ConfigError(
                 f"output.path {output.path} exists and output.if_exists is 'error'; "
                 "move it away or set output.if_exists: overwrite"
