@@ -20,7 +20,7 @@ import yaml
 
 from pipeline.api import run_job_async
 from pipeline.core.config import Config, config_from_dict
-from pipeline.core.errors import LockHeld
+from pipeline.core.errors import LockHeld, ObjectStoreError
 from pipeline.core.results import result_schema
 from pipeline.core.targets import RemotePath
 from pipeline.edges.objectlock import ObjectLock
@@ -283,3 +283,22 @@ def test_the_lock_object_refuses_a_second_run_and_an_expired_one_is_taken_over(t
     assert taken.returncode == 0, taken.stderr
     assert "taking over the expired job lock" in taken.stderr and "host gone, pid 1, run dead" in taken.stderr
     assert not _fs(s3).exists(url.split("://")[1])  # released at the end
+
+
+@pytest.mark.parametrize(("options", "problem", "words"), [
+    ({"secret": "not-the-secret-0000"}, "credentials", "SignatureDoesNotMatch"),
+    ({}, "no_bucket", "no such bucket"),
+])
+async def test_an_unusable_output_store_is_one_clear_error_before_any_request(  # noqa: F811
+        tmp_path, endpoint, s3, bucket, options, problem, words):  # noqa: F811
+    manifest = make_manifest(tmp_path / "in", 3)
+    where = bucket if problem != "no_bucket" else "no-such-bucket-here"
+    config = job_config(manifest, f"s3://{where}/out/captions.parquet", endpoint.base_url,
+                        ledger={"path": str(tmp_path / "ledger.sqlite")},
+                        storage_options={**s3.storage_options, **options})
+    with pytest.raises(ObjectStoreError) as caught:
+        await run_job_async(config)
+    assert caught.value.problem == problem and words in str(caught.value)
+    assert "output.storage_options" in str(caught.value)
+    assert options.get("secret", "never") not in str(caught.value)
+    assert requests_seen(endpoint) == 0  # exit code 2: nothing was sent

@@ -77,12 +77,13 @@ def published(path: Target, options: Mapping[str, Any] | None = None) -> Iterato
 
 
 def location_exists(path: Target, options: Mapping[str, Any] | None = None) -> bool:
-    """``path.exists()``, also for an object-store URL (one metadata request)."""
+    """``path.exists()``, also for an object-store URL (a metadata request; wrong credentials or a missing
+    bucket raise ``ObjectStoreError``)."""
     if isinstance(path, Path):
         return path.exists()
-    from pipeline.edges.remote import exists
+    from pipeline.edges.remote import probe
 
-    return exists(path, options)
+    return probe(path, options)
 
 
 def atomic_write_text(path: Target, text: str, options: Mapping[str, Any] | None = None) -> None:

@@ -27,7 +27,7 @@ from pipeline.core.errors import ObjectStoreError, StorageError
 from pipeline.core.targets import RemotePath
 from pipeline.edges.storage import filesystem, translated
 
-__all__ = ["ObjectInfo", "download", "exists", "object_info", "staged_upload", "store_calls", "upload"]
+__all__ = ["ObjectInfo", "download", "exists", "object_info", "probe", "staged_upload", "store_calls", "upload"]
 
 Options = Mapping[str, Any] | None
 #: The config key the options of a published file come from, for messages.
@@ -93,6 +93,25 @@ def object_info(url: RemotePath, options: Options = None, *, where: str = WHERE)
 
 def exists(url: RemotePath, options: Options = None, *, where: str = WHERE) -> bool:
     return object_info(url, options, where=where) is not None
+
+
+def probe(url: RemotePath, options: Options = None, *, where: str = WHERE) -> bool:
+    """Whether the object exists, checked before a run sends anything: wrong credentials, a refused
+    access or a missing bucket raise one ``ObjectStoreError`` (exit code 2) here rather than failing the
+    upload after every row was paid for."""
+    with store_calls(url, options, where=where, action="write") as fs:
+        try:
+            fs.info(str(url), refresh=True) if _takes_refresh(fs) else fs.info(str(url))
+            return True
+        except FileNotFoundError:
+            pass
+        except PermissionError:  # a HEAD's 403 has no body: a 1-byte GET's answer names the reason
+            fs.cat_file(str(url), start=0, end=1)
+            raise
+        bucket = f"{url.scheme}://{url.split('://', 1)[1].split('/', 1)[0]}"
+        if not fs.exists(bucket):
+            raise FileNotFoundError(f"{bucket}: the bucket does not exist")
+    return False
 
 
 def download(url: RemotePath, local: Path, options: Options = None, *, where: str = WHERE) -> None:
