@@ -1,6 +1,8 @@
-"""Image pre-flight, the async edge: where an image comes from (local file, file:// or http(s) URL),
-path safety under ``input.root``, downloads (``downloads.py``, behind the SSRF guard), and the worker pool
-that keeps pixel work off the event loop.
+"""Image pre-flight, the async edge: where an image comes from (local file, file:// or http(s) URL, or an
+object store: ``s3://``, ``gs://``, ``az://`` ..., or a relative key under a manifest that lives on one),
+path safety under ``input.root``, downloads (``downloads.py``, behind the SSRF guard), object reads
+(``storage.py``: fsspec's async interface on the run's loop, ``input.store_concurrency`` in flight), and the
+worker pool that keeps pixel work off the event loop.
 
 ``ImageLoader.load`` turns one manifest ``path`` value into an ``ImagePayload`` or raises ``ImageError``
 for that row alone; the pixel decisions live in ``preflight.py``.
@@ -23,8 +25,9 @@ from types import TracebackType
 from typing import Any
 
 from pipeline.core.config import ImagesConfig
-from pipeline.core.errors import ImageError
+from pipeline.core.errors import ImageError, ObjectStoreError
 from pipeline.core.redact import redact_url
+from pipeline.edges import storage
 from pipeline.edges.downloads import Downloader
 from pipeline.edges.preflight import (
     MIME_BY_FORMAT,
@@ -39,7 +42,7 @@ try:  # ~35x faster than the stdlib on a 48 KB image (1.4 us vs 52 us); optional
 except ImportError:
     _fast_base64 = None
 
-__all__ = ["REPORT_KEYS", "ImageLoader", "ImagePayload", "read_image_file", "sniff_mime"]
+__all__ = ["REPORT_KEYS", "ImageLoader", "ImagePayload", "fingerprints", "read_image_file", "sniff_mime"]
 
 #: The report columns every payload carries (``results.ResultRow`` has the same names).
 REPORT_KEYS = ("image_format", "image_width", "image_height", "image_bytes", "sent_format", "sent_width",
@@ -68,11 +71,15 @@ class ImageLoader:
     """
 
     def __init__(self, images: ImagesConfig, *, root: Path | None = None, workers: int | None = None,
-                 inline_bytes: int = 256 * 1024, use_draft: bool = True) -> None:
+                 inline_bytes: int = 256 * 1024, use_draft: bool = True, store: storage.AsyncStore | None = None,
+                 store_concurrency: int = 32) -> None:
         """``workers`` defaults to the cores. Files up to ``inline_bytes`` are read and header-checked on the
         event loop (a thread hop costs more CPU than that work); anything needing pixels goes to the pool.
-        ``use_draft=False`` (full-scale JPEG decode) is for benchmarks."""
+        ``use_draft=False`` (full-scale JPEG decode) is for benchmarks. ``store`` reads object-store images
+        (with ``input.storage_options``), at most ``store_concurrency`` at once."""
         self._policy = images
+        self._store = store if store is not None else storage.AsyncStore({}, where=storage.INPUT_OPTIONS)
+        self._store_slots = asyncio.Semaphore(store_concurrency)
         self._inline_bytes = inline_bytes
         self._use_draft = use_draft
         self._root = Path(os.path.realpath(root)) if root is not None else None
@@ -89,9 +96,10 @@ class ImageLoader:
     async def aclose(self) -> None:
         """Close the download session and stop the pool (work already running finishes on its own)."""
         await self._downloader.aclose()
+        await self._store.aclose()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def load(self, source: str, base_dir: Path) -> ImagePayload:
+    async def load(self, source: str, base_dir: Path | str) -> ImagePayload:
         """One manifest ``path`` value (relative paths resolve against ``base_dir``) -> what to send."""
         if not source:
             raise ImageError("the image path is empty for this row; fill in the path column",
@@ -99,6 +107,9 @@ class ImageLoader:
         if "\0" in source:
             raise ImageError(f"{source!r}: the image path contains a NUL byte; fix the manifest row",
                              error_type="image_unreadable")
+        url = storage.store_location(source, base_dir)
+        if url is not None:
+            return await self._load_store(url)
         scheme = _scheme(source)
         if scheme is None:
             return await self._load_local(Path(base_dir) / source, source)
@@ -117,6 +128,33 @@ class ImageLoader:
             return ImagePayload(source, hashlib.sha256(source.encode("utf-8")).hexdigest(), report)
         data = await self._downloader.get(source, label)
         return self._quick_payload(data, label) or await self._in_pool(self._payload, data, label)
+
+    # -- object stores: one ranged GET per image, many in flight --------------------------------
+
+    async def _load_store(self, url: str) -> ImagePayload:
+        """Read an object (at most ``max_source_bytes`` + 1 bytes, so the cap holds without a size request)
+        and prepare it like a local file; a missing object fails its row, a refused credential says so."""
+        label = redact_url(url)
+        cap = self._policy.max_source_bytes
+        async with self._store_slots:
+            try:
+                data = await self._read_object(url, cap + 1)
+            except ObjectStoreError as exc:
+                raise _row_store_error(exc) from None
+        if len(data) > cap:
+            raise ImageError(f"{label}: object is over images.max_source_bytes={cap}", error_type="image_too_large")
+        return self._quick_payload(data, label) or await self._in_pool(self._payload, data, label)
+
+    async def _read_object(self, url: str, end: int) -> bytes:
+        try:
+            return await self._store.read(url, end)
+        except ObjectStoreError as exc:
+            if exc.problem != "other" or "range" not in exc.message.lower():
+                raise
+        # an empty object cannot serve the byte range 0-N (HTTP 416): ask its size to be sure
+        if (await self._store.info(url)).get("size") == 0:
+            return b""
+        raise ImageError(f"{redact_url(url)}: the store refused a ranged read", error_type="image_unreadable")
 
     # -- local files: small ones inline while no pixels are needed, the rest in one pool hop --------
 
@@ -160,7 +198,43 @@ class ImageLoader:
         return _to_payload(data, prepare(data, label, self._policy, use_draft=self._use_draft))
 
 
-def image_fingerprint(source: str, base_dir: Path) -> str:
+def _row_store_error(exc: ObjectStoreError) -> ImageError:
+    """An object-store failure as this row's error: a missing object is the row's (``image_missing``);
+    credentials, access or the network are the job's (``image_store_error``: the next run tries again)."""
+    if exc.problem in ("not_found", "no_bucket"):
+        return ImageError(f"{exc.message} (the image of this row)", error_type="image_missing")
+    error = ImageError(exc.message, error_type="image_store_error")
+    error.row_specific = False
+    return error
+
+
+def fingerprints(rows: list[tuple[str, Path | str]], options: dict[str, Any], *, limit: int) -> list[str]:
+    """``image_fingerprint`` for a batch of (source, base_dir): objects on a store are asked all at once
+    (``storage.infos``: ``limit`` in flight, nothing for a listed directory), local files one ``stat`` each."""
+    located: list[str | None] = []
+    for source, base_dir in rows:
+        try:
+            located.append(storage.store_location(source, base_dir))
+        except ImageError:
+            located.append(None)
+    urls = list(dict.fromkeys(url for url in located if url is not None))
+    found = storage.infos(urls, options, where=storage.INPUT_OPTIONS, limit=limit) if urls else {}
+    return [image_fingerprint(source, base_dir) if url is None else _object_fingerprint(url, found[url])
+            for (source, base_dir), url in zip(rows, located, strict=True)]
+
+
+def _object_fingerprint(url: str, info: dict[str, Any] | ObjectStoreError) -> str:
+    """An object's identity without reading it: ETag (or generation), size and modification time."""
+    if isinstance(info, ObjectStoreError):
+        return f"{'missing' if info.problem in ('not_found', 'no_bucket') else 'unreadable'}:{url}"
+    tag = info.get("ETag") or info.get("etag") or info.get("generation") or info.get("md5Hash") or ""
+    when = info.get("LastModified") or info.get("last_modified") or info.get("updated") or info.get("mtime")
+    if hasattr(when, "timestamp"):
+        when = f"{when.timestamp():.6f}"
+    return f"{url}|{str(tag).strip(chr(34))}|{info.get('size')}|{when}"
+
+
+def image_fingerprint(source: str, base_dir: Path | str) -> str:
     """Cheap identity of the input for resume checks: one ``stat``, the file is never read."""
     if "://" in source:  # checked first: this runs once per manifest row on every resume
         if _scheme(source) != "file":

@@ -1,6 +1,9 @@
 """Manifest readers: CSV, JSONL, Parquet or a directory of images, streamed in chunks.
 
-A manifest is never loaded whole. ``ManifestReader.check()`` makes one cheap pass over the id column
+A manifest (or directory) may be a local path or an object-store URL (``s3://bucket/prefix/manifest.csv``):
+local files are opened as they always were; a URL is streamed through fsspec (``edges/storage.py``) with
+``input.storage_options``, and relative image paths in its rows resolve against its "folder" (a bucket
+prefix). A manifest is never loaded whole. ``ManifestReader.check()`` makes one cheap pass over the id column
 (required columns, empty manifest, empty or duplicate ids) so that a bad manifest fails before any
 request is sent; ``batches()`` then streams ``Row`` objects in manifest order.
 """
@@ -9,7 +12,8 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +23,18 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from pipeline.core.config import InputConfig, template_fields
-from pipeline.core.errors import ManifestError
+from pipeline.core.errors import ManifestError, PipelineError
+from pipeline.core.locations import is_url, url_join, url_parent
+from pipeline.edges import storage
 
 #: Suffixes a directory scan picks up when ``input.glob`` is left at its default.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp"})
 _DEFAULT_GLOB = "**/*"
 _BLOCK_SIZE = 1 << 20
+#: Read-ahead of a manifest object: big enough that a long CSV is a few GETs, small enough to stream.
+_STORE_BLOCK = 8 << 20
+#: Where object-store messages send the user (the section's key; the top-level one applies too).
+WHERE = "input.storage_options"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +46,7 @@ class Row:
     path: str  # as written in the manifest
     prompt: str | None  # per-row prompt override, if the manifest has a prompt column
     columns: dict[str, Any]  # every manifest column by name (template inputs and carried values)
-    base_dir: Path  # relative image paths resolve against this folder
+    base_dir: Path | str  # relative image paths resolve against this folder (a URL: a bucket prefix)
 
     @property
     def number(self) -> int:
@@ -47,9 +57,16 @@ class Row:
     def label(self) -> str:
         return f"row {self.number} (id={self.id})"
 
-    def image_path(self) -> Path:
+    def image_path(self) -> Path | str:
+        """Where the image is: a local path, or an object URL for a relative key under a URL folder."""
+        if is_url(self.path):
+            return self.path
         path = Path(self.path).expanduser()
-        return path if path.is_absolute() else self.base_dir / path
+        if path.is_absolute():
+            return path
+        if isinstance(self.base_dir, str):
+            return url_join(self.base_dir, self.path) or self.path
+        return self.base_dir / path
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,17 +80,31 @@ class ManifestInfo:
 class ManifestReader:
     """Streams rows from the configured manifest or directory."""
 
-    def __init__(self, config: InputConfig, reserved: Sequence[str] = ()) -> None:
+    def __init__(self, config: InputConfig, reserved: Sequence[str] = (),
+                 storage_options: Mapping[str, Any] | None = None) -> None:
+        """``storage_options``: the fsspec options for a URL manifest or directory (``Config.storage_options_for
+        ("input")``: the top-level ones with ``input.storage_options`` over them); default the section's."""
         self.config = config
         self.reserved = frozenset(reserved)
+        self.options = dict(config.storage_options if storage_options is None else storage_options)
+        self.source: Path | str
+        self.base_dir: Path | str
         if config.directory is not None:
             self.source = config.directory
-            self.base_dir = config.directory
+            self.base_dir = config.directory.rstrip("/") if isinstance(config.directory, str) else config.directory
         else:
             assert config.manifest is not None
             self.source = config.manifest
-            self.base_dir = config.manifest.parent
+            manifest = config.manifest
+            self.base_dir = url_parent(manifest) if isinstance(manifest, str) else manifest.parent
         self._schema: pa.Schema | None = None
+        self._listing: list[str] | None = None
+
+    def _open(self, path: Path | str, mode: str = "rb", **kwargs: Any) -> AbstractContextManager[Any]:
+        """A manifest file, local or on an object store (streamed, read-ahead ``_STORE_BLOCK``)."""
+        if is_url(path):
+            kwargs["block_size"] = _STORE_BLOCK
+        return storage.open_input(path, self.options, where=WHERE, mode=mode, **kwargs)
 
     # -- schema -------------------------------------------------------------------------------
 
@@ -91,14 +122,16 @@ class ManifestReader:
         path = self._manifest_path()
         try:
             if fmt == "csv":
-                return pa.schema([(name, pa.string()) for name in _csv_header(path)])
-            if fmt == "parquet":
-                return pq.ParquetFile(path).schema_arrow
-            return pa_json.open_json(path, read_options=pa_json.ReadOptions(block_size=_BLOCK_SIZE)).schema
-        except ManifestError:
+                with self._open(path, "r", newline="", encoding="utf-8-sig") as handle:
+                    return pa.schema([(name, pa.string()) for name in _csv_header(handle, path)])
+            if not is_url(path):
+                return _arrow_schema(path, fmt)
+            with self._open(path) as handle:
+                return _arrow_schema(handle, fmt)
+        except PipelineError:
             raise
         except (pa.ArrowException, OSError, ValueError) as exc:
-            raise _read_error(path, fmt, exc) from None
+            raise self._read_error(path, fmt, exc) from None
 
     @property
     def carried_columns(self) -> list[str]:
@@ -117,8 +150,9 @@ class ManifestReader:
 
     def check(self, templates: Sequence[str] = ()) -> ManifestInfo:
         """Everything that must hold before the first request: columns, row count, unique ids."""
-        if self.config.directory is not None and not self.config.directory.is_dir():
-            raise ManifestError(f"{self.config.directory}: input.directory is not a folder")
+        directory = self.config.directory
+        if isinstance(directory, Path) and not directory.is_dir():
+            raise ManifestError(f"{directory}: input.directory is not a folder")
         self._check_columns(templates)
         rows = self._check_ids()
         if rows == 0:
@@ -159,7 +193,12 @@ class ManifestReader:
             yield self._scan_directory()
             return
         if self.config.manifest_format == "csv":
-            yield from _csv_column(self._manifest_path(), self.schema.names.index(self.config.id_column))
+            path = self._manifest_path()
+            try:
+                with self._open(path, "r", newline="", encoding="utf-8-sig") as handle:
+                    yield from _csv_column(handle, self.schema.names.index(self.config.id_column))
+            except OSError as exc:
+                raise self._read_error(path, "csv", exc) from None
             return
         for batch in self._record_batches([self.config.id_column]):
             yield batch.column(0).to_pylist()
@@ -242,23 +281,12 @@ class ManifestReader:
             for batch in self._record_batches(None, size):
                 yield batch.to_pylist()
             return
-        names = self.schema.names
-        width = len(names)
-        with open(self._manifest_path(), newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            next(reader, None)
-            chunk: list[dict[str, Any]] = []
-            for values in reader:
-                if not values:
-                    continue
-                if len(values) < width:
-                    values += [""] * (width - len(values))
-                chunk.append(dict(zip(names, values)))
-                if len(chunk) >= size:
-                    yield chunk
-                    chunk = []
-            if chunk:
-                yield chunk
+        path = self._manifest_path()
+        try:
+            with self._open(path, "r", newline="", encoding="utf-8-sig") as handle:
+                yield from _csv_records(handle, self.schema.names, size)
+        except OSError as exc:
+            raise self._read_error(path, "csv", exc) from None
 
     def _directory_batches(self, size: int) -> Iterator[list[Row]]:
         paths = self._scan_directory()
@@ -271,6 +299,8 @@ class ManifestReader:
     def _scan_directory(self) -> list[str]:
         root = self.config.directory
         assert root is not None
+        if isinstance(root, str):
+            return self._list_prefix(root)
         literal = self.config.glob != _DEFAULT_GLOB
         found = []
         for path in root.glob(self.config.glob):
@@ -279,82 +309,140 @@ class ManifestReader:
         found.sort()
         return found
 
+    def _list_prefix(self, root: str) -> list[str]:
+        """The keys under a bucket prefix matching ``input.glob``, relative to the prefix, listed once per
+        reader. fsspec keeps the listing (ETag, size, mtime per object) in the filesystem's listing cache,
+        so the resume check of each row costs no request (``images.store_fingerprints``)."""
+        if self._listing is not None:
+            return self._listing
+        prefix = root.rstrip("/")
+        fs = storage.filesystem(prefix, self.options, where=WHERE)
+        literal = self.config.glob != _DEFAULT_GLOB
+        with storage.translated(prefix, self.options, where=WHERE, action="list"):
+            fs.invalidate_cache(prefix)  # a listing kept from an earlier run in this process may be stale
+            listed = fs.glob(f"{prefix}/{self.config.glob}", detail=True)
+        base = fs._strip_protocol(prefix).rstrip("/") + "/"
+        found = []
+        for name, info in listed.items():
+            rel = name[len(base):] if name.startswith(base) else None
+            if rel and info.get("type") == "file" and (literal or Path(rel).suffix.lower() in IMAGE_SUFFIXES):
+                found.append(rel)
+        self._listing = sorted(found)
+        return self._listing
+
     def _record_batches(self, columns: list[str] | None, size: int | None = None) -> Iterator[pa.RecordBatch]:
         """Parquet and JSONL through Arrow (CSV goes through the csv module: see ``_records``)."""
         path = self._manifest_path()
         fmt = self.config.manifest_format
+        assert fmt is not None
         size = size or self.config.chunk_size
         try:
-            if fmt == "parquet":
-                yield from pq.ParquetFile(path).iter_batches(batch_size=size, columns=columns)
-            else:
-                reader = pa_json.open_json(path, read_options=pa_json.ReadOptions(block_size=_BLOCK_SIZE))
-                for batch in _rebatch(reader, size):
-                    yield batch.select(columns) if columns else batch
+            if not is_url(path):
+                yield from _arrow_batches(path, fmt, columns, size)
+                return
+            with self._open(path) as handle:
+                yield from _arrow_batches(handle, fmt, columns, size)
+        except PipelineError:
+            raise
         except (pa.ArrowException, OSError) as exc:
-            raise _read_error(path, fmt, exc) from None
+            raise self._read_error(path, fmt, exc) from None
 
-    def _manifest_path(self) -> Path:
+    def _manifest_path(self) -> Path | str:
         path = self.config.manifest
         assert path is not None
-        if not path.is_file():
+        if isinstance(path, Path) and not path.is_file():
             raise ManifestError(f"{path}: manifest file not found (input.manifest)")
         return path
 
+    def _read_error(self, path: Path | str, fmt: str, exc: BaseException) -> PipelineError:
+        """A manifest that cannot be read; for JSONL, the first bad line by its number in the file (from 1).
 
-def _read_error(path: Path, fmt: str, exc: BaseException) -> ManifestError:
-    """A manifest that cannot be read; for JSONL, the first bad line by its number in the file (from 1).
+        Arrow's JSON reader counts rows from 0 within each 1 MiB block it parses, which names no line anyone
+        can find; so on this (error) path the file is read again line by line to say which one is broken.
+        An object store's failure (credentials, network) is the store's error, not the manifest's.
+        """
+        if is_url(path) and isinstance(exc, OSError) and not isinstance(exc, pa.ArrowException):
+            return storage.store_error(exc, str(path), self.options, where=WHERE)
+        if fmt == "jsonl" and not isinstance(exc, OSError):
+            with self._open(path, "r", encoding="utf-8", errors="replace") as handle:
+                problem = _first_bad_json_line(handle)
+            if problem is not None:
+                return ManifestError(f"{path}: {problem}; fix or remove that line (JSONL: one JSON object per line)")
+        return ManifestError(f"{path}: cannot read {fmt} manifest: {_short(exc)}")
 
-    Arrow's JSON reader counts rows from 0 within each 1 MiB block it parses, which names no line anyone
-    can find; so on this (error) path the file is read again line by line to say which one is broken.
-    """
-    if fmt == "jsonl" and not isinstance(exc, OSError):
-        problem = _first_bad_json_line(path)
-        if problem is not None:
-            return ManifestError(f"{path}: {problem}; fix or remove that line (JSONL: one JSON object per line)")
-    return ManifestError(f"{path}: cannot read {fmt} manifest: {_short(exc)}")
+
+def _arrow_schema(source: Any, fmt: str | None) -> pa.Schema:
+    """The schema of a Parquet or JSONL manifest (a local path, or an open object-store file)."""
+    if fmt == "parquet":
+        return pq.ParquetFile(source).schema_arrow
+    return pa_json.open_json(source, read_options=pa_json.ReadOptions(block_size=_BLOCK_SIZE)).schema
 
 
-def _first_bad_json_line(path: Path) -> str | None:
+def _arrow_batches(source: Any, fmt: str, columns: list[str] | None, size: int) -> Iterator[pa.RecordBatch]:
+    if fmt == "parquet":
+        yield from pq.ParquetFile(source).iter_batches(batch_size=size, columns=columns)
+        return
+    reader = pa_json.open_json(source, read_options=pa_json.ReadOptions(block_size=_BLOCK_SIZE))
+    for batch in _rebatch(reader, size):
+        yield batch.select(columns) if columns else batch
+
+
+def _csv_records(handle: Any, names: list[str], size: int) -> Iterator[list[dict[str, Any]]]:
+    """CSV rows (after the header) as dicts, ``size`` at a time; short rows padded with empty values."""
+    width = len(names)
+    reader = csv.reader(handle)
+    next(reader, None)
+    chunk: list[dict[str, Any]] = []
+    for values in reader:
+        if not values:
+            continue
+        if len(values) < width:
+            values += [""] * (width - len(values))
+        chunk.append(dict(zip(names, values)))
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _first_bad_json_line(handle: Any) -> str | None:
     """"invalid JSON at line N (...)" or "line N is not a JSON object" for the first such line, else None."""
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except ValueError as exc:
-                detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-                column = f", column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-                return f"invalid JSON at line {number} ({detail}{column})"
-            if not isinstance(value, dict):
-                return f"line {number} is not a JSON object (found {type(value).__name__})"
+    for number, line in enumerate(handle, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError as exc:
+            detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            column = f", column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+            return f"invalid JSON at line {number} ({detail}{column})"
+        if not isinstance(value, dict):
+            return f"line {number} is not a JSON object (found {type(value).__name__})"
     return None
 
 
-def _csv_header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        header = next(csv.reader(handle), None)
+def _csv_header(handle: Any, path: Path | str) -> list[str]:
+    header = next(csv.reader(handle), None)
     if not header:
         raise ManifestError(f"{path}: the CSV manifest is empty; it needs a header row (id,path,...)")
     return header
 
 
-def _csv_column(path: Path, index: int, size: int = 10_000) -> Iterator[list[str]]:
+def _csv_column(handle: Any, index: int, size: int = 10_000) -> Iterator[list[str]]:
     """One CSV column, ``size`` values at a time, skipping the header."""
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        next(reader, None)
-        batch: list[str] = []
-        for record in reader:
-            if not record:
-                continue  # a blank line is no row (Arrow's reader skips them too)
-            batch.append(record[index] if index < len(record) else "")
-            if len(batch) >= size:
-                yield batch
-                batch = []
-        if batch:
+    reader = csv.reader(handle)
+    next(reader, None)
+    batch: list[str] = []
+    for record in reader:
+        if not record:
+            continue  # a blank line is no row (Arrow's reader skips them too)
+        batch.append(record[index] if index < len(record) else "")
+        if len(batch) >= size:
             yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _rebatch(batches: Any, size: int) -> Iterator[pa.RecordBatch]:

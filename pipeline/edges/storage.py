@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import os
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.core.errors import ConfigError, ObjectStoreError
+from pipeline.core.errors import ConfigError, ImageError, ObjectStoreError
 from pipeline.core.locations import (
     is_url,
     option_secrets,
@@ -36,8 +37,8 @@ from pipeline.core.locations import (
 )
 from pipeline.core.redact import redact, redact_url
 
-__all__ = ["AsyncStore", "ObjectStoreError", "clear_cache", "filesystem", "is_url", "open_input", "store_error",
-           "url_join", "url_parent"]
+__all__ = ["BACKENDS", "AsyncStore", "ObjectStoreError", "check_readable", "clear_cache", "filesystem", "infos",
+           "is_url", "open_input", "store_error", "store_location", "translated", "url_join", "url_parent"]
 
 #: protocol -> (the package fsspec needs for it, the pipeline extra that installs it)
 BACKENDS: dict[str, tuple[str, str]] = {
@@ -46,6 +47,9 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "az": ("adlfs", "azure"), "abfs": ("adlfs", "azure"), "abfss": ("adlfs", "azure"),
     "memory": ("fsspec", ""),  # in-process, for tests and examples
 }
+
+#: The config key that input URLs take their options from, for messages (the top-level one applies too).
+INPUT_OPTIONS = "input.storage_options"
 
 _cache: dict[tuple[str, str], Any] = {}
 _cache_lock = threading.Lock()
@@ -136,6 +140,74 @@ def open_input(location: Path | str, options: Mapping[str, Any], *, where: str, 
         raise store_error(exc, url, options, where=where, action="open") from None
     with translated(url, options, where=where, action="read"), handle:
         yield handle
+
+
+def check_readable(url: str, options: Mapping[str, Any], *, where: str) -> None:
+    """Raise the ``ObjectStoreError`` a read of ``url`` would meet for the whole job (credentials refused,
+    access denied, no such bucket, endpoint unreachable); a missing object is the row's own problem and
+    passes. One HEAD request (plus a 1-byte GET when the HEAD's 403 does not say why)."""
+    fs = filesystem(url, options, where=where)
+    try:
+        fs.info(url)
+    except Exception as exc:  # noqa: BLE001 - sorted by store_error
+        if _bare_denial(exc):
+            with translated(url, options, where=where, action="read"):
+                fs.cat_file(url, start=0, end=1)
+        error = store_error(exc, url, options, where=where)
+        if error.problem != "not_found":
+            raise error from None
+
+
+def infos(urls: list[str], options: Mapping[str, Any], *, where: str,
+          limit: int) -> dict[str, dict[str, Any] | ObjectStoreError]:
+    """The listing entry (size, ETag, mtime...) of each URL, or the error that stands for it; blocking.
+
+    An async backend (s3fs, gcsfs, adlfs) gets ``limit`` requests in flight on fsspec's own I/O loop, and
+    an entry already in the filesystem's listing cache (a directory listed by the manifest reader) costs
+    no request at all; any other backend is asked one URL at a time."""
+    if not urls:
+        return {}
+    fs = filesystem(urls[0], options, where=where)
+    out: dict[str, dict[str, Any] | ObjectStoreError] = {}
+    if not fs.async_impl:
+        for url in urls:
+            try:
+                out[url] = fs.info(url)
+            except Exception as exc:  # noqa: BLE001 - sorted by store_error
+                out[url] = store_error(exc, url, options, where=where)
+        return out
+    from fsspec.asyn import sync
+
+    async def gather() -> list[Any]:
+        slots = asyncio.Semaphore(limit)
+
+        async def one(url: str) -> Any:
+            async with slots:
+                return await fs._info(url)
+
+        return await asyncio.gather(*(one(url) for url in urls), return_exceptions=True)
+
+    for url, found in zip(urls, sync(fs.loop, gather), strict=True):
+        out[url] = store_error(found, url, options, where=where) if isinstance(found, BaseException) else found
+    return out
+
+
+def store_location(source: str, base_dir: Path | str) -> str | None:
+    """The object URL of a row's image when it is on an object store: an ``s3://`` (``gs://``, ...) URL, or
+    a relative key under a manifest or directory that is on one. None for everything else (local paths,
+    ``file://``, ``http(s)://``, data URIs), which keeps its own code path."""
+    protocol = url_protocol(source)
+    if protocol is not None:
+        return source if protocol in BACKENDS else None
+    if source[:5].lower() == "data:":
+        return None
+    if isinstance(base_dir, str) and is_url(base_dir) and source and not os.path.isabs(source):
+        joined = url_join(base_dir, source)
+        if joined is None:
+            raise ImageError(f"{source}: climbs out of the bucket of {redact_url(base_dir)}; a relative key "
+                             "must stay under the manifest's bucket", error_type="image_path_outside_root")
+        return joined
+    return None
 
 
 # -- errors ---------------------------------------------------------------------------------------

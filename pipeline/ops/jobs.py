@@ -20,7 +20,8 @@ from pipeline.ops.export import ExportReport, export_output
 
 def job_status(config: Config) -> dict[str, Any]:
     """Where every manifest row stands, the oldest pending row, failures by type, the last run."""
-    reader = ManifestReader(config.input, reserved=RESULT_COLUMNS)
+    reader = ManifestReader(config.input, reserved=RESULT_COLUMNS,
+                            storage_options=config.storage_options_for("input"))
     info = reader.check([config.request.prompt])
     report: dict[str, Any] = {
         "ledger": str(config.ledger_path), "manifest_rows": info.rows, "rows": {"not_run_yet": info.rows},
@@ -63,7 +64,8 @@ def _live(runs: list[dict[str, Any]], holder: int | None) -> list[dict[str, Any]
 
 def export_job(config: Config) -> ExportReport:
     """Rebuild ``output.path`` from the ledger, as a run does at its end."""
-    reader = ManifestReader(config.input, reserved=RESULT_COLUMNS)
+    reader = ManifestReader(config.input, reserved=RESULT_COLUMNS,
+                            storage_options=config.storage_options_for("input"))
     reader.check([config.request.prompt])
     with StateStore(config.ledger_path) as store:
         return export_output(config, reader, store)

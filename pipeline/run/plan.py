@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.core.config import Config
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.request import answer_params_digest, input_digest, render_prompt
 from pipeline.core.results import RESULT_COLUMNS
 from pipeline.core.targets import RemotePath
@@ -21,7 +21,7 @@ from pipeline.edges.files import location_exists
 from pipeline.edges.ledger import StateStore
 from pipeline.edges.manifest import ManifestInfo, ManifestReader, Row
 
-Fingerprint = Callable[[str, Path], str]
+Fingerprint = Callable[[str, Path | str], str]
 
 
 @dataclass(slots=True)
@@ -50,7 +50,8 @@ class Plan:
     def __init__(self, config: Config, *, fingerprint: Fingerprint | None = None) -> None:
         """``fingerprint`` identifies an image cheaply (default: ``image_fingerprint``, one ``stat``)."""
         self.config = config
-        self.reader = ManifestReader(config.input, reserved=RESULT_COLUMNS)
+        self.reader = ManifestReader(config.input, reserved=RESULT_COLUMNS,
+                                     storage_options=config.storage_options_for("input"))
         self.params = answer_params_digest(config.request, config.images)
         self.counts = TriageCounts()
         self._fingerprint = fingerprint
@@ -60,6 +61,7 @@ class Plan:
         """Everything about the manifest and output that can be checked before a request is sent
         (raises ManifestError/ConfigError)."""
         info = self.reader.check([self.config.request.prompt])
+        self._check_store_images()
         output = self.config.output
         # an object-store output is probed even when it may be overwritten: wrong credentials or a missing
         # bucket are one ObjectStoreError (exit code 2) now, not a failed upload after every row was paid for
@@ -72,6 +74,21 @@ class Plan:
                 "move it away or set output.if_exists: overwrite"
             )
         return info
+
+    def _check_store_images(self) -> None:
+        """When the first row's image is on an object store, make sure the store takes the job's credentials
+        before anything is sent (exit code 2), rather than failing every row one by one. A manifest or
+        directory on the store has proved that already, so only other buckets are asked (one HEAD)."""
+        from pipeline.edges import storage
+        first = next(self.reader.batches(1), [])
+        try:
+            url = storage.store_location(first[0].path, first[0].base_dir) if first else None
+        except PipelineError:
+            return  # a row that climbs out of its bucket fails on its own
+        source = str(self.reader.source)
+        if url is None or (storage.is_url(source) and url.split("/")[2] == source.split("/")[2]):
+            return
+        storage.check_readable(url, self.config.storage_options_for("input"), where=storage.INPUT_OPTIONS)
 
     def batches(self) -> Iterator[list[Row]]:
         return self.reader.batches()
@@ -90,12 +107,12 @@ class Plan:
         self._manifest_ids.update("\0".join(ids).encode())
         self._manifest_ids.update(b"\1")
         states = store.item_states(ids) if store is not None else {}
-        fingerprint, params = self._image_fingerprint(), self.params
+        params = self.params
         template, counts = self.config.request.prompt, self.counts
         tasks = []
-        for row in batch:
+        for row, image in zip(batch, self._fingerprints(batch), strict=True):
             prompt = row.prompt or render_prompt(template, row.columns)
-            digest = input_digest(params, fingerprint(row.path, row.base_dir), prompt)
+            digest = input_digest(params, image, prompt)
             state = states.get(row.id)
             if state is None:
                 counts.new += 1
@@ -111,10 +128,13 @@ class Plan:
             tasks.append(RowTask(row, prompt, digest))
         return tasks
 
-    def _image_fingerprint(self) -> Fingerprint:
-        if self._fingerprint is None:
-            # imported here: checking a manifest (validate) needs neither aiohttp nor Pillow
-            from pipeline.edges.images import image_fingerprint
+    def _fingerprints(self, batch: list[Row]) -> list[str]:
+        """Each row's image identity: the given ``fingerprint`` per row, else ``images.fingerprints`` for the
+        batch (one ``stat`` per local file; objects on a store asked together, or read from the listing)."""
+        if self._fingerprint is not None:
+            return [self._fingerprint(row.path, row.base_dir) for row in batch]
+        # imported here: checking a manifest (validate) needs neither aiohttp nor Pillow
+        from pipeline.edges.images import fingerprints
 
-            self._fingerprint = image_fingerprint
-        return self._fingerprint
+        return fingerprints([(row.path, row.base_dir) for row in batch], self.config.storage_options_for("input"),
+                            limit=self.config.store_reads)

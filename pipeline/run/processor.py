@@ -33,6 +33,7 @@ from pipeline.core.results import ResultRow, rows_from_completion
 from pipeline.core.retry import retry_policy
 from pipeline.edges.client import ChatClient, StreamOutcome
 from pipeline.edges.images import ImageLoader, ImagePayload
+from pipeline.edges.storage import INPUT_OPTIONS, AsyncStore
 from pipeline.run.gate import RequestGate
 from pipeline.run.plan import RowTask
 
@@ -74,7 +75,8 @@ class RowProcessor:
         """``base_url`` overrides ``endpoint.base_url`` (the embedded endpoint's address, say)."""
         self.config = config
         self.builder = RequestBuilder(config.request, config.images)
-        self.images = ImageLoader(config.images, root=config.input.root)
+        self.images = ImageLoader(config.images, root=config.input.root, store_concurrency=config.store_reads,
+                                  store=AsyncStore(config.storage_options_for("input"), where=INPUT_OPTIONS))
         self.params = answer_params_digest(config.request, config.images)
         self.gate = RequestGate.from_config(config)
         self._secrets = tuple(job_secrets(config))  # masked out of every failure message (an echoed key)
