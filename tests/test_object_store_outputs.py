@@ -302,3 +302,20 @@ async def test_an_unusable_output_store_is_one_clear_error_before_any_request(  
     assert "output.storage_options" in str(caught.value)
     assert options.get("secret", "never") not in str(caught.value)
     assert requests_seen(endpoint) == 0  # exit code 2: nothing was sent
+
+
+async def test_the_whole_job_on_s3_manifest_images_output_and_synced_ledger(tmp_path, endpoint, s3, bucket):  # noqa: F811
+    """The demo job with nothing on local disk but the ledger's working copy: its manifest and images in a
+    bucket (relative keys), its output and ledger copy in the same bucket; the same rows as a local run."""
+    manifest = make_manifest(tmp_path / "in", 6)
+    s3.upload_folder(tmp_path / "in", f"s3://{bucket}/photos")
+    local = await run_job_async(job_config(manifest, tmp_path / "local.parquet", endpoint.base_url))
+    remote = job_config(f"s3://{bucket}/photos/manifest.csv", f"s3://{bucket}/out/captions.parquet",  # type: ignore[arg-type]
+                        endpoint.base_url, storage_options=s3.storage_options,
+                        ledger={"path": str(tmp_path / "cache" / "captions.ledger.sqlite"),
+                                "sync": f"s3://{bucket}/state/captions.ledger.sqlite"})
+    summary = await run_job_async(remote)
+    assert summary.exit_code == local.exit_code == 0 and summary.rows_ok == 6
+    assert _stable(_read_remote_parquet(s3, f"{bucket}/out/captions.parquet")) == _stable(
+        pq.read_table(tmp_path / "local.parquet").to_pylist())
+    assert _fs(s3).exists(f"{bucket}/state/captions.ledger.sqlite")
