@@ -340,14 +340,18 @@ class LedgerConfig(_StoreSection):
         return value
 
 
+#: A key naming where a file is published: URL text becomes a ``RemotePath`` (tried first), else a ``Path``.
+TargetField = Annotated[Target, Field(union_mode="left_to_right")]
+
+
 class OutputConfig(_StoreSection):
     # a local path, or an object-store URL (s3://bucket/key.parquet): staged locally, uploaded whole
-    path: Target
+    path: TargetField
     format: OutputFormat | None = None
     if_exists: Literal["overwrite", "error"] = "overwrite"
     partition_by: Literal["run_date"] | None = None  # also write each run's rows under run_date=YYYY-MM-DD/
     # default: <output folder>/<output stem>/
-    partition_dir: Target | None = None
+    partition_dir: TargetField | None = None
 
     @property
     def partitions(self) -> Target:
@@ -438,7 +442,7 @@ class MetricsConfig(_Model):
     which ``<job>.prom`` is written. ``job``: the ``job`` label; default the output file's stem.
     """
 
-    prometheus: Target | None = None
+    prometheus: TargetField | None = None
     job: Annotated[str, Field(min_length=1)] | None = None
 
 

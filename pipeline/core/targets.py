@@ -12,12 +12,7 @@ from __future__ import annotations
 
 import posixpath
 from pathlib import Path
-from typing import Annotated, Any
-
-from pydantic import Field, GetCoreSchemaHandler
-from pydantic_core import core_schema
-
-from pipeline.core.locations import is_url
+from typing import Any
 
 __all__ = ["RemotePath", "Target"]
 
@@ -28,6 +23,9 @@ class RemotePath(str):
     __slots__ = ()
 
     def __new__(cls, value: str) -> RemotePath:
+        # imported here: core.locations imports pydantic, and `pipeline --help` stays light
+        from pipeline.core.locations import is_url
+
         if not is_url(value):
             raise ValueError(f"not an object-store URL: {value!r}")
         return super().__new__(cls, value)
@@ -69,7 +67,10 @@ class RemotePath(str):
         return f"RemotePath({str(self)!r})"
 
     @classmethod
-    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        """Validated from URL text, dumped as it (pydantic imported here: ``pipeline --help`` stays light)."""
+        from pydantic_core import core_schema
+
         return core_schema.no_info_plain_validator_function(
             _remote_only, serialization=core_schema.plain_serializer_function_ser_schema(str))
 
@@ -77,10 +78,13 @@ class RemotePath(str):
 def _remote_only(value: Any) -> RemotePath:
     if isinstance(value, RemotePath):
         return value
+    from pipeline.core.locations import is_url
+
     if isinstance(value, str) and is_url(value.strip()):
         return RemotePath(value.strip())
     raise ValueError("not an object-store URL")
 
 
-#: A config key naming where a file is published: a ``RemotePath`` for a URL, else a local ``Path``.
-Target = Annotated[RemotePath | Path, Field(union_mode="left_to_right")]
+#: Where a file is published: a ``RemotePath`` for a URL, else a local ``Path`` (the config's field type
+#: is ``config.TargetField``: this union, URL first).
+Target = RemotePath | Path
