@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.core.errors import LockHeld, PipelineError
+from pipeline.core.redact import redact_url
 from pipeline.core.targets import RemotePath
 from pipeline.edges.remote import Options
 from pipeline.edges.storage import filesystem, store_error
@@ -80,6 +81,11 @@ class ObjectLock:
         return f"ObjectLock({str(self.url)!r})"
 
     @property
+    def shown(self) -> str:
+        """The URL as messages show it (no credentials, query or fragment)."""
+        return redact_url(self.url)
+
+    @property
     def held(self) -> bool:
         return self._etag is not None and not self.lost
 
@@ -108,9 +114,9 @@ class ObjectLock:
         except (LockHeld, FileNotFoundError) as exc:
             self.lost = True
             log.error("lost the job lock %s: %s; this run stops taking rows and will not upload its ledger",
-                      self.url, exc)
+                      self.shown, exc)
         except Exception as exc:  # noqa: BLE001 - the store is unreachable for now: the expiry is the bound
-            log.warning("could not renew the job lock %s: %s", self.url, exc)
+            log.warning("could not renew the job lock %s: %s", self.shown, exc)
         return not self.lost
 
     def release(self) -> None:
@@ -124,7 +130,7 @@ class ObjectLock:
             if owner is not None and owner[0].run == self._token:
                 fs.rm_file(str(self.url))
         except Exception as exc:  # noqa: BLE001 - the lock expires by itself; say so and go on
-            log.warning("could not release the job lock %s (it expires by itself): %s", self.url, exc)
+            log.warning("could not release the job lock %s (it expires by itself): %s", self.shown, exc)
 
     def _take_over(self, fs: Any) -> None:
         found = self._read(fs)
@@ -133,9 +139,9 @@ class ObjectLock:
             return
         owner, etag = found
         if owner.expires > time.time():
-            raise LockHeld(f"another run of this job is in progress ({owner.describe()}; lock {self.url}); "
+            raise LockHeld(f"another run of this job is in progress ({owner.describe()}; lock {self.shown}); "
                            "wait for it to finish or stop it")
-        log.warning("taking over the expired job lock %s (%s)", self.url, owner.describe())
+        log.warning("taking over the expired job lock %s (%s)", self.shown, owner.describe())
         self._etag = self._put(fs, match=etag)
 
     def _put(self, fs: Any, *, mode: str = "overwrite", match: str | None = None) -> str | None:
@@ -150,7 +156,7 @@ class ObjectLock:
             raise
         except OSError as exc:
             if _precondition_failed(exc):  # S3 412 on If-Match: someone else wrote it since
-                raise LockHeld(f"the job lock {self.url} changed under this run (another run took it)") from exc
+                raise LockHeld(f"the job lock {self.shown} changed under this run (another run took it)") from exc
             raise
         etag = answer.get("ETag") if isinstance(answer, dict) else None
         return str(etag) if etag else "written"
@@ -161,7 +167,7 @@ class ObjectLock:
         if found is None or found[0].run != self._token:
             holder = found[0].describe() if found else "nobody"
             self._etag = None
-            raise LockHeld(f"another run of this job took the lock {self.url} at the same moment ({holder}); "
+            raise LockHeld(f"another run of this job took the lock {self.shown} at the same moment ({holder}); "
                            "wait for it to finish or stop it")
         self._etag = found[1] or self._etag
 

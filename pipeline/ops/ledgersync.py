@@ -28,7 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.core.config import Config
-from pipeline.core.errors import StorageError
+from pipeline.core.errors import PipelineError, StorageError
+from pipeline.core.redact import redact_url
 from pipeline.edges.ledger import StateStore
 from pipeline.edges.objectlock import ObjectLock, lock_url
 from pipeline.edges.remote import download, object_info, upload
@@ -77,7 +78,7 @@ class LedgerSync:
         """Replace the local ledger with the store's copy when the local one is missing or older."""
         info = object_info(self.url, self._options, where=WHERE)
         if info is None:
-            log.info("ledger sync: no copy at %s yet; starting from the local ledger", self.url)
+            log.info("ledger sync: no copy at %s yet; starting from the local ledger", redact_url(self.url))
             return False
         if self.local.exists():
             synced = self._synced_version()  # the version this machine uploaded or restored last
@@ -90,7 +91,7 @@ class LedgerSync:
             self.local.with_name(self.local.name + suffix).unlink(missing_ok=True)
         download(self.url, self.local, self._options, where=WHERE)
         self._remember(info.etag)
-        log.info("ledger sync: restored the ledger from %s (%d bytes)", self.url, info.size,
+        log.info("ledger sync: restored the ledger from %s (%d bytes)", redact_url(self.url), info.size,
                  extra={"event": "ledger_restored"})
         return True
 
@@ -104,10 +105,10 @@ class LedgerSync:
                 store.snapshot(snapshot)
             upload(snapshot, self.url, self._options, where=WHERE)
         self.uploads += 1
-        with contextlib.suppress(StorageError):
+        with contextlib.suppress(PipelineError):  # the version is a hint for the next restore only
             info = object_info(self.url, self._options, where=WHERE)
             self._remember(info.etag if info else None)
-        log.debug("ledger sync: saved the ledger to %s", self.url)
+        log.debug("ledger sync: saved the ledger to %s", redact_url(self.url))
 
     def _loop(self) -> None:
         """The saving thread: a snapshot every ``interval`` seconds, the lock renewed every third of its ttl."""
@@ -124,7 +125,7 @@ class LedgerSync:
                 next_save = now + self.interval
                 try:
                     self.save()
-                except StorageError as exc:  # the next interval (or the end of the run) tries again
+                except Exception as exc:  # noqa: BLE001 - the next interval (or the end of the run) tries again
                     log.warning("ledger sync: could not save the ledger: %s", exc)
 
     def finish(self) -> StorageError | None:
