@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -41,7 +42,7 @@ class S3Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = open(workdir / f"moto-{self.port}.log", "wb")  # noqa: SIM115 - closed in stop()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {"PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=self._log, stderr=subprocess.STDOUT, env=env,
@@ -94,6 +95,14 @@ class S3Server:
                 self.process.kill()
                 self.process.wait(timeout=10)
         self._log.close()
+
+    def requests(self, method: str, key_part: str) -> int:
+        """How many ``method`` requests whose path contains ``key_part`` the server has answered so far
+        (from its access log, one line per request, written before the answer goes out)."""
+        self._log.flush()
+        pattern = re.compile(rf'"(?:\x1b\[[0-9;]*m)*{method} /[^ "]*{re.escape(key_part)}[^ "]* HTTP/')
+        text = Path(self._log.name).read_text(errors="replace")
+        return sum(1 for line in text.splitlines() if pattern.search(line))
 
     # -- clients ------------------------------------------------------------------------------
 

@@ -29,6 +29,15 @@ def test_is_url_tells_object_stores_from_local_paths(text: str | Path, url: bool
     assert is_url(text) is url
 
 
+def test_config_path_keys_keep_urls_as_text_and_read_file_urls_as_paths(tmp_path: Path) -> None:
+    config = job_config(tmp_path / "m.csv", tmp_path / "out.parquet",
+                        input={"manifest": f"file://{tmp_path}/my%20m.csv"})
+    assert config.input.manifest == tmp_path / "my m.csv"
+    listing = job_config(tmp_path / "m.csv", tmp_path / "out.parquet",
+                         input={"manifest": None, "directory": "s3://bucket/prefix/"})
+    assert listing.input.directory == "s3://bucket/prefix/"
+
+
 def test_url_helpers_resolve_keys_under_a_bucket_prefix() -> None:
     assert url_parent("s3://bucket/a/b/manifest.csv") == "s3://bucket/a/b"
     assert url_parent("s3://bucket/manifest.csv") == "s3://bucket"
@@ -116,6 +125,20 @@ def test_wrong_credentials_are_one_clear_error(s3: S3Server, change: dict, probl
     assert caught.value.problem == problem, message
     assert "s3://creds/m.csv" in message and "input.storage_options" in message and hint in message
     assert options["secret"] not in message and s3.secret not in message
+
+
+def test_a_directory_listing_with_wrong_credentials_is_one_clear_error(s3: S3Server) -> None:  # noqa: F811
+    s3.create_bucket("listing-creds")
+    s3.put("s3://listing-creds/in/a.png", b"x")
+    from pipeline.core.config import InputConfig
+    from pipeline.edges.manifest import ManifestReader
+
+    reader = ManifestReader(InputConfig(directory="s3://listing-creds/in/"),
+                            storage_options={**s3.storage_options, "secret": "not-the-right-secret-at-all"})
+    with pytest.raises(ObjectStoreError) as caught:
+        reader.check()
+    assert caught.value.problem == "credentials" and "SignatureDoesNotMatch" in str(caught.value)
+    assert "s3://listing-creds/in" in str(caught.value)
 
 
 def test_no_such_bucket_and_no_such_object(s3: S3Server) -> None:  # noqa: F811

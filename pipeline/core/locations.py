@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BeforeValidator
 
@@ -49,10 +49,13 @@ def is_url(path: str | Path) -> bool:
 
 
 def as_location(value: Any) -> Any:
-    """The config's reading of a path key: URL text stays text, anything else becomes a ``Path``."""
-    if isinstance(value, str) and not is_url(value.strip()):
-        return Path(value)
-    return value.strip() if isinstance(value, str) else value
+    """The config's reading of a path key: URL text stays text, ``file:///a/b`` is the path ``/a/b``, and
+    anything else becomes a ``Path``."""
+    if not isinstance(value, str):
+        return value
+    if url_protocol(value.strip()) == "file":
+        return Path(unquote(urlsplit(value.strip()).path))
+    return value.strip() if is_url(value.strip()) else Path(value)
 
 
 #: A config path key that may also name an object (``s3://bucket/key``, ``gs://...``, ``az://...``).

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline.core.errors import ConfigError, ImageError, ObjectStoreError
+from pipeline.core.errors import ImageError, ObjectStoreError, PipelineError
 from pipeline.core.locations import (
     is_url,
     option_secrets,
@@ -115,7 +115,7 @@ def translated(url: str, options: Mapping[str, Any], *, where: str, action: str)
     """Every SDK failure inside becomes ``store_error(...)`` (exception types of the pipeline pass)."""
     try:
         yield
-    except ConfigError:
+    except PipelineError:
         raise
     except Exception as exc:  # noqa: BLE001 - each SDK has its own tree: store_error sorts them
         raise store_error(exc, url, options, where=where, action=action) from None
@@ -138,8 +138,13 @@ def open_input(location: Path | str, options: Mapping[str, Any], *, where: str, 
             with translated(url, options, where=where, action="open"):
                 fs.cat_file(url, start=0, end=1)
         raise store_error(exc, url, options, where=where, action="open") from None
-    with translated(url, options, where=where, action="read"), handle:
-        yield handle
+    with handle:
+        try:
+            yield handle
+        except OSError as exc:  # a read of the object failed; the caller's own errors pass untouched
+            if any(cls.__name__.startswith("Arrow") for cls in type(exc).__mro__):
+                raise  # pyarrow's parse error about the content, not the store's
+            raise store_error(exc, url, options, where=where) from None
 
 
 def check_readable(url: str, options: Mapping[str, Any], *, where: str) -> None:

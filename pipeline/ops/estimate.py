@@ -94,10 +94,11 @@ def _sent_size(config: Config, task: RowTask) -> tuple[int, int] | None | str:
     source = task.row.path
     if not source:
         return "empty path"
-    if "://" in source:
-        return None
+    base = task.row.base_dir
+    if "://" in source or (isinstance(base, str) and not Path(source).is_absolute()):
+        return None  # a URL, or a key under a manifest on an object store: not read for an estimate
     path = Path(source)
-    path = path if path.is_absolute() else task.row.base_dir / path
+    path = path if path.is_absolute() else Path(base) / path
     try:
         with Image.open(path) as image:
             width, height = image.size
