@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import signal
 import sqlite3
 import subprocess
@@ -196,7 +197,8 @@ def _ok_rows(ledger: Path) -> set[str]:
         db.close()
 
 
-async def test_a_fresh_container_restores_the_synced_ledger_and_sends_only_new_rows(tmp_path, endpoint, s3, bucket):  # noqa: F811
+async def test_a_fresh_container_restores_the_synced_ledger_and_sends_only_new_rows(  # noqa: F811
+        tmp_path, endpoint, s3, bucket, caplog):  # noqa: F811
     manifest = make_manifest(tmp_path / "in", 10)
     sync = f"s3://{bucket}/state/captions.ledger.sqlite"
 
@@ -218,6 +220,18 @@ async def test_a_fresh_container_restores_the_synced_ledger_and_sends_only_new_r
     assert second.rows_new == 4 and second.rows_skipped == 10
     assert [r["id"] for r in _read_remote_parquet(s3, f"{bucket}/out/captions.parquet")] == \
         [f"row-{i}" for i in range(14)]
+
+    # the first machine again: its own ledger is older than the store's copy (the second one's rows are
+    # not in it), so it is replaced, and nothing is sent again; a machine whose copy is current keeps it
+    caplog.set_level(logging.INFO, logger="pipeline.ops.ledgersync")
+    caplog.clear()
+    third = await run_job_async(container("one"))
+    assert requests_seen(endpoint) == 14 and third.rows_skipped == 14
+    assert sum("restored the ledger" in r.getMessage() for r in caplog.records) == 1
+    caplog.clear()
+    await run_job_async(container("one"))
+    assert requests_seen(endpoint) == 14
+    assert not any("restored the ledger" in r.getMessage() for r in caplog.records)
 
 
 def test_resume_after_sigkill_resends_nothing_done_before_the_last_sync(tmp_path, s3, bucket, served):  # noqa: F811

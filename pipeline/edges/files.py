@@ -32,8 +32,8 @@ from typing import Any
 from pipeline.core.errors import StorageError
 from pipeline.core.targets import Target
 
-__all__ = ["atomic_path", "atomic_write_text", "location_exists", "published", "published_mode", "storage_error", "storage_errors",
-           "storage_failure"]
+__all__ = ["atomic_path", "atomic_write_text", "location_exists", "published", "published_mode", "storage_error",
+           "storage_errors", "storage_failure"]
 
 _PROC_STATUS = Path("/proc/self/status")
 

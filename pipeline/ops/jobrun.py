@@ -89,7 +89,8 @@ class JobRun:
                 await self._run_on_ledger(ledger, info, base_url, started)
             except BaseException:
                 if sync is not None:
-                    await asyncio.to_thread(sync.finish)  # the run's own error is the news
+                    with contextlib.suppress(Exception):  # noqa: BLE001 - the run's own error is the news
+                        await asyncio.to_thread(sync.finish)
                 raise
             if sync is not None and (failure := await asyncio.to_thread(sync.finish)) is not None:
                 raise failure
