@@ -186,6 +186,7 @@ def test_the_output_object_appears_only_when_complete(tmp_path, s3, bucket, serv
     assert proc.returncode == 0
     assert set(seen) <= {30}  # whenever a reader found the object, it was the whole output
     assert len(_read_remote_parquet(s3, f"{bucket}/out/captions.parquet")) == 30
+    assert list((tmp_path / "a" / "state" / "logs").glob("captions.*.log"))  # the run's log: beside the ledger
 
 
 def _ok_rows(ledger: Path) -> set[str]:
