@@ -59,7 +59,7 @@ def _read_remote_parquet(s3: S3Server, key: str) -> list[dict[str, Any]]:  # noq
         return pq.read_table(handle).to_pylist()
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
 async def test_output_partitions_and_reports_on_s3_equal_a_local_run(tmp_path, endpoint, s3, bucket, fmt):  # noqa: F811
     manifest = make_manifest(tmp_path / "in", 8)
     local = _partitioned(job_config(manifest, tmp_path / "local" / f"captions.{fmt}", endpoint.base_url))
@@ -105,6 +105,8 @@ def _reader(fmt: str) -> Any:
 
     if fmt == "parquet":
         return lambda data: pq.read_table(io.BytesIO(data)).to_pylist()
+    if fmt == "jsonl":
+        return lambda data: [json.loads(line) for line in data.splitlines()]
     return lambda data: pa_csv.read_csv(io.BytesIO(data)).to_pylist()
 
 
