@@ -232,13 +232,21 @@ def _validate(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _run_log_path(config: Any) -> Path:
+    """The run's log file: beside the output, or beside the ledger when the output is on an object store."""
+    output = config.output.path
+    if isinstance(output, Path):
+        return run_log_path(output, datetime.now(UTC))
+    return run_log_path(config.ledger_path.with_name(output.name), datetime.now(UTC))
+
+
 def _run(args: argparse.Namespace) -> int:
     from pipeline.api import run_coroutine
     from pipeline.ops.jobrun import JobRun
     from pipeline.ops.publish import job_secrets
 
     config = load_config(args.config)
-    log_file = None if args.no_log_file else args.log_file or run_log_path(config.output.path, datetime.now(UTC))
+    log_file = None if args.no_log_file else args.log_file or _run_log_path(config)
     configure_logging(args.log_level, args.log_format, log_file, secrets=job_secrets(config), file_level="INFO")
     bar = None if args.no_progress else _progress(args.progress_interval)
     job = JobRun(config, on_progress=bar.update if bar else None, command=args.command,

@@ -11,6 +11,8 @@ Scenarios
      achieved throughput against the ideal concurrency / latency.
   c  memory: peak RSS at concurrency 256 for 2,000 and 200,000 rows of tiny unique images.
   d  resume: a finished 200,000-row job is run again; time until it exits or sends its first request.
+  e  object store: scenario (a)'s images and manifest read from a local S3 server (moto, pinned to the
+     endpoint's core) versus local disk, in the same run: img/s and CPU-ms/img (scripts/bench_objectstore.py).
 
     .venv/bin/python scripts/bench.py --scenario a            # default sizes
     .venv/bin/python scripts/bench.py --quick --scenario all  # a smoke run in well under a minute
@@ -231,7 +233,12 @@ class Run:
     notes: list[str] = field(default_factory=list)
 
 
-def pipeline_config(path: Path, manifest: Path, base_url: str, concurrency: int, output: Path) -> Path:
+#: Extra top-level config sections per pipeline client label (``pipeline-s3``: its storage_options).
+EXTRA_CONFIG: dict[str, dict] = {}
+
+
+def pipeline_config(path: Path, manifest: Path | str, base_url: str, concurrency: int, output: Path,
+                    extra: dict | None = None) -> Path:
     import yaml
 
     document = {
@@ -241,14 +248,16 @@ def pipeline_config(path: Path, manifest: Path, base_url: str, concurrency: int,
         "input": {"manifest": str(manifest), "id_column": "id", "path_column": "path"},
         "run": {"concurrency": concurrency, "max_attempts": 5},
         "output": {"path": str(output), "format": "parquet"},
+        **(extra or {}),
     }
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
 
 
-def client_command(client: str, manifest: Path, base_url: str, concurrency: int, out: Path) -> list[str]:
-    if client == "pipeline":
-        config = pipeline_config(out.with_suffix(".yaml"), manifest, base_url, concurrency, out)
+def client_command(client: str, manifest: Path | str, base_url: str, concurrency: int, out: Path) -> list[str]:
+    if client.startswith("pipeline"):
+        config = pipeline_config(out.with_suffix(".yaml"), manifest, base_url, concurrency, out,
+                                 EXTRA_CONFIG.get(client))
         return [PY, "-m", "pipeline", "run", str(config)]  # progress bar on (stderr goes to a log)
     return [PY, str(SCRIPTS / "bench_baselines.py"), client, "--manifest", str(manifest),
             "--base-url", base_url, "--concurrency", str(concurrency), "--out", str(out)]
@@ -304,7 +313,7 @@ def wait_idle(limit_s: float, *, threshold: float = 0.15, probe_s: float = 1.0) 
     print(f"  (the machine did not go idle within {limit_s:.0f} s; measuring anyway)")
 
 
-def run_client(client: str, endpoint: Endpoint, manifest: Path, rows: int, concurrency: int, out: Path) -> Run:
+def run_client(client: str, endpoint: Endpoint, manifest: Path | str, rows: int, concurrency: int, out: Path) -> Run:
     if WAIT_IDLE_S > 0:
         wait_idle(WAIT_IDLE_S)
     before = _reset_window(endpoint)
@@ -573,7 +582,13 @@ def scenario_d(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
     return first.verified == "ok"
 
 
-SCENARIOS = {"a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d}
+def scenario_e(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
+    from bench_objectstore import run_scenario
+
+    return run_scenario(args, sizes, work, sys.modules[__name__])
+
+
+SCENARIOS = {"a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d, "e": scenario_e}
 
 
 # ---- main ------------------------------------------------------------------------------------------------
@@ -593,8 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark the pipeline against the SDK and naive baselines.")
     parser.add_argument("--scenario", default="a", choices=[*SCENARIOS, "all"])
     parser.add_argument("--rows", type=int, help="main row count of the scenario (a: 2000, b: 10 x concurrency, "
-                        "c: the large manifest, 200000; d: 200000)")
-    parser.add_argument("--concurrency", type=int, help="a: 64, b: 512, c: 256, d: 256")
+                        "c: the large manifest, 200000; d: 200000; e: 2000)")
+    parser.add_argument("--concurrency", type=int, help="a: 64, b: 512, c: 256, d: 256, e: 64")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in well under a minute")
     parser.add_argument("--out", help="work folder (images are cached there); a temporary one by default")
     parser.add_argument("--clients", default=",".join(CLIENTS), help="comma-separated subset of "

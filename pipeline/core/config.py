@@ -38,6 +38,7 @@ from pipeline.core.locations import (
 )
 from pipeline.core.proxy import NoProxy, ProxyURL, environment_proxies, parse_proxy_url
 from pipeline.core.redact import MASK, redact_url
+from pipeline.core.targets import RemotePath, Target
 
 #: Keys the pipeline itself owns in the request body; ``extra_body`` may not override them.
 RESERVED_BODY_KEYS = frozenset({"model", "messages", "stream"})
@@ -435,21 +436,44 @@ class RunConfig(_Model):
 
 
 class LedgerConfig(_StoreSection):
-    """Where the job's durable state lives; by default beside the output (``captions.ledger.sqlite``)."""
+    """Where the job's durable state lives; by default beside the output (``captions.ledger.sqlite``).
+
+    The ledger itself is always a local SQLite file. ``sync`` (an object-store URL) keeps a copy on a store
+    for stateless runners: restored at start when the local file is missing or older, saved every
+    ``sync_interval`` seconds and at the end; a lock object ``<sync>.lock`` expiring ``lock_ttl`` seconds
+    after its last renewal keeps two containers from running the job at once (``ops/ledgersync.py``).
+    """
 
     path: Path | None = None
     synchronous: Literal["normal", "full"] = "normal"
+    sync: RemotePath | None = None
+    sync_interval: Annotated[float, Field(gt=0)] = 300.0
+    lock_ttl: Annotated[float, Field(gt=0)] = 600.0
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _local_ledger(cls, value: Any) -> Any:
+        if isinstance(value, str) and "://" in value:
+            raise ValueError("the ledger is a local SQLite file: give a local path here and the object-store "
+                             "URL as ledger.sync")
+        return value
+
+
+#: A key naming where a file is published: URL text becomes a ``RemotePath`` (tried first), else a ``Path``.
+TargetField = Annotated[Target, Field(union_mode="left_to_right")]
 
 
 class OutputConfig(_StoreSection):
-    path: Path
+    # a local path, or an object-store URL (s3://bucket/key.parquet): staged locally, uploaded whole
+    path: TargetField
     format: OutputFormat | None = None
     if_exists: Literal["overwrite", "error"] = "overwrite"
     partition_by: Literal["run_date"] | None = None  # also write each run's rows under run_date=YYYY-MM-DD/
-    partition_dir: Path | None = None  # default: <output folder>/<output stem>/
+    # default: <output folder>/<output stem>/
+    partition_dir: TargetField | None = None
 
     @property
-    def partitions(self) -> Path:
+    def partitions(self) -> Target:
         return self.partition_dir if self.partition_dir is not None else self.path.with_suffix("")
 
     @model_validator(mode="after")
@@ -537,7 +561,7 @@ class MetricsConfig(_Model):
     which ``<job>.prom`` is written. ``job``: the ``job`` label; default the output file's stem.
     """
 
-    prometheus: Path | None = None
+    prometheus: TargetField | None = None
     job: Annotated[str, Field(min_length=1)] | None = None
 
 
@@ -588,7 +612,15 @@ class Config(_Model):
         if self.ledger.path is not None:
             return self.ledger.path
         out = self.output.path
+        assert isinstance(out, Path)  # a remote output needs ledger.path (_local_ledger_for_remote_output)
         return out.with_name(f"{out.stem}.ledger.sqlite")
+
+    @model_validator(mode="after")
+    def _local_ledger_for_remote_output(self) -> Config:
+        if isinstance(self.output.path, RemotePath) and self.ledger.path is None:
+            raise ValueError("output.path is on an object store: set ledger.path to a local file for the "
+                             "ledger (and ledger.sync to an object-store URL to keep a copy there)")
+        return self
 
 
 def job_secrets(config: Config) -> list[str]:

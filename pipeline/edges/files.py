@@ -24,14 +24,16 @@ import functools
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from pipeline.core.errors import StorageError
+from pipeline.core.targets import Target
 
-__all__ = ["atomic_path", "atomic_write_text", "published_mode", "storage_error", "storage_errors",
-           "storage_failure"]
+__all__ = ["atomic_path", "atomic_write_text", "location_exists", "published", "published_mode", "storage_error",
+           "storage_errors", "storage_failure"]
 
 _PROC_STATUS = Path("/proc/self/status")
 
@@ -59,9 +61,34 @@ def atomic_path(path: Path) -> Iterator[Path]:
             pass
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` (UTF-8) atomically."""
-    with atomic_path(path) as temporary, storage_errors(path):
+@contextmanager
+def published(path: Target, options: Mapping[str, Any] | None = None) -> Iterator[Path]:
+    """``atomic_path`` for a local ``path``; for an object-store URL, a local temporary file uploaded whole
+    when the block ends (``edges/remote.staged_upload``; fsspec is imported only then). ``options``: the
+    store's ``storage_options``, unused for a local path."""
+    if isinstance(path, Path):
+        with atomic_path(path) as temporary:
+            yield temporary
+        return
+    from pipeline.edges.remote import staged_upload
+
+    with staged_upload(path, options) as temporary:
+        yield temporary
+
+
+def location_exists(path: Target, options: Mapping[str, Any] | None = None) -> bool:
+    """``path.exists()``, also for an object-store URL (a metadata request; wrong credentials or a missing
+    bucket raise ``ObjectStoreError``)."""
+    if isinstance(path, Path):
+        return path.exists()
+    from pipeline.edges.remote import probe
+
+    return probe(path, options)
+
+
+def atomic_write_text(path: Target, text: str, options: Mapping[str, Any] | None = None) -> None:
+    """Replace ``path`` (a local file or an object) with ``text`` (UTF-8) atomically."""
+    with published(path, options) as temporary, storage_errors(path):  # type: ignore[arg-type]
         temporary.write_text(text, encoding="utf-8")
 
 

@@ -307,6 +307,21 @@ class StateStore:
                 )
         self._bumped = True
 
+    # -- snapshots -----------------------------------------------------------------------------
+
+    def snapshot(self, target: Path) -> None:
+        """Write a consistent copy of the ledger to ``target`` (a new file) with SQLite's online backup API:
+        one read transaction, so the copy is the ledger as of one commit even while a run keeps writing
+        (WAL: writers are not blocked). The copy is a plain rollback-journal database with no ``-wal``
+        beside it, ready to upload (``ledger.sync``). Call it on a connection of its own thread."""
+        with disk_errors(target):
+            copy = sqlite3.connect(target)
+            try:
+                self.db.backup(copy)
+                copy.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                copy.close()
+
     # -- meta ----------------------------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from pipeline.edges.files import atomic_path, storage_errors
+from pipeline.core.targets import Target
+from pipeline.edges.files import published, storage_errors
 
 _JSONL_BATCH = 10_000
 
@@ -65,10 +66,12 @@ SINKS: dict[str, Callable[[Path, pa.Schema], SinkWriter]] = {
 }
 
 
-def write_atomic(tables: Iterable[pa.Table], path: Path, fmt: str, schema: pa.Schema) -> int:
-    """Stream ``tables`` into ``path`` via a temporary file, fsync and rename; returns rows written."""
+def write_atomic(tables: Iterable[pa.Table], path: Target, fmt: str, schema: pa.Schema,
+                 options: Mapping[str, Any] | None = None) -> int:
+    """Stream ``tables`` into ``path`` via a temporary file, fsync and rename (an object-store URL: upload
+    the finished file whole, ``files.published``); returns rows written."""
     rows = 0
-    with atomic_path(path) as temporary:
+    with published(path, options) as temporary:
         with storage_errors(path):
             sink = SINKS[fmt](temporary, schema)
         try:

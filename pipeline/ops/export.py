@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 
 from pipeline.core.config import Config
 from pipeline.core.results import result_schema, to_table
+from pipeline.core.targets import Target
 from pipeline.edges.ledger import StateStore
 from pipeline.edges.manifest import ManifestReader
 from pipeline.edges.sinks import write_atomic
@@ -43,12 +43,13 @@ def export_output(config: Config, reader: ManifestReader, store: StateStore,
     schema = result_schema(carried)
     report = ExportReport()
     fmt = config.output.output_format or "parquet"
-    report.rows = write_atomic(_tables(reader, store, schema, report), config.output.path, fmt, schema)
+    report.rows = write_atomic(_tables(reader, store, schema, report), config.output.path, fmt, schema,
+                               config.storage_options_for("output"))
     return report
 
 
 def export_partition(config: Config, reader: ManifestReader, store: StateStore, run_id: int,
-                     carried: pa.Schema | None = None) -> Path | None:
+                     carried: pa.Schema | None = None) -> Target | None:
     """The rows run ``run_id`` finished, as ``<partitions>/run_date=YYYY-MM-DD/part-runNNNNN.<fmt>``.
 
     Hive-style folders, so pandas, pyarrow, DuckDB and Polars read the whole tree as one table with a
@@ -66,7 +67,7 @@ def export_partition(config: Config, reader: ManifestReader, store: StateStore, 
     started = run["started_at"]
     fmt = config.output.output_format or "parquet"
     path = config.output.partitions / f"run_date={started[:10]}" / f"part-run{run_id:05d}.{fmt}"
-    write_atomic(tables, path, fmt, schema)
+    write_atomic(tables, path, fmt, schema, config.storage_options_for("output"))
     return path
 
 

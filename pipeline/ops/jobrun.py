@@ -25,6 +25,7 @@ from pipeline.core.config import Config
 from pipeline.core.errors import ConfigError, PipelineError, StorageError
 from pipeline.edges.ledger import JobLock, StateStore, job_lock_path
 from pipeline.edges.manifest import ManifestInfo
+from pipeline.ops.ledgersync import LedgerSync
 from pipeline.ops.publish import export_run, owe_partition, publish_report, run_report
 from pipeline.run.local import LocalEngine
 from pipeline.run.plan import Plan
@@ -84,14 +85,36 @@ class JobRun:
         with JobLock(job_lock_path(ledger)):
             if self.fresh:
                 _backup(ledger)
-            synchronous = self.config.ledger.synchronous.upper()
-            with StateStore(ledger, synchronous=synchronous) as store, \
-                 StateStore(ledger, synchronous=synchronous) as lookups:
-                try:
-                    await self._run_locked(store, lookups, info, base_url, started)
-                except StorageError as exc:
-                    self._record_storage_failure(store, exc, started)
-                    raise
+            sync = await self._start_sync()
+            try:
+                await self._run_on_ledger(ledger, info, base_url, started)
+            except BaseException:
+                if sync is not None:
+                    with contextlib.suppress(Exception):  # noqa: BLE001 - the run's own error is the news
+                        await asyncio.to_thread(sync.finish)
+                raise
+            if sync is not None and (failure := await asyncio.to_thread(sync.finish)) is not None:
+                raise failure
+
+    async def _run_on_ledger(self, ledger: Path, info: ManifestInfo, base_url: str | None, started: float) -> None:
+        synchronous = self.config.ledger.synchronous.upper()
+        with StateStore(ledger, synchronous=synchronous) as store, \
+             StateStore(ledger, synchronous=synchronous) as lookups:
+            try:
+                await self._run_locked(store, lookups, info, base_url, started)
+            except StorageError as exc:
+                self._record_storage_failure(store, exc, started)
+                raise
+
+    async def _start_sync(self) -> LedgerSync | None:
+        """``ledger.sync``: take the lock object and restore the ledger from the store (``--fresh``: keep
+        the store's copy out of it; the first save replaces it)."""
+        if self.config.ledger.sync is None:
+            return None
+        loop = asyncio.get_running_loop()
+        sync = LedgerSync(self.config, on_lost_lock=lambda: loop.call_soon_threadsafe(self.engine.stop))
+        await asyncio.to_thread(sync.start, restore=not self.fresh)
+        return sync
 
     @property
     def config_digest(self) -> str:

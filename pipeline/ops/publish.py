@@ -8,11 +8,12 @@ import asyncio
 import json
 import logging
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import Config, job_secrets
 from pipeline.core.errors import StorageError
+from pipeline.core.targets import Target
+from pipeline.edges.files import location_exists
 from pipeline.edges.ledger import StateStore
 from pipeline.edges.manifest import ManifestInfo
 from pipeline.ops.export import ExportReport, export_output, export_partition
@@ -41,7 +42,8 @@ async def export_run(config: Config, plan: Plan, store: StateStore, info: Manife
         "carried": info.carried.names,
     })
     previous = json.loads(store.get_meta("export") or "{}")
-    unchanged = previous.get("signature") == signature and config.output.path.exists()
+    unchanged = previous.get("signature") == signature and await asyncio.to_thread(
+        location_exists, config.output.path, config.storage_options_for("output"))
     if unchanged:
         report = ExportReport(**previous["report"])
     else:
@@ -68,7 +70,7 @@ def owe_partition(config: Config, store: StateStore, run_id: int) -> None:
 
 
 async def _export_owed_partitions(config: Config, plan: Plan, store: StateStore, info: ManifestInfo,
-                                  run_id: int, *, changed: bool) -> Path | None:
+                                  run_id: int, *, changed: bool) -> Target | None:
     """This run's partition and any an earlier run still owes; returns this run's (None: no rows, as when
     nothing ``changed`` in the ledger since the last export)."""
     owed = sorted({*json.loads(store.get_meta(PARTITIONS_OWED) or "[]"), run_id})
@@ -99,15 +101,16 @@ async def publish_report(config: Config, summary: RunSummary, report: dict[str, 
     if not report:
         return None
     failure = None
+    options = config.storage_options_for("output")
     try:
-        summary.report_path = (await asyncio.to_thread(write_reports, report, config.output.path))[0]
+        summary.report_path = (await asyncio.to_thread(write_reports, report, config.output.path, options))[0]
     except StorageError as exc:
         failure = exc
     if config.metrics.prometheus is not None:
         job = config.metrics.job or config.output.path.stem
         try:
             await asyncio.to_thread(write_prometheus, render_prometheus(report, job),
-                                    prometheus_path(config.metrics.prometheus, job))
+                                    prometheus_path(config.metrics.prometheus, job), options)
         except StorageError as exc:
             failure = failure or exc
     if failure is not None:

@@ -32,11 +32,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pipeline.core.redact import redact, redact_url
+from pipeline.core.targets import Target
+from pipeline.edges.files import atomic_write_text
+from pipeline.edges.ledger import StateStore
 
 if TYPE_CHECKING:
     from pipeline.core.config import Egress
-from pipeline.edges.files import atomic_write_text
-from pipeline.edges.ledger import StateStore
 
 log = logging.getLogger("pipeline.ops.report")
 
@@ -259,17 +260,19 @@ def _throughput(numbers: _RunNumbers, rows_ok: int, elapsed: float) -> dict[str,
 # --- files ------------------------------------------------------------------------------------------
 
 
-def report_paths(output_path: Path) -> tuple[Path, Path]:
-    """``<output stem>.summary.json`` and ``.summary.md`` beside the output."""
+def report_paths(output_path: Target) -> tuple[Target, Target]:
+    """``<output stem>.summary.json`` and ``.summary.md`` beside the output (a local file or an object)."""
     return (output_path.with_name(f"{output_path.stem}.summary.json"),
             output_path.with_name(f"{output_path.stem}.summary.md"))
 
 
-def write_reports(report: Mapping[str, Any], output_path: Path) -> tuple[Path, Path]:
-    """Write the report beside the output as JSON and Markdown (each atomically); returns both paths."""
+def write_reports(report: Mapping[str, Any], output_path: Target,
+                  options: Mapping[str, Any] | None = None) -> tuple[Target, Target]:
+    """Write the report beside the output as JSON and Markdown (each atomically); returns both paths.
+    ``options``: the store's ``storage_options`` when the output is an object-store URL."""
     json_path, md_path = report_paths(output_path)
-    atomic_write_text(json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    atomic_write_text(md_path, render_markdown(report))
+    atomic_write_text(json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n", options)
+    atomic_write_text(md_path, render_markdown(report), options)
     return json_path, md_path
 
 
@@ -486,14 +489,16 @@ def render_prometheus(report: Mapping[str, Any], job: str) -> str:
     return "\n".join(prom.lines) + "\n"
 
 
-def prometheus_path(target: Path, job: str) -> Path:
-    """A configured ``.prom`` file as is, or ``<job>.prom`` inside a configured textfile-collector folder."""
-    return target / f"{job}.prom" if target.is_dir() or not target.suffix else target
+def prometheus_path(target: Target, job: str) -> Target:
+    """A configured ``.prom`` file as is, or ``<job>.prom`` inside a configured textfile-collector folder
+    (on an object store: a URL without a suffix, or ending in ``/``, is a folder)."""
+    folder = target.is_dir() if isinstance(target, Path) else target.endswith("/")
+    return target / f"{job}.prom" if folder or not target.suffix else target
 
 
-def write_prometheus(text: str, path: Path) -> Path:
+def write_prometheus(text: str, path: Target, options: Mapping[str, Any] | None = None) -> Target:
     """Atomically replace the job's ``.prom`` file (node_exporter may read it at any moment)."""
-    atomic_write_text(path, text)
+    atomic_write_text(path, text, options)
     return path
 
 

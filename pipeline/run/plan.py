@@ -17,6 +17,8 @@ from pipeline.core.config import Config
 from pipeline.core.errors import ConfigError, PipelineError
 from pipeline.core.request import answer_params_digest, input_digest, render_prompt
 from pipeline.core.results import RESULT_COLUMNS
+from pipeline.core.targets import RemotePath
+from pipeline.edges.files import location_exists
 from pipeline.edges.ledger import StateStore
 from pipeline.edges.manifest import ManifestInfo, Row
 from pipeline.edges.tables import manifest_reader
@@ -66,7 +68,12 @@ class Plan:
         check_tls_files(self.config)
         self._check_store_images()
         output = self.config.output
-        if output.if_exists == "error" and output.path.exists():
+        # an object-store output is probed even when it may be overwritten: wrong credentials or a missing
+        # bucket are one ObjectStoreError (exit code 2) now, not a failed upload after every row was paid for
+        remote = isinstance(output.path, RemotePath)
+        exists = (output.if_exists == "error" or remote) and location_exists(
+            output.path, self.config.storage_options_for("output"))
+        if output.if_exists == "error" and exists:
             raise ConfigError(
                 f"output.path {output.path} exists and output.if_exists is 'error'; "
                 "move it away or set output.if_exists: overwrite"
