@@ -185,7 +185,7 @@ def _failures(failures: Sequence[FailureGroup]) -> str:
         extra = f'<p class="note">and {more:,} more rows</p>' if more > 0 else ""
         groups.append(
             f'<details class="group" open><summary><span class="etype">{_e(group.error_type)}</span> '
-            f"{group.count:,} rows "
+            f"{group.count:,} row{'' if group.count == 1 else 's'} "
             f'<button type="button" class="show-type" data-error="{_e(group.error_type)}">show these cards</button>'
             f"</summary><table><thead><tr><th>row</th><th>message</th></tr></thead><tbody>{rows}</tbody></table>"
             f"{extra}</details>")
