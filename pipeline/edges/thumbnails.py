@@ -65,5 +65,5 @@ def _webp(data: bytes, side: int, quality: int) -> bytes:
         has_alpha = shown.mode in ("RGBA", "LA") or (shown.mode == "P" and "transparency" in shown.info)
         shown = shown.convert("RGBA" if has_alpha else "RGB")
         out = io.BytesIO()
-        shown.save(out, "WEBP", quality=quality, method=4)
+        shown.save(out, "WEBP", quality=quality, method=0)  # 3x faster than the default 4, ~10% larger
         return out.getvalue()

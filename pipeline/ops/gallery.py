@@ -184,10 +184,13 @@ def _cards(config: Config, picked: _Picked, columns: Sequence[str], secrets: Seq
     for row_id, status, finished in picked.rows:
         row = picked.manifest.get(row_id)
         thumb, note = _thumb(config, row, budget)
-        budget -= len(thumb or "")
+        budget = 0 if note == _OVER_BUDGET else budget - len(thumb or "")  # once one is over, so are the rest
         outcome = picked.outcomes.get(row_id)
         cards.append(_card(row_id, status, finished, row, outcome, columns, secrets, thumb, note))
     return cards
+
+
+_OVER_BUDGET = "left out (size bound)"
 
 
 def _thumb(config: Config, row: Row | None, budget: int) -> tuple[str | None, str]:
@@ -198,12 +201,12 @@ def _thumb(config: Config, row: Row | None, budget: int) -> tuple[str | None, st
     if path is None:
         return None, "remote image"
     if budget <= 0:
-        return None, "left out (size bound)"
+        return None, _OVER_BUDGET
     data = thumbnail(path, root=config.input.root, max_source_bytes=config.images.max_source_bytes)
     if data is None:
         return None, "no image to show"
     uri = "data:image/webp;base64," + base64.b64encode(data).decode("ascii")
-    return (uri, "") if len(uri) <= budget else (None, "left out (size bound)")
+    return (uri, "") if len(uri) <= budget else (None, _OVER_BUDGET)
 
 
 def _card(row_id: str, status: str, finished: str, row: Row | None, outcome: Outcome | None,
