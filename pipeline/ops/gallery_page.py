@@ -141,13 +141,13 @@ def _state(report: Mapping[str, Any]) -> str:
 
 
 def _scope_text(header: Header) -> str:
-    where = (f"rows run #{header.scope_run} finished" if header.scope_run is not None
-             else "every row of the job with an outcome")
+    where = (f"run #{header.scope_run} finished" if header.scope_run is not None
+             else "with an outcome in the job")
     how = {"failed-first": "failed rows first, then the newest", "newest": "the newest first",
            "random": f"a random sample (seed {header.seed})"}[header.sample]
     shown = min(header.limit, header.rows)
-    return (f"Cards: {shown:,} of {header.rows:,} {where} ({header.rows_failed:,} failed), {how}. "
-            f"Numbers and charts: run #{header.run_id}.")
+    return (f"{shown:,} cards of the {header.rows:,} rows {where} ({header.rows_failed:,} failed), {how}. "
+            f"The numbers and charts are run #{header.run_id}'s.")
 
 
 def _fmt(value: Any, digits: int = 0) -> str:
@@ -292,7 +292,7 @@ def _histogram(latencies: Sequence[float]) -> str:
     for value in latencies:
         counts[min(int((value - low) / step), _HIST_BINS - 1)] += 1
     titles = [f"{low + i * step:,.0f}–{low + (i + 1) * step:,.0f} ms: {n:,} requests" for i, n in enumerate(counts)]
-    return _bars([float(n) for n in counts], titles, "0 ms", f"{high:,.0f} ms", f"{max(counts):,} requests")
+    return _bars([float(n) for n in counts], titles, "0 ms", f"{high:,.0f} ms", f"{max(counts):,} requests (peak)")
 
 
 def _throughput(finish_times: Sequence[float]) -> str:
@@ -306,7 +306,7 @@ def _throughput(finish_times: Sequence[float]) -> str:
         counts[min(int((moment - start) / step), _RATE_BUCKETS - 1)] += 1
     rates = [n / step for n in counts]
     titles = [f"{_clock(start + i * step)}: {rate:,.1f} rows/s" for i, rate in enumerate(rates)]
-    return _bars(rates, titles, _clock(start), f"{_clock(end)} ({span:,.1f} s)", f"{max(rates):,.1f} rows/s")
+    return _bars(rates, titles, _clock(start), f"{_clock(end)} ({span:,.1f} s)", f"{max(rates):,.1f} rows/s (peak)")
 
 
 def _clock(seconds: float) -> str:
