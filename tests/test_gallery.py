@@ -102,6 +102,29 @@ async def test_gallery_in_chromium(job: Path, tmp_path: Path) -> None:
         assert page.dialogs == [] and page.console_errors == [], (page.dialogs, page.console_errors)
 
 
+async def test_pager_in_chromium(job: Path, tmp_path: Path) -> None:
+    """The pager shows ``page_size`` cards at a time, next / previous walk through every card once, and a
+    filter starts again at page 1 over the matching cards only."""
+    out = tmp_path / "paged.html"
+    write_gallery(load_config(job), GalleryOptions(page_size=5), out=out)
+    visible = "[...document.querySelectorAll('#grid .card')].filter(c => !c.hidden).map(c => c.dataset.id)"
+    async with chromium(tmp_path / "profile") as browser:
+        page = await browser.open(out.as_uri())
+        seen = [await page.evaluate(visible)]
+        for _ in range(2):
+            await page.click("#next")
+            seen.append(await page.evaluate(visible))
+        assert [len(ids) for ids in seen] == [5, 5, 2] and len({i for ids in seen for i in ids}) == ROWS
+        assert await page.evaluate("document.getElementById('next').disabled") is True
+        assert await page.evaluate("document.getElementById('page').textContent") == "page 3 of 3"
+        await page.click("#prev")
+        assert await page.evaluate(visible) == seen[1]
+        await page.click("#f-status-failed")
+        assert sorted(await page.evaluate(visible)) == sorted(FAILED)
+        assert await page.evaluate("document.getElementById('page').textContent") == "page 1 of 1"
+        assert page.dialogs == [] and page.console_errors == [], (page.dialogs, page.console_errors)
+
+
 def test_page_is_self_contained_masked_and_complete(job: Path) -> None:
     """Nothing to fetch (no http(s) URL in any src/href, only data: images, a CSP that forbids the rest), no
     secret anywhere (the key a 401 quoted back and the one an answer said), markup escaped, the failures

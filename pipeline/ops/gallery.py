@@ -58,6 +58,7 @@ class GalleryOptions:
     sample: GallerySample = "failed-first"
     seed: int = 0
     max_bytes: int = GALLERY_MAX_BYTES
+    page_size: int = gallery_page.PAGE_SIZE  # cards the browser shows at a time
 
     @classmethod
     def from_config(cls, config: Config, **overrides: Any) -> GalleryOptions:
@@ -129,7 +130,7 @@ def _build(config: Config, store: StateStore, options: GalleryOptions,
         sample=options.sample, limit=options.limit, seed=options.seed, columns=columns,
         generated_at=datetime.now(UTC).isoformat(timespec="seconds"))
     return gallery_page.render(header, cards, failures, _latencies(times), _finish_times(times),
-                               max_bytes=options.max_bytes)
+                               max_bytes=options.max_bytes, page_size=options.page_size)
 
 
 def _run_id(store: StateStore, wanted: int | None) -> int:

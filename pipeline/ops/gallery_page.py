@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-#: Cards per page in the browser; the filters look at every card, the pager shows this many at a time.
+#: Cards per page in the browser (default); the filters look at every card, the pager shows this many.
 PAGE_SIZE = 60
 _HIST_BINS, _RATE_BUCKETS = 20, 30
 _CHART_W, _CHART_H = 360, 120
@@ -85,11 +85,12 @@ def _e(value: Any) -> str:
 
 
 def render(header: Header, cards: Sequence[Card], failures: Sequence[FailureGroup], latencies: Sequence[float],
-           finish_times: Sequence[float], *, max_bytes: int) -> Page:
-    """The whole page, with as many of ``cards`` (in order) as fit in ``max_bytes``."""
+           finish_times: Sequence[float], *, max_bytes: int, page_size: int = PAGE_SIZE) -> Page:
+    """The whole page, with as many of ``cards`` (in order) as fit in ``max_bytes``, ``page_size`` at a time."""
     parts = [_card(card, index, header.columns) for index, card in enumerate(cards)]
     error_types = sorted({g.error_type for g in failures} | {c.error_type for c in cards if c.error_type})
-    frame = _frame(header, failures, error_types, _charts(latencies, finish_times))
+    frame = _frame(header, failures, error_types, _charts(latencies, finish_times)).replace(
+        '<div id="grid">', f'<div id="grid" data-page-size="{int(page_size)}">', 1)
     total = len(frame.encode("utf-8")) + 400  # room for the left-out notice
     kept: list[str] = []
     for part in parts:
@@ -350,8 +351,8 @@ color:var(--mute)}.kv dd{margin:0;word-break:break-word}
 _SCRIPT = """
 (function () {
   "use strict";
-  var PAGE = %d;
   var byId = function (id) { return document.getElementById(id); };
+  var PAGE = Math.max(1, parseInt(byId("grid").getAttribute("data-page-size"), 10) || 60);
   var cards = Array.prototype.slice.call(document.querySelectorAll("#grid .card"));
   var texts = cards.map(function (card) {
     var caption = card.querySelector(".caption");
@@ -404,4 +405,4 @@ _SCRIPT = """
   apply(true);
   document.body.setAttribute("data-ready", "1");
 })();
-""" % PAGE_SIZE
+"""
