@@ -175,6 +175,19 @@ def test_size_bound_leaves_cards_out(job: Path, tmp_path: Path) -> None:
     assert f"{small.left_out} more cards were left out" in (tmp_path / "small.html").read_text()
 
 
+def test_a_missing_manifest_still_gives_a_page(job: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The ledger alone: every card with its caption and outcome, no images or columns, and a warning."""
+    document = yaml.safe_load(job.read_text())
+    document["input"]["manifest"] = str(tmp_path / "gone.csv")
+    moved = tmp_path / "job.yaml"
+    moved.write_text(yaml.safe_dump(document))
+    result = write_gallery(load_config(moved), out=tmp_path / "g.html")
+    page = (tmp_path / "g.html").read_text()
+    assert result.cards == ROWS and result.thumbnails == 0 and html.escape(MARKUP) in page
+    assert page.count("not in the manifest") == ROWS
+    assert any("gone.csv" in r.getMessage() for r in caplog.records if r.name == "pipeline.ops.gallery")
+
+
 def test_a_gallery_error_never_fails_the_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A page that cannot be written (a folder sits where it goes) is a warning; the run ends as it would."""
     config_path = write_job(tmp_path)

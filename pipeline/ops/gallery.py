@@ -20,6 +20,7 @@ every text is HTML-escaped (``gallery_page.py``): a caption that says ``<script>
 from __future__ import annotations
 
 import base64
+import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import Config, GallerySample, job_secrets
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, ManifestError
 from pipeline.core.redact import redact, redact_url
 from pipeline.core.results import RESULT_COLUMNS
 from pipeline.edges.files import atomic_write_text
@@ -37,6 +38,8 @@ from pipeline.edges.manifest import ManifestReader, Row
 from pipeline.edges.thumbnails import local_image_path, thumbnail
 from pipeline.ops import gallery_page
 from pipeline.ops.report import build_report
+
+log = logging.getLogger("pipeline.ops.gallery")
 
 #: The page never grows past this: cards are left out from the end of the sample until it fits.
 GALLERY_MAX_BYTES = 8 * 1024 * 1024
@@ -118,9 +121,7 @@ def _build(config: Config, store: StateStore, options: GalleryOptions,
     picked = _Picked(pick_rows(finished, options.limit, options.sample, options.seed))
     ids = [row_id for row_id, _, _ in picked.rows]
     picked.outcomes = store.outcomes(ids)
-    reader = ManifestReader(config.input, reserved=RESULT_COLUMNS)
-    picked.manifest = _manifest_rows(reader, set(ids))
-    columns = reader.carried_columns[:MAX_COLUMNS]
+    picked.manifest, columns = _manifest_rows(config, set(ids))
     cards = _cards(config, picked, columns, secrets)
     times = list(store.finished_requests(run_id, ("latency_ms", "finished_at")))
     failures = _failures(store.failure_groups(FAILURE_EXAMPLES, run_id=options.run_id)[:MAX_ERROR_TYPES], secrets)
@@ -167,16 +168,22 @@ def pick_rows(rows: Sequence[tuple[str, str, str]], limit: int, sample: GalleryS
     return ordered[:limit]
 
 
-def _manifest_rows(reader: ManifestReader, wanted: set[str]) -> dict[str, Row]:
-    """The manifest rows of the chosen ids (paths and carried columns); stops reading once all are found."""
+def _manifest_rows(config: Config, wanted: set[str]) -> tuple[dict[str, Row], list[str]]:
+    """The manifest rows of the chosen ids (paths and carried columns; reading stops once all are found),
+    and the carried column names. A manifest that is gone or unreadable still gives a page, from the
+    ledger alone (no images, no columns): the captions are what people came for."""
+    reader = ManifestReader(config.input, reserved=RESULT_COLUMNS)
     found: dict[str, Row] = {}
-    if not wanted:
-        return found
-    for batch in reader.batches():
-        found.update((row.id, row) for row in batch if row.id in wanted)
-        if len(found) == len(wanted):
-            break
-    return found
+    try:
+        columns = reader.carried_columns[:MAX_COLUMNS]
+        for batch in reader.batches() if wanted else ():
+            found.update((row.id, row) for row in batch if row.id in wanted)
+            if len(found) == len(wanted):
+                break
+    except ManifestError as exc:
+        log.warning("gallery: %s; the cards show no images or manifest columns", exc)
+        return {}, []
+    return found, columns
 
 
 def _cards(config: Config, picked: _Picked, columns: Sequence[str], secrets: Sequence[str]) -> list[gallery_page.Card]:
