@@ -331,7 +331,7 @@ border-radius:6px;padding:6px}figcaption{font-size:12px;color:var(--mute)}
 .group{background:#fff;border:1px solid var(--line);border-radius:6px;margin:6px 0;padding:4px 10px}
 .group summary{cursor:pointer}.etype{font-weight:600;color:var(--bad)}
 table{border-collapse:collapse;width:100%;font-size:12px}td,th{text-align:left;border-top:1px solid var(--line);
-padding:2px 6px;vertical-align:top;word-break:break-word}
+padding:2px 6px;vertical-align:top;word-break:break-word}td:first-child,th:first-child{width:14em}
 .filters,.pager{display:flex;flex-wrap:wrap;gap:10px;align-items:center;margin:6px 0}
 .seg button{border:1px solid #999;background:#fff;padding:3px 10px;cursor:pointer}
 .seg button[aria-pressed=true]{background:var(--ink);color:#fff}
