@@ -118,10 +118,39 @@ def _add_job_commands(commands: Any, logging_options: argparse.ArgumentParser) -
                                  description="Write output.path from the ledger (safe while a run is going on).")
     export.add_argument("config", type=Path, help="YAML or TOML job config")
 
+    _add_gallery_command(commands)
+
     validate = commands.add_parser("validate", help="check a config and its manifest without sending anything",
                                    description="Check a config file and the manifest's columns and ids; "
                                    "prints 'ok' or one precise error.")
     validate.add_argument("config", type=Path, help="YAML or TOML job config")
+
+
+def _add_gallery_command(commands: Any) -> None:
+    gallery = commands.add_parser(
+        "gallery", help="write an HTML page of thumbnails, captions and failures (opens offline)",
+        description="Write one self-contained HTML page from the job's ledger: the run's numbers and charts, "
+        "failures by error type, and a card per row (thumbnail, caption, columns, tokens, latency) with "
+        "filters. Nothing is downloaded: remote images get a placeholder. Safe while a run is going on.")
+    gallery.add_argument("config", type=Path, help="YAML or TOML job config")
+    gallery.add_argument("--run", type=int, metavar="N",
+                         help="run N's numbers and only the rows it finished (default: the last run's numbers "
+                         "over every row of the job)")
+    gallery.add_argument("--out", type=Path, metavar="FILE.html",
+                         help="where to write it (default: <output stem>.gallery.html beside the output)")
+    gallery.add_argument("--limit", type=_card_limit, metavar="N",
+                         help="at most N cards (default: report.gallery_limit, 500; at most 5000)")
+    gallery.add_argument("--sample", choices=["failed-first", "newest", "random"],
+                         help="which rows get cards when there are more than --limit (default: "
+                         "report.gallery_sample, failed-first)")
+    gallery.add_argument("--seed", type=int, metavar="S",
+                         help="seed of --sample random: the same seed picks the same rows (default: 0)")
+
+
+def _card_limit(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 5_000:
+        raise argparse.ArgumentTypeError(f"expected a whole number of cards from 1 to 5000, got {text!r}")
+    return int(text)
 
 
 def _progress_options(command: argparse.ArgumentParser) -> None:
@@ -183,8 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, getattr(args, "log_format", "text"))
     handlers = {"run": _run, "retry": _run, "validate": _validate, "serve": _serve, "status": _status,
-                "runs": _runs, "export": _export, "estimate": _estimate, "schedule": _schedule,
-                "scheduler": _scheduler}
+                "runs": _runs, "export": _export, "gallery": _gallery, "estimate": _estimate,
+                "schedule": _schedule, "scheduler": _scheduler}
     code = 1  # what Python exits with after an uncaught exception
     try:
         code = _handle(handlers[args.command], args)
@@ -331,6 +360,8 @@ def _print_summary(summary: RunSummary, report: dict[str, Any]) -> None:
         print(f"  partition  {summary.partition_path}")
     if summary.report_path is not None:
         print(f"  report     {summary.report_path} (and .md)")
+    if summary.gallery_path is not None:
+        print(f"  gallery    {summary.gallery_path}")
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -426,6 +457,16 @@ def _export(args: argparse.Namespace) -> int:
     report = export_job(config)
     print(f"wrote {config.output.path}: {report.rows} rows ({report.rows_ok} ok, {report.rows_failed} failed) "
           f"for {report.manifest_rows_done} manifest rows ({report.ok} ok, {report.failed} failed)")
+    return ExitCode.OK
+
+
+def _gallery(args: argparse.Namespace) -> int:
+    from pipeline.ops.gallery import GalleryOptions, summary_of, write_gallery
+
+    config = load_config(args.config)
+    options = GalleryOptions.from_config(config, run_id=args.run, limit=args.limit, sample=args.sample,
+                                         seed=args.seed)
+    print(summary_of(write_gallery(config, options, out=args.out)))
     return ExitCode.OK
 
 

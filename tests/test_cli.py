@@ -133,6 +133,9 @@ def test_shipped_demo_job_captions_every_sample_image(tmp_path):
     assert len(rows) == len(images) >= 24
     assert all(r["status"] == "ok" and len(r["content"]) > 20 for r in rows)
     assert sorted(r["path"] for r in rows) == sorted(p.name for p in images)
+    gallery = (tmp_path / "out" / "demo" / "captions.gallery.html").read_text()  # report.gallery: true
+    assert gallery.count('<article class="card ok"') == gallery.count("data:image/webp;base64,") == len(images)
+    assert "gallery    out/demo/captions.gallery.html" in result.stdout
 
 
 def test_bad_fault_spec_and_empty_manifest_exit_2(tmp_path):

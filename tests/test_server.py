@@ -431,6 +431,23 @@ async def test_status_fault_sets_rate_limit_headers(local_endpoint: LocalEndpoin
         "message": "try again later", "type": "server_error", "param": None, "code": None}
 
 
+async def test_say_answers_its_text_as_the_caption(local_endpoint: LocalEndpoint,
+                                                  session: aiohttp.ClientSession) -> None:
+    """``say:text=`` replaces the description (markup and commas kept), streamed like any answer, only for
+    the requests it matches; without text it is refused with a precise message."""
+    local_endpoint.faults.add("say:text=<script>alert(1)</script>, as text,match=row-7")
+    body = chat_body(RED_JPEG, text="Describe row-7.", stream=True, stream_options={"include_usage": True})
+    status, _, raw = await post(session, local_endpoint, body)
+    *chunks, usage = chunk_objects(raw)
+    words = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert status == 200 and words == "<script>alert(1)</script>, as text"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and usage["usage"]["completion_tokens"] == 3
+    status, _, text = await post(session, local_endpoint, chat_body(RED_JPEG, text="Describe row-8."))
+    assert json.loads(text)["choices"][0]["message"]["content"] == caption(describe_image(RED_JPEG))
+    with pytest.raises(ValueError, match="say needs text=TEXT"):
+        parse_fault_spec("say:match=row-7")
+
+
 async def test_drop_closes_without_response(local_endpoint: LocalEndpoint,
                                             session: aiohttp.ClientSession) -> None:
     local_endpoint.faults.add("drop:times=1")

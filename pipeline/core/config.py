@@ -565,6 +565,24 @@ class MetricsConfig(_Model):
     job: Annotated[str, Field(min_length=1)] | None = None
 
 
+#: How ``pipeline gallery`` (and ``report.gallery``) choose the cards when a job has more rows than the limit.
+GallerySample = Literal["failed-first", "newest", "random"]
+
+
+class ReportConfig(_Model):
+    """What is written beside the output after every run, besides the summary JSON / Markdown.
+
+    ``gallery``: ``<output stem>.gallery.html``, one self-contained page of thumbnails and captions
+    (``pipeline.ops.gallery``); ``gallery_limit`` cards at most, chosen by ``gallery_sample`` (``random``
+    draws with ``gallery_seed``, so the same ledger gives the same page).
+    """
+
+    gallery: bool = False
+    gallery_limit: Annotated[int, Field(ge=1, le=5_000)] = 500
+    gallery_sample: GallerySample = "failed-first"
+    gallery_seed: int = 0
+
+
 class Config(_Model):
     endpoint: EndpointConfig = EndpointConfig()
     request: RequestConfig
@@ -576,6 +594,7 @@ class Config(_Model):
     limits: LimitsConfig = LimitsConfig()
     notify: NotifyConfig = NotifyConfig()
     metrics: MetricsConfig = MetricsConfig()
+    report: ReportConfig = ReportConfig()
     storage_options: StorageOptions = Field(default_factory=dict)
 
     def __repr_args__(self) -> Any:

@@ -17,6 +17,7 @@ from pipeline.edges.files import location_exists
 from pipeline.edges.ledger import StateStore
 from pipeline.edges.manifest import ManifestInfo
 from pipeline.ops.export import ExportReport, export_output, export_partition
+from pipeline.ops.gallery import summary_of, write_gallery
 from pipeline.ops.report import (
     build_report,
     notify_wanted,
@@ -106,6 +107,8 @@ async def publish_report(config: Config, summary: RunSummary, report: dict[str, 
         summary.report_path = (await asyncio.to_thread(write_reports, report, config.output.path, options))[0]
     except StorageError as exc:
         failure = exc
+    if config.report.gallery:
+        summary.gallery_path = await asyncio.to_thread(_write_gallery, config, report)
     if config.metrics.prometheus is not None:
         job = config.metrics.job or config.output.path.stem
         try:
@@ -119,3 +122,15 @@ async def publish_report(config: Config, summary: RunSummary, report: dict[str, 
         await post_webhook(config.notify.webhook_url.get_secret_value(), report, timeout=config.notify.timeout,
                            egress=config.webhook_egress)
     return failure
+
+
+def _write_gallery(config: Config, report: dict[str, Any]) -> Target | None:
+    """``report.gallery``: the page beside the summary. A page is a view, never the run's outcome: any error
+    building it is logged as a warning and the run ends as it would have without it."""
+    try:
+        result = write_gallery(config, report=report)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.warning("gallery not written (the run's outcome is unchanged): %s: %s", type(exc).__name__, exc)
+        return None
+    log.info("%s", summary_of(result))
+    return result.path

@@ -67,6 +67,7 @@ class RunSummary:
     max_failed_fraction: float = 0.0
     report_path: Path | None = None
     partition_path: Path | None = None
+    gallery_path: Path | None = None  # report.gallery: the page written after the run
     errors: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -90,7 +91,7 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["output"] = str(self.output)
-        for name in ("report_path", "partition_path"):
+        for name in ("report_path", "partition_path", "gallery_path"):
             data[name] = str(data[name]) if data[name] is not None else None
         data["errors"] = dict(self.errors)
         return data

@@ -67,16 +67,17 @@ class Answer:
     usage: Usage
 
 
-def plan_answer(request: ChatRequest, facts: Mapping[str, ImageFacts]) -> Answer:
-    """Build every choice of the answer; ``facts`` maps image sha256 to its described facts."""
+def plan_answer(request: ChatRequest, facts: Mapping[str, ImageFacts], say: str | None = None) -> Answer:
+    """Build every choice of the answer; ``facts`` maps image sha256 to its described facts. ``say`` (a
+    ``say`` fault rule's text) replaces the description, so a test can get any caption it needs."""
     question = [facts[image.sha256] for image in request.question_images]
-    choices = tuple(_plan_choice(request, question, index) for index in range(request.n))
+    choices = tuple(_plan_choice(request, question, index, say) for index in range(request.n))
     completion = sum(len(choice.pieces) for choice in choices)
     return Answer(choices, Usage(prompt_tokens(request, facts), completion))
 
 
-def _plan_choice(request: ChatRequest, question: list[ImageFacts], index: int) -> ChoicePlan:
-    text = described_text(question, index)
+def _plan_choice(request: ChatRequest, question: list[ImageFacts], index: int, say: str | None) -> ChoicePlan:
+    text = described_text(question, index) if say is None else say
     first = question[0] if question else None
     if request.function is not None:
         arguments = json.dumps(fill_arguments(request.function.parameters, first, text))

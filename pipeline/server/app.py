@@ -141,7 +141,7 @@ async def _answer_chat(request: web.Request, state: EndpointState) -> web.Stream
         early = await answer_before_headers(exchange)
         if early is not None:
             return early
-        answer = plan_answer(chat, facts)
+        answer = plan_answer(chat, facts, rule.text if rule is not None and rule.kind == "say" else None)
         header = CompletionHeader.new(chat.model, int(time.time()))
         if chat.stream:
             return await send_stream(exchange, stream_chunks(answer, header, include_usage=chat.include_usage))

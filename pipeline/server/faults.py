@@ -10,8 +10,11 @@ headers, as a proxy in front of vLLM would) while N requests are already being a
 refilled at N per minute, is empty; with ``headers=1`` it also sends OpenAI's ``x-ratelimit-*-requests``
 headers, on the 429 and on every answer it lets through. A bucket, not a 60 s window, because that is how
 providers enforce per-minute limits (over short slices) and because a 60 s window could not tell pacing
-from bursting in a test that lasts seconds. Limit rules are checked before every other rule. Rules are plain synchronous objects: mutating a plan from a test running in the
-server's event loop is safe because nothing here awaits.
+from bursting in a test that lasts seconds. Limit rules are checked before every other rule.
+
+``say:text=TEXT`` is no fault either: it answers normally with TEXT as the caption (for a test that needs a
+given caption, markup and all). Rules are plain synchronous objects: mutating a plan from a test running in
+the server's event loop is safe because nothing here awaits.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 #: Every fault kind, in the order the docs list them.
 FAULT_KINDS: tuple[str, ...] = (
     "status", "drop", "truncate", "stall", "stall_first_byte", "slow", "error_event", "malformed", "down",
-    "linger", "html", "echo_auth", "concurrency_limit", "rpm_limit",
+    "linger", "html", "echo_auth", "concurrency_limit", "rpm_limit", "say",
 )
 
 #: Kinds that limit load rather than misbehave; checked before the other rules.
@@ -55,6 +58,7 @@ KIND_OPTIONS: dict[str, tuple[str, ...]] = {
     "down": ("seconds", "mode", "code"),
     "concurrency_limit": ("max",),
     "rpm_limit": ("rpm", "burst", "headers"),
+    "say": ("text",),
 }
 
 #: Allowed ``mode=`` values (first is the default) for the kinds that have one.
@@ -97,6 +101,7 @@ class FaultRule:
     rpm: float | None = None
     burst: float | None = None
     rate_headers: bool = False
+    text: str | None = None  # say: the answer's text instead of the image's description
     # common options
     times: int | None = None
     p: float | None = None
@@ -128,6 +133,8 @@ class FaultRule:
                 raise ValueError("rpm_limit needs rpm=N (requests per minute)")
             if self.burst is None:
                 self.burst = max(1.0, self.rpm / 60.0)
+        if self.kind == "say" and self.text is None:
+            raise ValueError("say needs text=TEXT (the answer to give)")
         if not self.spec:
             self.spec = self.kind
         self._rng = random.Random(self.seed)
@@ -376,7 +383,7 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "retry_after": _retry_after, "retry_after_ms": _non_negative_int,
     "reset_requests": _duration, "reset_tokens": _duration, "remaining_requests": _non_negative_int,
     "after": _non_negative_int, "seconds": _seconds, "delay": _seconds, "style": _text, "mode": _text,
-    "max": _positive_int, "rpm": _positive_number, "burst": _positive_number, "headers": _flag,
+    "max": _positive_int, "rpm": _positive_number, "burst": _positive_number, "headers": _flag, "text": _text,
 }
 
 #: Option names that differ from the FaultRule field they fill.
