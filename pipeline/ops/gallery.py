@@ -172,15 +172,16 @@ def _manifest_rows(config: Config, wanted: set[str]) -> tuple[dict[str, Row], li
     """The manifest rows of the chosen ids (paths and carried columns; reading stops once all are found),
     and the carried column names. A manifest that is gone or unreadable still gives a page, from the
     ledger alone (no images, no columns): the captions are what people came for."""
-    reader = ManifestReader(config.input, reserved=RESULT_COLUMNS, storage_options=config.storage_options_for("input"))
     found: dict[str, Row] = {}
-    try:
+    try:  # a job fed from Python (run_job(config, manifest=df)) has no manifest here: ConfigError
+        reader = ManifestReader(config.input, reserved=RESULT_COLUMNS,
+                                storage_options=config.storage_options_for("input"))
         columns = reader.carried_columns[:MAX_COLUMNS]
         for batch in reader.batches() if wanted else ():
             found.update((row.id, row) for row in batch if row.id in wanted)
             if len(found) == len(wanted):
                 break
-    except ManifestError as exc:
+    except (ManifestError, ConfigError) as exc:
         log.warning("gallery: %s; the cards show no images or manifest columns", exc)
         return {}, []
     return found, columns
