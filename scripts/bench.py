@@ -582,13 +582,13 @@ def scenario_d(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
     return first.verified == "ok"
 
 
-def scenario_e(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
+def scenario_s3(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
     from bench_objectstore import run_scenario
 
     return run_scenario(args, sizes, work, sys.modules[__name__])
 
 
-SCENARIOS = {"a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d, "e": scenario_e}
+SCENARIOS = {"a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d, "s3": scenario_s3}
 
 
 # ---- main ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Scenario (e) of ``scripts/bench.py``: images read from an object store versus local disk (issue 14).
+"""Scenario (s3) of ``scripts/bench.py``: images read from an object store versus local disk (issue 14).
 
 The same JPEGs and manifest as scenario (a) are uploaded to a local S3 server (moto's server mode, pinned
 to the endpoint's core so the client's core stays the client's), and the pipeline's real CLI runs twice
@@ -119,14 +119,14 @@ def run_scenario(args: argparse.Namespace, sizes: Any, work: Path, harness: Modu
     global bench
     bench = harness
     rows, tiny, conc = args.rows or sizes.a_rows, sizes.a_tiny, args.concurrency or sizes.a_conc
-    print(f"\n== (e) object store vs local disk: {rows} JPEGs, zero-latency endpoint, concurrency {conc}")
+    print(f"\n== (s3) object store vs local disk: {rows} JPEGs, zero-latency endpoint, concurrency {conc}")
     if missing := missing_packages():
         print(f"  not run: {', '.join(missing)} not installed (pip install -e '.[test]')")
         return True
     data = work / "photos"
     paths = bench.make_images(data, rows, "photo", sizes.photo_size)
     expected = bench.expected_by_path(data, paths, sizes.chunks)
-    manifests = {n: bench.write_manifest(data, f"manifest-e-{n}.csv", paths, n) for n in (tiny, rows)}
+    manifests = {n: bench.write_manifest(data, f"manifest-s3-{n}.csv", paths, n) for n in (tiny, rows)}
     server = MotoServer(work)
     try:
         upload(server, data, [*paths, *(m.name for m in manifests.values())])
@@ -147,7 +147,7 @@ def _measure(label: str, endpoint: Any, manifests: dict[int, Path], rows: int, t
         source: Path | str = manifests[count]
         if label == "pipeline-s3":
             source = f"s3://{BUCKET}/{PREFIX}/{manifests[count].name}"
-        out = bench.fresh_output(work, "e", f"{label}-{count}")
+        out = bench.fresh_output(work, "s3", f"{label}-{count}")
         moto_before = server.cpu_s()
         run = bench.run_client(label, endpoint, source, count, conc, out)
         bench.verify(run, out, manifests[count], expected)
@@ -171,7 +171,7 @@ def _report(results: dict[str, dict[str, Any]], rows: int, conc: int, sizes: Any
         notes += [f"{source}: {n}" for n in r.notes]
     if ok:
         notes.append(f"S3 / local img/s: {rate['pipeline-s3'] / rate['pipeline']:.2f} (target >= 0.90)")
-    bench.print_table(f"(e) images from an object store vs local disk, {rows} rows, concurrency {conc}",
+    bench.print_table(f"(s3) images from an object store vs local disk, {rows} rows, concurrency {conc}",
                       ["source", "requests", "img/s", "CPU-ms/img", "CPU-ms/img excl start-up", "peak RSS MB",
                        "content verified"], table, notes)
     return ok
