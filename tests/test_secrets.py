@@ -77,6 +77,22 @@ async def test_an_endpoint_that_echoes_credentials_gets_none_of_them_stored(tmp_
         assert secret not in written and secret not in logged and secret not in status.stdout
 
 
+async def test_an_answer_that_repeats_a_secret_is_stored_masked(tmp_path):
+    """An ok answer, not an error: the caption itself quotes the key and a header value."""
+    manifest = make_manifest(tmp_path / "in", 2)
+    out = tmp_path / "out" / "captions.jsonl"
+    say = parse_fault_spec(f"say:text=Bearer bonds; the key is {KEY} and the tenant {TENANT}")
+    async with LocalEndpoint(FaultPlan([say]), api_key=KEY) as ep:
+        summary = await run_job_async(document(manifest, out, ep.base_url))
+    assert summary.rows_ok == 2
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {row["content"] for row in rows} == {"Bearer bonds; the key is *** and the tenant ***"}  # words kept
+    written = every_file_text(tmp_path / "out")
+    assert "the key is ***" in written
+    for secret in SECRETS:
+        assert secret not in written
+
+
 def test_a_secret_cut_short_by_a_truncated_message_is_still_masked():
     message = f"HTTP 401: Incorrect API key provided: {KEY[:14]}..."
     assert redact(message, [KEY]) == "HTTP 401: Incorrect API key provided: ***"

@@ -27,7 +27,7 @@ from pipeline.core.errors import (
     ImageError,
     PipelineError,
 )
-from pipeline.core.redact import redact
+from pipeline.core.redact import MASK, redact
 from pipeline.core.request import RequestBuilder, answer_params_digest, request_key
 from pipeline.core.results import ResultRow, rows_from_completion
 from pipeline.core.retry import retry_policy
@@ -169,14 +169,13 @@ class RowProcessor:
                 outcome: StreamOutcome = await self.gate.send(send_once, payload, estimate)
         return outcome
 
-    @staticmethod
-    def _answer(key: str, outcome: StreamOutcome, attempts: int, started: datetime,
+    def _answer(self, key: str, outcome: StreamOutcome, attempts: int, started: datetime,
                 image: ImagePayload) -> RowOutcome:
         results = rows_from_completion(
             outcome.completion, attempts=attempts, ttft_ms=outcome.ttft_ms, latency_ms=outcome.latency_ms,
             started_at=started, finished_at=_now(), image=image.report,
         )
-        return RowOutcome(key, "ok", attempts, results=[r.to_json() for r in results])
+        return RowOutcome(key, "ok", attempts, results=[_masked(r.to_json(), self._secrets) for r in results])
 
     def _failure(self, key: str, task: RowTask, exc: PipelineError, attempts: int, started: datetime,
                  image: dict[str, Any] | None = None) -> RowOutcome:
@@ -189,6 +188,21 @@ class RowProcessor:
                            started_at=started, finished_at=_now(), **(image or {}))
         return RowOutcome(key, "failed", attempts, exc.error_type, message, [result.to_json()],
                           final=exc.row_specific)
+
+
+def _masked(result: dict[str, Any], secrets: tuple[str, ...]) -> dict[str, Any]:
+    """An answer that repeats a configured secret (an endpoint echoing the key into a caption) gets that
+    value masked before the ledger and the outputs see it. Only the exact values: a caption is text, and
+    the pattern masks of ``redact`` (``Bearer ...``) would change honest words."""
+    if not secrets:
+        return result
+    for name in ("content", "tool_calls", "refusal"):
+        text = result[name]
+        if text and any(secret in text for secret in secrets):
+            for secret in sorted(secrets, key=len, reverse=True):
+                text = text.replace(secret, MASK)
+            result[name] = text
+    return result
 
 
 def _now() -> datetime:
