@@ -1,7 +1,7 @@
 """A real headless Chromium driven through its DevTools protocol (a websocket, with aiohttp), for the
 gallery's browser test.
 
-Debian's ``chromium`` package, installed by ``.ci/run``; a missing browser FAILS the test with what to run
+Debian's ``chromium`` package, installed by ``scripts/install_browser.sh`` (the README's test command and ``.ci/run`` run it); a missing browser FAILS the test with what to run
 (no test may skip). The browser is started as a subprocess of its own, found by the "DevTools listening on"
 line it prints, and stopped by its pid; every wait is bounded.
 """
@@ -35,7 +35,7 @@ def chromium_binary() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if found is None:
         pytest.fail("chromium is not installed: the browser tests need Debian's chromium package; run the "
-                    "install step of .ci/run (apt-get install -y chromium)")
+                    "first step of the README's test command: sh scripts/install_browser.sh")
     return found
 
 
