@@ -1,8 +1,8 @@
 """A real headless Chromium driven through its DevTools protocol (a websocket, with aiohttp), for the
 gallery's browser test.
 
-Debian's ``chromium`` package, installed by ``scripts/install_browser.sh`` (the README's test command and ``.ci/run`` run it); a missing browser FAILS the test with what to run
-(no test may skip). The browser is started as a subprocess of its own, found by the "DevTools listening on"
+Debian's ``chromium`` package, installed by ``scripts/install_browser.sh`` (the README's test command and
+``.ci/run`` run it); a missing browser FAILS the test with what to run (no test may skip). The browser is started as a subprocess of its own, found by the "DevTools listening on"
 line it prints, and stopped by its pid; every wait is bounded.
 """
 
