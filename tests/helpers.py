@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,3 +66,22 @@ def job_config(manifest: Path, output: Path, base_url: str = "local", **sections
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
     return pq.read_table(path).to_pylist()
+
+
+@contextlib.contextmanager
+def standalone_endpoint(folder: Path, chunk_delay: float) -> Iterator[str]:
+    """``pipeline serve`` in a process of its own: an endpoint that outlives the runs a test kills, slowed by
+    ``chunk_delay`` so a run takes seconds; yields its base URL and stops exactly that process."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", "0", "--chunk-delay", str(chunk_delay)],
+                            cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline() if proc.stdout is not None else ""
+        assert line.startswith("serving on "), proc.stderr.read() if proc.stderr is not None else line
+        yield line.split()[-1]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

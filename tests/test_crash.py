@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from .helpers import make_manifest
+from .helpers import make_manifest, standalone_endpoint
 
 ROWS = 40
 
@@ -24,13 +24,8 @@ ROWS = 40
 @pytest.fixture
 def server(tmp_path):
     """A standalone endpoint that outlives the runs we kill; slowed down so a run takes seconds."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", "0", "--chunk-delay", "0.01"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    assert line.startswith("serving on "), proc.stderr.read()
-    yield line.split()[-1]
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=10)
+    with standalone_endpoint(tmp_path, 0.01) as base_url:
+        yield base_url
 
 
 def server_stats(base_url: str) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pipeline.core.targets import RemotePath
 from pipeline.edges.objectlock import ObjectLock
 from pipeline.edges.sinks import write_atomic
 
-from .helpers import job_config, make_manifest
+from .helpers import job_config, make_manifest, standalone_endpoint
 from .s3server import S3Server, s3  # noqa: F401 - the fixture
 from .test_crash import server_stats, start_run, wait_for_progress
 from .test_resume import append_rows, requests_seen
@@ -133,13 +132,8 @@ def test_a_failed_write_leaves_the_previous_object_whole(s3, bucket):  # noqa: F
 @pytest.fixture
 def served(tmp_path):
     """A standalone embedded endpoint that outlives the runs we kill, slowed so a run takes seconds."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--port", "0", "--chunk-delay", "0.02"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    assert line.startswith("serving on "), proc.stderr.read()
-    yield line.split()[-1]
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=10)
+    with standalone_endpoint(tmp_path, 0.02) as base_url:
+        yield base_url
 
 
 def _write_job(folder: Path, base_url: str, manifest: Path, s3: Any, bucket: str, **sections: Any) -> Path:  # noqa: F811
