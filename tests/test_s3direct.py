@@ -148,3 +148,21 @@ async def test_an_unreachable_endpoint_is_still_named(s3: S3Server) -> None:  # 
         with pytest.raises(ObjectStoreError) as caught:
             await _read(options, "s3://any/a.bin", 100, tried)
     assert tried == [1] and caught.value.problem == "unreachable" and f"{WHERE}.endpoint_url" in str(caught.value)
+
+
+def test_object_entries_for_resume_checks_match_s3fs_without_a_head_request(s3: S3Server) -> None:  # noqa: F811
+    from pipeline.edges.images import _object_fingerprint, fingerprints
+
+    bucket = s3.create_bucket("direct-info")
+    urls = [f"{bucket}/{key}" for key in ODD_KEYS]
+    for i, url in enumerate(urls):
+        s3.put(url, b"x" * (100 + i))
+    found = storage.infos([*urls, f"{bucket}/gone.bin"], s3.storage_options, where=WHERE, limit=4)
+    plain = storage.filesystem(urls[0], s3.storage_options, where=WHERE)
+    for url in urls:
+        assert found[url] == plain.info(url, refresh=True), url  # the very entry s3fs's HEAD gives
+    assert isinstance(found[f"{bucket}/gone.bin"], ObjectStoreError)
+    assert found[f"{bucket}/gone.bin"].problem == "not_found"
+    assert fingerprints([(url, "") for url in urls], s3.storage_options, limit=4) == [
+        _object_fingerprint(url, plain.info(url, refresh=True)) for url in urls]  # resume sees no change
+    assert s3.requests("HEAD", "direct-info/plain.bin") == 2  # the two plain.info() calls above, nothing else

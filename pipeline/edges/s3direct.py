@@ -26,7 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from botocore.awsrequest import AWSRequest
-from botocore.utils import percent_encode
+from botocore.utils import parse_timestamp, percent_encode
 from yarl import URL
 
 from pipeline.core.errors import ProtocolError
@@ -81,6 +81,26 @@ class DirectS3:
 
     async def read(self, bucket: str, key: str, end: int) -> bytes | None:
         """The object's first ``end`` bytes, or None: ask s3fs (see the module docstring)."""
+        answer = await self._get(bucket, key, end)
+        return answer[2] if answer is not None else None
+
+    async def info(self, bucket: str, key: str) -> dict[str, Any] | None:
+        """s3fs's listing entry for an object (``_info``: ETag, LastModified, size...), from the headers of a
+        1-byte ranged GET (httptools cannot frame the answer to a HEAD), or None: ask s3fs."""
+        answer = await self._get(bucket, key, 1)
+        if answer is None:
+            return None
+        headers = answer[1]
+        total = headers.get("content-range", "").rpartition("/")[2]
+        if not total.isdigit() or "last-modified" not in headers:
+            return None
+        return {"ETag": headers.get("etag", ""), "LastModified": parse_timestamp(headers["last-modified"]),
+                "size": int(total), "name": f"{bucket}/{key}", "type": "file",
+                "StorageClass": headers.get("x-amz-storage-class", "STANDARD"),
+                "VersionId": headers.get("x-amz-version-id"), "ContentType": headers.get("content-type")}
+
+    async def _get(self, bucket: str, key: str, end: int) -> tuple[int, dict[str, str], bytes] | None:
+        """A signed GET of bytes ``0..end-1``: the 200/206 answer, else None (and maybe the route dropped)."""
         route = self._routes[bucket] if bucket in self._routes else await self._route(bucket)
         if route is None:
             return None
@@ -97,16 +117,16 @@ class DirectS3:
         async with self._slots:
             try:
                 async with asyncio.timeout(self._timeout):
-                    status, data = await self._exchange(bucket, pool, head)
+                    answer = await self._exchange(bucket, pool, head)
             except (OSError, TimeoutError, ProtocolError):
                 return None
-        if status in (200, 206):
-            return data
-        if status in _REROUTE:
+        if answer[0] in (200, 206):
+            return answer
+        if answer[0] in _REROUTE:
             self._routes[bucket] = None
         return None
 
-    async def _exchange(self, bucket: str, pool: ConnectionPool, head: bytes) -> tuple[int, bytes]:
+    async def _exchange(self, bucket: str, pool: ConnectionPool, head: bytes) -> tuple[int, dict[str, str], bytes]:
         connection = pool.take_idle()
         if connection is None:
             try:
@@ -158,16 +178,16 @@ class DirectS3:
 class _Get:
     """One GET on one connection: the whole answer (status and body), delivered once it has ended."""
 
-    __slots__ = ("answer", "body", "connection", "status")
+    __slots__ = ("answer", "body", "connection", "head")
 
     def __init__(self, connection: HTTPConnection) -> None:
         self.connection = connection
-        self.answer: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
-        self.status = 0
+        self.answer: asyncio.Future[tuple[int, dict[str, str], bytes]] = asyncio.get_running_loop().create_future()
+        self.head = ResponseHead(0, "", {})
         self.body: list[bytes] = []
 
     def on_head(self, head: ResponseHead) -> None:
-        self.status = head.status
+        self.head = head
 
     def on_body(self, data: bytes) -> None:
         self.body.append(data)
@@ -175,7 +195,7 @@ class _Get:
     def on_end(self) -> None:
         self.connection.done()
         if not self.answer.done():
-            self.answer.set_result((self.status, b"".join(self.body)))
+            self.answer.set_result((self.head.status, self.head.headers, b"".join(self.body)))
 
     def on_lost(self, exc: BaseException | None) -> None:
         if not self.answer.done():

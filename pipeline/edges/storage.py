@@ -103,6 +103,11 @@ def clear_cache() -> None:
     """Forget the opened filesystems (and so their listing caches): a long-lived process between runs."""
     with _cache_lock:
         _cache.clear()
+        directs = list(_loop_directs.values())
+        _loop_directs.clear()
+    for fs, direct in directs:  # their connections belong to fsspec's loop: closed there
+        if direct is not None:
+            fs.loop.call_soon_threadsafe(direct.close)
 
 
 def _bad_options(url: str, where: str, exc: BaseException, options: Mapping[str, Any]) -> ObjectStoreError:
@@ -186,9 +191,16 @@ def infos(urls: list[str], options: Mapping[str, Any], *, where: str,
 
     async def gather() -> list[Any]:
         slots = asyncio.Semaphore(limit)
+        direct = await _loop_direct(fs)
 
         async def one(url: str) -> Any:
             async with slots:
+                if direct is not None:  # s3://: a signed 1-byte GET unless a listing already knows the object
+                    bucket, key, version = fs.split_path(url)
+                    if key and not version and fs._ls_from_cache(f"{bucket}/{key}") is None:
+                        found = await direct.info(bucket, key)
+                        if found is not None:
+                            return found
                 return await fs._info(url)
 
         return await asyncio.gather(*(one(url) for url in urls), return_exceptions=True)
@@ -196,6 +208,28 @@ def infos(urls: list[str], options: Mapping[str, Any], *, where: str,
     for url, found in zip(urls, sync(fs.loop, gather), strict=True):
         out[url] = store_error(found, url, options, where=where) if isinstance(found, BaseException) else found
     return out
+
+
+#: id(blocking s3fs filesystem) -> (it, its s3direct.DirectS3 or None), made on fsspec's I/O loop
+_loop_directs: dict[int, tuple[Any, Any]] = {}
+
+
+async def _loop_direct(fs: Any) -> Any:
+    """The fast path of a blocking s3fs filesystem, on fsspec's loop (where ``infos`` runs); None elsewhere."""
+    if fs.protocol not in (("s3", "s3a"), "s3"):
+        return None
+    with _cache_lock:
+        made = _loop_directs.get(id(fs))
+    if made is None or made[0] is not fs:
+        from pipeline.edges import s3direct
+
+        direct = None
+        with contextlib.suppress(Exception):  # a session that cannot be set up: s3fs reports it
+            await fs.set_session()
+            direct = s3direct.DirectS3.open(fs)
+        with _cache_lock:
+            made = _loop_directs.setdefault(id(fs), (fs, direct))
+    return made[1]
 
 
 def store_location(source: str, base_dir: Path | str) -> str | None:
