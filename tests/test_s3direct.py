@@ -166,3 +166,20 @@ def test_object_entries_for_resume_checks_match_s3fs_without_a_head_request(s3: 
     assert fingerprints([(url, "") for url in urls], s3.storage_options, limit=4) == [
         _object_fingerprint(url, plain.info(url, refresh=True)) for url in urls]  # resume sees no change
     assert s3.requests("HEAD", "direct-info/plain.bin") == 2  # the two plain.info() calls above, nothing else
+
+
+async def test_https_uses_the_ca_bundle_botocore_is_given(tmp_path: Path) -> None:
+    server = S3Server(tmp_path, tls=True)  # a private CA, passed as client_kwargs.verify
+    try:
+        bucket = server.create_bucket("direct-tls")
+        server.put(f"{bucket}/t.bin", b"over tls")
+        assert server.url.startswith("https://")
+        assert await _read(server.storage_options, f"{bucket}/t.bin", 100) == (b"over tls", 1)
+        untrusted = {**server.storage_options, "client_kwargs": {"region_name": "us-east-1"},
+                     "config_kwargs": {"retries": {"max_attempts": 1}}}
+        tried: list[int] = []
+        with pytest.raises(ObjectStoreError) as caught:  # the system CAs do not know this one: refused
+            await _read(untrusted, f"{bucket}/t.bin", 100, tried)
+        assert tried == [1] and "certificate verify failed" in str(caught.value).lower()
+    finally:
+        server.stop()

@@ -54,7 +54,7 @@ class DirectS3:
         self._signer = client._request_signer
         self._region = client.meta.region_name
         self._proxies = client._endpoint.http_session._proxy_config
-        self._ssl = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+        self._verify = verify
         self._connections = connections  # the SDK's max_pool_connections, as s3fs has them
         self._slots = asyncio.Semaphore(connections)
         self._timeout = timeout
@@ -164,9 +164,11 @@ class DirectS3:
     def _pool(self, origin: str) -> ConnectionPool:
         pool = self._pools.get(origin)
         if pool is None:
-            url = URL(origin)
-            pool = self._pools[origin] = ConnectionPool(
-                url, max_idle=self._connections, ssl_context=self._ssl if url.scheme == "https" else None)
+            url = URL(origin)  # https: the CA bundle botocore was given (loading one costs ~20 ms: only here)
+            context = None
+            if url.scheme == "https":
+                context = ssl.create_default_context(cafile=self._verify if isinstance(self._verify, str) else None)
+            pool = self._pools[origin] = ConnectionPool(url, max_idle=self._connections, ssl_context=context)
         return pool
 
     def close(self) -> None:
