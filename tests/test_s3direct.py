@@ -183,3 +183,12 @@ async def test_https_uses_the_ca_bundle_botocore_is_given(tmp_path: Path) -> Non
         assert tried == [1] and "certificate verify failed" in str(caught.value).lower()
     finally:
         server.stop()
+
+
+async def test_a_bucket_url_is_never_read_as_its_listing(s3: S3Server) -> None:  # noqa: F811
+    bucket = s3.create_bucket("direct-bucket-only")
+    s3.put(f"{bucket}/a.bin", b"abc")
+    tried: list[int] = []
+    with pytest.raises(ObjectStoreError):  # s3fs refuses an empty key, as before; a GET of "/" would list it
+        await _read(s3.storage_options, bucket, 10_000, tried)
+    assert tried == [1]

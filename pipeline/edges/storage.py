@@ -389,7 +389,7 @@ class AsyncStore:
                 if direct is not None:
                     bucket, key, version = fs.split_path(url)
                     self.direct_tried += 1
-                    data = None if version else await direct.read(bucket, key, end)
+                    data = None if version or not key else await direct.read(bucket, key, end)
                     if data is not None:
                         self.direct_reads += 1
                         return data  # type: ignore[no-any-return]
