@@ -1,15 +1,17 @@
-"""Ranged S3 reads without botocore's per-request machinery: the fast path of ``AsyncStore.read`` for s3://.
+"""S3 reads without botocore's per-request machinery: the fast path of ``AsyncStore.read`` and ``infos``.
 
-Why: an image read through s3fs is one ``get_object`` call, and botocore spends ~1.5-2 ms of CPU on each
-(parameter validation, endpoint rules, event hooks, retry handlers, aiohttp) against ~0.4 ms for the
-same signed GET sent here. At hundreds of images per second that is most of the client's core.
+Why: an image read through s3fs is one ``get_object`` call (and its resume check one ``head_object``), and
+botocore spends ~1.5-2 ms of CPU on each (parameter validation, endpoint rules, event hooks, retry
+handlers, aiohttp) against ~0.4-0.8 ms for the same signed request sent here. At hundreds of images per
+second that was most of the client's core (docs/performance.md, scenario (s3)).
 
 What stays botocore's: everything that decides *what* to send. The s3fs client (made from the section's
 ``storage_options``, so endpoint_url, region, profile, session tokens and the SDK's credential chain are
 exactly s3fs's) resolves each bucket's address once (virtual-hosted or path style, MinIO/R2 endpoints,
 ``addressing_style``), by presigning a throw-away key locally; its request signer supplies the (refreshed)
 credentials and botocore's SigV4 signer signs each GET. What is done here: one ``Range`` GET per object on
-the project's keep-alive ``ConnectionPool``, with the CA bundle botocore would use.
+the project's keep-alive ``ConnectionPool``, with the CA bundle botocore would use. An object's listing
+entry (``info``) comes from a 1-byte GET's headers: httptools cannot frame the answer to a HEAD.
 
 Only a 200/206 answer is used. Anything else (a missing object, refused credentials, a 416 for an empty
 object, a 5xx, a lost connection, a timeout) returns None and the caller asks s3fs, whose retries and
