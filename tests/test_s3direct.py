@@ -192,3 +192,27 @@ async def test_a_bucket_url_is_never_read_as_its_listing(s3: S3Server) -> None: 
     with pytest.raises(ObjectStoreError):  # s3fs refuses an empty key, as before; a GET of "/" would list it
         await _read(s3.storage_options, bucket, 10_000, tried)
     assert tried == [1]
+
+
+async def test_a_store_that_refuses_the_fast_path_is_left_to_s3fs(s3: S3Server) -> None:  # noqa: F811
+    from pipeline.edges.s3direct import MISS_LIMIT
+
+    bucket = s3.create_bucket("direct-refused")
+    for i in range(MISS_LIMIT + 3):
+        s3.put(f"{bucket}/{i}.bin", b"data %d" % i)
+    store = storage.AsyncStore(s3.storage_options, where=WHERE)
+    try:
+        assert await store.read(f"{bucket}/0.bin", 100) == b"data 0" and store.direct_reads == 1
+        # a fault in the fast path only: its requests are signed with another secret, s3fs's are not
+        wrong = storage.AsyncStore({**s3.storage_options, "secret": "not-the-right-secret-at-all"}, where=WHERE)
+        wrong_fs = wrong.filesystem(f"{bucket}/0.bin")
+        store._direct["s3"]._signer = (await wrong_fs.set_session())._request_signer
+        before = s3.requests("GET", "direct-refused/")
+        for i in range(1, MISS_LIMIT + 3):
+            assert await store.read(f"{bucket}/{i}.bin", 100) == b"data %d" % i
+        # the first MISS_LIMIT reads cost two requests (refused, then s3fs), the rest one (s3fs alone)
+        assert s3.requests("GET", "direct-refused/") - before == 2 * MISS_LIMIT + 2
+        assert store.direct_reads == 1 and store.direct_tried == MISS_LIMIT + 3
+        await wrong.aclose()
+    finally:
+        await store.aclose()

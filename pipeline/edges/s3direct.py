@@ -16,8 +16,10 @@ entry (``info``) comes from a 1-byte GET's headers: httptools cannot frame the a
 Only a 200/206 answer is used. Anything else (a missing object, refused credentials, a 416 for an empty
 object, a 5xx, a lost connection, a timeout) returns None and the caller asks s3fs, whose retries and
 error translation then apply unchanged: the fast path never produces an error of its own. A bucket that
-answers 301/307/400 (another region, a request it did not expect) and an endpoint that cannot be
-connected to are left to s3fs for the rest of the run. Signatures travel in headers, never in a URL.
+answers 301/307/400 (another region, a request it did not expect), one where s3fs succeeded ``MISS_LIMIT``
+times after this path did not (a store that takes botocore's requests but not these), and an endpoint
+that cannot be connected to are left to s3fs for the rest of the run. Signatures travel in headers,
+never in a URL.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ __all__ = ["DirectS3"]
 #: Answers after which a bucket is read through s3fs for the rest of the run: the bucket lives in another
 #: region (301, 307) or the store did not take the request as sent (400: say a signing region it refuses).
 _REROUTE = frozenset({301, 307, 400})
+#: Reads of a bucket that s3fs answered after the fast path did not, before s3fs does them all: a store
+#: that refuses these requests but takes botocore's must not pay two requests per object for the run.
+MISS_LIMIT = 5
 #: The key presigned (locally, never sent) to learn a bucket's address.
 _PROBE_KEY = "k"
 
@@ -62,6 +67,7 @@ class DirectS3:
         self._timeout = timeout
         self._routes: dict[str, tuple[str, ConnectionPool] | None] = {}
         self._pools: dict[str, ConnectionPool] = {}
+        self._misses: dict[str, int] = {}
 
     @classmethod
     def open(cls, fs: Any) -> DirectS3 | None:
@@ -100,6 +106,12 @@ class DirectS3:
                 "size": int(total), "name": f"{bucket}/{key}", "type": "file",
                 "StorageClass": headers.get("x-amz-storage-class", "STANDARD"),
                 "VersionId": headers.get("x-amz-version-id"), "ContentType": headers.get("content-type")}
+
+    def missed(self, bucket: str) -> None:
+        """s3fs answered a request this path did not: after ``MISS_LIMIT`` of them the bucket is s3fs's."""
+        self._misses[bucket] = misses = self._misses.get(bucket, 0) + 1
+        if misses >= MISS_LIMIT:
+            self._routes[bucket] = None
 
     async def _get(self, bucket: str, key: str, end: int) -> tuple[int, dict[str, str], bytes] | None:
         """A signed GET of bytes ``0..end-1``: the 200/206 answer, else None (and maybe the route dropped)."""

@@ -201,6 +201,9 @@ def infos(urls: list[str], options: Mapping[str, Any], *, where: str,
                         found = await direct.info(bucket, key)
                         if found is not None:
                             return found
+                        found = await fs._info(url)
+                        direct.missed(bucket)  # s3fs answered where the fast path did not
+                        return found
                 return await fs._info(url)
 
         return await asyncio.gather(*(one(url) for url in urls), return_exceptions=True)
@@ -393,6 +396,9 @@ class AsyncStore:
                     if data is not None:
                         self.direct_reads += 1
                         return data  # type: ignore[no-any-return]
+                    data = await fs._cat_file(url, start=0, end=end)
+                    direct.missed(bucket)  # s3fs read it where the fast path did not
+                    return data  # type: ignore[no-any-return]
                 return await fs._cat_file(url, start=0, end=end)  # type: ignore[no-any-return]
             return await asyncio.to_thread(fs.cat_file, url, start=0, end=end)  # type: ignore[no-any-return]
 
