@@ -19,6 +19,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -38,15 +39,27 @@ START_TIMEOUT = 60.0
 class S3Server:
     """One moto server process; ``storage_options`` holds what a config needs to reach it."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, tls: bool = False) -> None:
+        """``tls``: serve https with a certificate from a private CA, whose PEM is ``ca_file``."""
         self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._log = open(workdir / f"moto-{self.port}.log", "wb")  # noqa: SIM115 - closed in stop()
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {"PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env,
-        )
+        command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        self.ca_file: Path | None = None
+        self._context: ssl.SSLContext | None = None
+        if tls:
+            import trustme
+
+            ca = trustme.CA()
+            self.ca_file = workdir / "ca.pem"
+            ca.cert_pem.write_to_path(str(self.ca_file))
+            served = ca.issue_cert("127.0.0.1")
+            served.cert_chain_pems[0].write_to_path(str(workdir / "server.pem"))
+            served.private_key_pem.write_to_path(str(workdir / "server.key"))
+            command += ["-c", str(workdir / "server.pem"), "-k", str(workdir / "server.key")]
+            self._context = ssl.create_default_context(cafile=str(self.ca_file))
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.key = "bootstrap-key-id"
         self.secret = "bootstrap-secret-value"
         try:
@@ -64,7 +77,7 @@ class S3Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"moto server exited with {self.process.returncode}; see {self._log.name}")
             try:
-                with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2):
+                with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=2, context=self._context):
                     return
             except (urllib.error.URLError, OSError):
                 if time.monotonic() > deadline:
@@ -82,7 +95,7 @@ class S3Server:
         self.key, self.secret = created["AccessKeyId"], created["SecretAccessKey"]
         request = urllib.request.Request(f"{self.url}/moto-api/reset-auth", data=b"0", method="POST",
                                          headers={"Content-Type": "text/plain"})
-        with urllib.request.urlopen(request, timeout=10) as answer:
+        with urllib.request.urlopen(request, timeout=10, context=self._context) as answer:
             assert answer.status == 200
 
     def stop(self) -> None:
@@ -109,14 +122,16 @@ class S3Server:
     @property
     def storage_options(self) -> dict[str, Any]:
         """What ``storage_options`` in a config needs for this server (s3fs's keyword arguments)."""
+        verify = {"verify": str(self.ca_file)} if self.ca_file is not None else {}
         return {"endpoint_url": self.url, "key": self.key, "secret": self.secret,
-                "client_kwargs": {"region_name": REGION}}
+                "client_kwargs": {"region_name": REGION, **verify}}
 
     def client(self, service: str = "s3") -> Any:
         """A boto3 client for this server, for setting up and inspecting test data."""
         import boto3
 
         return boto3.client(service, endpoint_url=self.url, region_name=REGION, aws_access_key_id=self.key,
+                            verify=str(self.ca_file) if self.ca_file is not None else None,
                             aws_secret_access_key=self.secret)
 
     def create_bucket(self, name: str) -> str:
