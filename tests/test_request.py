@@ -55,6 +55,32 @@ def test_max_response_bytes_is_client_side_never_sent_nor_in_the_key():
     assert answer_params_digest(RequestConfig(model="m", seed=1)) != answer_params_digest(RequestConfig(model="m"))
 
 
+def test_the_answer_key_of_existing_jobs_never_changes_with_an_upgrade():
+    """Every row's resume digest and request key start from this digest: if a new config field (with its
+    default) changes it, every job's rows look changed after an upgrade and are all sent again, paid twice.
+    These values were computed by the pipeline before issue 13; a new field that changes no answer goes in
+    ``_HOW_IMAGES_ARE_FETCHED`` / ``_CLIENT_SIDE_FIELDS``, one that does must not change it at its default."""
+    from pipeline.core.config import ImagesConfig
+    from pipeline.core.request import answer_params_digest
+
+    plain = answer_params_digest(RequestConfig(model="gpt-4o", prompt="Describe this image."), ImagesConfig())
+    assert plain == "ee4b2bae321d6384668f7989650474ebee0827084882b332bd458faadfc5a90e"
+    tuned = answer_params_digest(
+        RequestConfig(model="gpt-4o", prompt="Describe this image.", max_tokens=200, temperature=0.2),
+        ImagesConfig(detail="low", fit="openai-high", format="jpeg"))
+    assert tuned == "625fbfaf300714cae7ce837ac5407a9cd04fc2f20f28f0f052b35c0ad641ecfe"
+
+
+def test_how_images_travel_is_not_part_of_the_answer_key():
+    from pipeline.core.config import ImagesConfig
+    from pipeline.core.request import answer_params_digest
+
+    request = RequestConfig(model="m")
+    routed = ImagesConfig(proxy="http://gw.corp:3128", tls={"ca_file": "corp.pem"}, download_attempts=5,
+                          allow_hosts=["10.0.0.0/8"])
+    assert answer_params_digest(request, routed) == answer_params_digest(request, ImagesConfig())
+
+
 def test_render_prompt():
     assert render_prompt("Describe {path} ({label}).", {"path": "a.jpg", "label": None}) == "Describe a.jpg ()."
     assert render_prompt("No fields {{here}}", {}) == "No fields {here}"

@@ -112,7 +112,7 @@ def _split_frame(serialised: bytes) -> tuple[bytes, bytes, bytes]:
 #: Image settings that decide whether and how an image is fetched, not what the model is shown.
 _HOW_IMAGES_ARE_FETCHED = frozenset(
     {"download_timeout", "download_attempts", "max_source_bytes", "allow_schemes", "allow_hosts",
-     "max_image_pixels"}
+     "max_image_pixels", "proxy", "tls"}
 )
 
 
