@@ -5,7 +5,7 @@ host's outward address, which tests must never use; other loopback addresses are
 head listens on 127.0.0.2 and the second node on 127.0.0.3 (the embedded endpoint stays on 127.0.0.1).
 Each node is its own ``ray start --block`` process in its own session, with every port set explicitly
 (two raylets share the host), a short ``--temp-dir`` (socket paths must stay under 108 characters) and one
-CPU; ``stop`` ends exactly those process groups, with bounded waits.
+CPU; ``stop`` ends exactly those processes and what they started, with bounded waits.
 """
 
 from __future__ import annotations
@@ -56,6 +56,39 @@ def _free_range(host: str, size: int) -> int:
     raise RuntimeError(f"no {size} consecutive free ports on {host}")
 
 
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process now (from /proc; processes that end meanwhile are left out)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                parents[int(entry.name)] = int(stat.rpartition(")")[2].split()[1])
+    return parents
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Ray's workers and agents start sessions of their own, so a process
+    group does not hold them: the parent links do)."""
+    children: dict[int, list[int]] = {}
+    for child, parent in _parents().items():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def command_line(pid: int) -> bytes:
+    """What ``pid`` calls itself (Ray titles a worker ``ray::MapWorker(...)``); empty when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 class RayNode:
     """One ``ray start --block`` process (a head, or a node joining ``head``)."""
 
@@ -82,8 +115,7 @@ class RayNode:
         self._log = open(workdir / f"ray-{ip}.log", "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
         env.pop("RAY_ADDRESS", None)
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                        start_new_session=True)  # its own group: stop() ends exactly it
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def wait_listening(self, port: int) -> None:
         """Until ``port`` on this node accepts a connection (bounded; fails fast if the node exits)."""
@@ -99,18 +131,19 @@ class RayNode:
                 self.process.wait(timeout=0.2)
 
     def stop(self) -> None:
-        """SIGTERM to the node's process group (``ray start --block`` stops what it started), then SIGKILL
-        to whatever of that group is left; bounded waits."""
+        """SIGTERM to the ``ray start --block`` process (it stops what it started), then SIGKILL to any of
+        its descendants (noted before) still there; bounded waits."""
+        below = descendants(self.process.pid)
         if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.terminate()
             try:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)  # workers and agents the node left behind
+        for pid in below:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         self._log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 

@@ -55,6 +55,9 @@ except ImportError:  # the extra is missing: say which one, once, before anythin
 
 log = logging.getLogger("pipeline")
 
+#: Blocks an actor holds at once: Ray Data runs that many calls of an async UDF together on one actor
+#: (its default, made explicit because it bounds what a lost actor costs: these blocks are sent again).
+BLOCKS_PER_ACTOR = 4
 #: Columns of a block going out (``task``: the pickled ``RowTask``) and coming back (``outcome``).
 _KEYS = ("seq", "row_id", "digest")
 
@@ -202,6 +205,7 @@ class RayEngine(LocalEngine):
         try:
             blocks = await asyncio.to_thread(self._cut_blocks)
             self._take_triage_counts()
+            self._log_start(len(blocks))
             self.progress.total = info.rows - self.summary.rows_skipped
             self._notify()
             writer = ledger_writer(store, run_id, self._count)
@@ -216,6 +220,14 @@ class RayEngine(LocalEngine):
         finally:
             if started:
                 ray.shutdown()
+
+    def _log_start(self, blocks: int) -> None:
+        settings, resources = self.config.ray, ray.cluster_resources()
+        alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+        log.info("ray engine: %d rows to send in %d blocks of up to %d rows, %d actors; the cluster has %g CPUs "
+                 "on %d nodes", self.summary.rows_total - self.plan.counts.skipped, blocks, settings.rows_per_block,
+                 settings.actors, resources.get("CPU", 0), alive,
+                 extra={"event": "ray_start", "blocks": blocks, "actors": settings.actors, "nodes": alive})
 
     def _cut_blocks(self) -> list[Any]:
         """Triage the manifest (in this thread, with its own ledger connection) and put the pending rows'
@@ -237,9 +249,10 @@ class RayEngine(LocalEngine):
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the CLI draws its own
         context.print_on_execution_start = False
+        pool = ray.data.ActorPoolStrategy(size=settings.actors, max_tasks_in_flight_per_actor=BLOCKS_PER_ACTOR)
         return ray.data.from_arrow_refs(blocks).map_batches(
             CaptionActor, fn_constructor_kwargs={"config": actor_config(self.config), "base_url": base_url},
-            batch_size=None, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=settings.actors),
+            batch_size=None, batch_format="pyarrow", compute=pool,
             num_cpus=settings.cpus_per_actor)  # Ray Data restarts lost actors and retries their blocks
 
     async def _stream(self, blocks: list[Any], writer: LedgerWriter, base_url: str | None) -> None:
