@@ -7,6 +7,8 @@ on one xdist worker (``xdist_group``). The endpoint is the embedded one on 127.0
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +23,7 @@ import yaml
 
 from pipeline.api import run_job_async
 from pipeline.core.config import config_from_dict
+from pipeline.edges.ledger import StateStore
 from pipeline.run.rayengine import BLOCKS_PER_ACTOR, actor_config, init_options
 from pipeline.server import LocalEndpoint, parse_fault_spec
 
@@ -189,3 +192,45 @@ async def test_a_killed_actor_costs_at_most_its_blocks_and_every_row_is_recorded
     assert all(r["status"] == "ok" for r in result) and summary.rows_ok == rows
     # the killed actor's blocks in flight are sent again whole, and nothing else is
     assert rows <= sent <= rows + BLOCKS_PER_ACTOR * per_block
+
+
+def _recorded_ok(ledger: Path, ids: list[str]) -> int:
+    """Rows the ledger holds as ok (read while the driver writes: SQLite WAL readers do not block it)."""
+    with StateStore(ledger) as store:
+        return sum(1 for state in store.item_states(ids).values() if state.status == "ok")
+
+
+async def test_a_killed_driver_keeps_the_blocks_it_recorded_and_a_rerun_sends_only_the_rest(tmp_path, cluster):
+    rows, per_block, actors = 24, 2, 2
+    manifest = make_manifest(tmp_path / "in", rows)
+    ids = [f"row-{i}" for i in range(rows)]
+    out = tmp_path / "out" / "captions.parquet"
+    async with LocalEndpoint(chunk_delay=0.02) as endpoint:
+        config = ray_config(manifest, out, endpoint.base_url, cluster,
+                            ray={"rows_per_block": per_block, "actors": actors})
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
+        driver = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pipeline", "run", str(path), "--no-progress", "--no-log-file",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:  # the driver made its ledger before its first request: reading it from then on is safe
+            await endpoint.stats.wait_until(lambda stats: stats.streams_completed >= 1, timeout=180)
+            deadline = asyncio.get_running_loop().time() + 180
+            while (recorded := await asyncio.to_thread(_recorded_ok, config.ledger_path, ids)) < 4:
+                assert driver.returncode is None, "the driver ended before it was killed"
+                assert asyncio.get_running_loop().time() < deadline, "no block was recorded in 180 s"
+                with contextlib.suppress(TimeoutError):  # the pause between polls watches the driver
+                    await asyncio.wait_for(driver.wait(), 0.2)
+        finally:
+            if driver.returncode is None:
+                driver.kill()
+            await asyncio.wait_for(driver.wait(), 30)
+        recorded = await asyncio.to_thread(_recorded_ok, config.ledger_path, ids)
+
+        rerun = await run_job_async(config)
+        sent = endpoint.stats.snapshot()["requests"]
+
+    assert rerun.rows_ok == rows - recorded and rerun.rows_skipped == recorded  # only rows without an outcome
+    assert [(r["id"], r["status"]) for r in read_rows(out)] == [(i, "ok") for i in ids]
+    # paid twice: at most what was in flight when the driver died (every actor's blocks)
+    assert rows <= sent <= rows + actors * BLOCKS_PER_ACTOR * per_block
