@@ -24,11 +24,15 @@ from pathlib import Path
 HEAD_IP, SECOND_IP = "127.0.0.2", "127.0.0.3"
 #: How long a node may take to listen (the head starts GCS, raylet and agents; ~5 s on a busy core).
 START_TIMEOUT = 90.0
+#: Health checks patient enough for 2 busy cores: Ray marks a node whose raylet misses its checks dead and
+#: then ends every driver on it (the pytest worker itself); the defaults (3 s timeouts) are too tight there.
+PATIENT = {"RAY_health_check_timeout_ms": "30000", "RAY_health_check_period_ms": "10000",
+           "RAY_health_check_failure_threshold": "10", "RAY_gcs_rpc_server_reconnect_timeout_s": "300"}
 #: Worker processes each node may start (one port each).
 WORKER_PORTS = 24
 
 
-def _free_ports(host: str, count: int) -> list[int]:
+def free_ports(host: str, count: int) -> list[int]:
     """``count`` distinct ports free on ``host`` now (held together while picked, so never the same twice)."""
     sockets = []
     try:
@@ -95,7 +99,7 @@ class RayNode:
     def __init__(self, ip: str, workdir: Path, head: str | None = None) -> None:
         self.ip = ip
         self.temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: socket paths
-        ports = _free_ports(ip, 8)
+        ports = free_ports(ip, 8)
         self.port = ports[0]
         self.address = f"{ip}:{self.port}" if head is None else head
         first_worker = _free_range(ip, WORKER_PORTS)
@@ -113,7 +117,7 @@ class RayNode:
             command += ["--address", head]
         self.manager_port = ports[1]
         self._log = open(workdir / f"ray-{ip}.log", "wb")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **PATIENT, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
         env.pop("RAY_ADDRESS", None)
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 

@@ -21,14 +21,16 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.api import run_job_async
+from pipeline.api import run_job, run_job_async
 from pipeline.core.config import config_from_dict
+from pipeline.core.errors import ClusterError
 from pipeline.edges.ledger import StateStore
+from pipeline.ops.jobs import job_status
 from pipeline.run.rayengine import BLOCKS_PER_ACTOR, actor_config, init_options
 from pipeline.server import LocalEndpoint, parse_fault_spec
 
 from .helpers import job_config, make_manifest, read_rows
-from .raycluster import RayCluster, command_line, descendants
+from .raycluster import HEAD_IP, RayCluster, command_line, descendants, free_ports
 
 pytestmark = pytest.mark.xdist_group("ray")
 
@@ -234,3 +236,16 @@ async def test_a_killed_driver_keeps_the_blocks_it_recorded_and_a_rerun_sends_on
     assert [(r["id"], r["status"]) for r in read_rows(out)] == [(i, "ok") for i in ids]
     # paid twice: at most what was in flight when the driver died (every actor's blocks)
     assert rows <= sent <= rows + actors * BLOCKS_PER_ACTOR * per_block
+
+
+def test_a_cluster_that_is_not_there_is_one_error_naming_ray_address(tmp_path):
+    manifest = make_manifest(tmp_path / "in", 2)
+    port = free_ports(HEAD_IP, 1)[0]  # nothing listens there
+    config = job_config(manifest, tmp_path / "c.parquet", run={"engine": "ray"},
+                        ray={"address": f"{HEAD_IP}:{port}", "actors": 2})
+
+    with pytest.raises(ClusterError, match=rf"ray.address {HEAD_IP}:{port}: cannot join the Ray cluster: .*"
+                                           r"start it \(ray start --head\) or fix ray.address"):
+        run_job(config)
+
+    assert job_status(config)["last_run"]["status"] == "failed" and not (tmp_path / "c.parquet").exists()

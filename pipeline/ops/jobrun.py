@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import Config
-from pipeline.core.errors import ConfigError, PipelineError, StorageError
+from pipeline.core.errors import ClusterError, ConfigError, PipelineError, StorageError
 from pipeline.edges.ledger import JobLock, StateStore, job_lock_path
 from pipeline.edges.manifest import ManifestInfo
 from pipeline.ops.ledgersync import LedgerSync
@@ -151,6 +151,9 @@ class JobRun:
             if not isinstance(error, StorageError):
                 store.finish_run(summary.run_id, "failed", summary.to_dict())
             raise error from None
+        except ClusterError:  # the Ray engine's cluster failed: the run is over, what it recorded stays
+            store.finish_run(summary.run_id, "failed", summary.to_dict())
+            raise
         await export_run(self.config, self.plan, lookups, info, summary)
         summary.elapsed_s = time.monotonic() - started
         store.finish_run(summary.run_id, "interrupted" if summary.interrupted else "finished", summary.to_dict())

@@ -28,6 +28,7 @@ import dataclasses
 import ipaddress
 import logging
 import pickle
+import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.core.config import Config
-from pipeline.core.errors import ConfigError, PipelineError
+from pipeline.core.errors import ClusterError, ConfigError, PipelineError
 from pipeline.core.results import ResultRow
 from pipeline.edges.ledger import StateStore, Write
 from pipeline.edges.manifest import ManifestInfo
@@ -49,6 +50,7 @@ from pipeline.run.summary import ProgressCallback, RunSummary
 try:
     import ray
     import ray.data
+    import ray.exceptions
 except ImportError:  # the extra is missing: say which one, once, before anything is sent
     raise ConfigError("run.engine is 'ray' but Ray is not installed: pip install 'pipeline[ray]' "
                       "(or run with --engine local)") from None
@@ -169,6 +171,25 @@ def _task_table(tasks: list[RowTask]) -> pa.Table:
     })
 
 
+def _join(address: str | None) -> None:
+    """``ray.init`` for ``ray.address``; a cluster that cannot be joined is a ``ClusterError`` naming it.
+    A ``host:port`` address is probed first: ``ray.init`` retries an address where nothing listens for
+    minutes, a refused connection says at once that the head is not there."""
+    host, _, port = (address or "").rpartition(":")
+    try:
+        if host and port.isdigit() and "://" not in address:  # type: ignore[operator]
+            socket.create_connection((host, int(port)), timeout=10).close()
+        ray.init(**init_options(address))
+    except (OSError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+        where = address or "RAY_ADDRESS / a local Ray"
+        raise ClusterError(f"ray.address {where}: cannot join the Ray cluster: {_first_line(exc)}; start it "
+                           "(ray start --head) or fix ray.address") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 def init_options(address: str | None) -> dict[str, Any]:
     """``ray.init``'s arguments for ``ray.address``. A driver that joins a cluster on a loopback address is
     on that cluster's machine and must register with that address (Ray would otherwise take the host's
@@ -201,7 +222,7 @@ class RayEngine(LocalEngine):
         self._notify()
         started = not ray.is_initialized()
         if started:
-            ray.init(**init_options(self.config.ray.address))
+            _join(self.config.ray.address)
         try:
             blocks = await asyncio.to_thread(self._cut_blocks)
             self._take_triage_counts()
@@ -262,6 +283,9 @@ class RayEngine(LocalEngine):
         try:
             while not self._stop.is_set() and (batch := await asyncio.to_thread(next, results, None)) is not None:
                 await self._record(batch, writer)
+        except ray.exceptions.RayError as exc:  # Ray Data gave up (actors that cannot start, a lost driver)
+            raise ClusterError(f"the Ray job failed: {type(exc).__name__}: {_first_line(exc)}; the rows "
+                               "recorded so far are kept: run the same command again to resume") from None
         finally:
             if self._stop.is_set():
                 self.summary.interrupted = True
