@@ -1,7 +1,7 @@
 """The Ray engine (``run.engine: ray``) on a real two-node local Ray cluster (tests/raycluster.py).
 
 One cluster for the module (two ``ray start --block`` processes, 127.0.0.2 and 127.0.0.3, one CPU each),
-on one xdist worker (``xdist_group``). The endpoint is the embedded one on 127.0.0.1, started by the test
+on one xdist worker (``--dist loadfile`` in pyproject.toml). The endpoint is the embedded one on 127.0.0.1, started by the test
 (or by the CLI for ``base_url: local``); the actors reach it from the cluster's worker processes.
 """
 
@@ -31,8 +31,6 @@ from pipeline.server import LocalEndpoint, parse_fault_spec
 
 from .helpers import job_config, make_manifest, read_rows
 from .raycluster import HEAD_IP, RayCluster, command_line, descendants, free_ports
-
-pytestmark = pytest.mark.xdist_group("ray")
 
 #: The columns that must match between engines (timings and response ids differ run to run).
 SAME = ("id", "path", "label", "status", "content", "finish_reason", "choice_index", "error_type", "error_message",
