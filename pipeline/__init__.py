@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.core.errors import (
     AuthError,
     BudgetExceeded,
+    ClusterError,
     ConfigError,
     ConnectError,
     DownloadBlocked,
@@ -78,6 +79,7 @@ __all__ = [
     "PipelineError",
     "AuthError",
     "BudgetExceeded",
+    "ClusterError",
     "ConfigError",
     "ConnectError",
     "DownloadBlocked",

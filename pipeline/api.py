@@ -86,6 +86,8 @@ def check_job(config: Config, manifest: Any = None) -> ManifestInfo:
 
     local_fault_rules(config)
     loop_factory(config.run.event_loop)
+    if config.run.engine == "ray":
+        import pipeline.run.rayengine  # noqa: F401 - without Ray: the ConfigError naming the extra
     RequestGate.from_config(config)
     ChatClient(config.endpoint, base_url="http://127.0.0.1:9" if config.endpoint.is_local else None)
     return Plan(config, table=manifest).check()

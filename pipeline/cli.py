@@ -90,6 +90,7 @@ def _add_job_commands(commands: Any, logging_options: argparse.ArgumentParser) -
                      help="end with one line: time, run id, exit code (what scheduled runs log)")
     run.add_argument("--fresh", action="store_true",
                      help="start over: keep the old ledger as a timestamped backup and send every row")
+    _engine_option(run)
 
     retry = commands.add_parser("retry", help="re-send the rows whose last outcome was failed",
                                 parents=[logging_options],
@@ -97,6 +98,7 @@ def _add_job_commands(commands: Any, logging_options: argparse.ArgumentParser) -
     retry.add_argument("config", type=Path, help="YAML or TOML job config")
     retry.add_argument("--error-type", metavar="TYPE", help="only rows that failed with this error type")
     _progress_options(retry)
+    _engine_option(retry)
 
     status = commands.add_parser("status", help="counts by status, oldest pending row, error breakdown",
                                  description="Show where the job stands, from its ledger.")
@@ -151,6 +153,12 @@ def _card_limit(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 5_000:
         raise argparse.ArgumentTypeError(f"expected a whole number of cards from 1 to 5000, got {text!r}")
     return int(text)
+
+
+def _engine_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--engine", choices=["local", "ray"],
+                         help="where rows run: this process (local) or a Ray cluster (ray; pip install "
+                         "'pipeline[ray]'); overrides run.engine")
 
 
 def _progress_options(command: argparse.ArgumentParser) -> None:
@@ -275,6 +283,8 @@ def _run(args: argparse.Namespace) -> int:
     from pipeline.ops.publish import job_secrets
 
     config = load_config(args.config)
+    if args.engine is not None:  # --engine overrides run.engine
+        config = config.model_copy(update={"run": config.run.model_copy(update={"engine": args.engine})})
     log_file = None if args.no_log_file else args.log_file or _run_log_path(config)
     configure_logging(args.log_level, args.log_format, log_file, secrets=job_secrets(config), file_level="INFO")
     bar = None if args.no_progress else _progress(args.progress_interval)

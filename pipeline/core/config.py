@@ -433,6 +433,21 @@ class RunConfig(_Model):
     max_failed_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0  # failures tolerated before exit code 1
     # auto: uvloop where it is installed (a dependency everywhere but Windows), else asyncio's own loop
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # local: this process's worker pool; ray: a Ray cluster (the ``ray`` section, docs/cluster.md)
+    engine: Literal["local", "ray"] = "local"
+
+
+class RayConfig(_Model):
+    """``run.engine: ray``: where the cluster is and how the job is cut up on it (docs/cluster.md).
+
+    ``run.concurrency`` and the rate limits stay job totals: each actor gets its share (``actor_share``).
+    """
+
+    address: str | None = None  # None: RAY_ADDRESS, else a local cluster started for the run; "auto"; "ray://h:10001"
+    actors: Annotated[int, Field(ge=1, le=1024)] = 4  # captioning actors; the endpoint's concurrency is split
+    rows_per_block: Annotated[int, Field(ge=1, le=100_000)] = 256  # the unit Ray retries (a lost actor's cost)
+    cpus_per_actor: Annotated[float, Field(gt=0, le=64)] = 0.25  # I/O-bound: a fraction of a CPU
+    preflight_cpus: Annotated[float, Field(gt=0, le=64)] = 1.0  # per pre-flight task (a later stage; see docs)
 
 
 class LedgerConfig(_StoreSection):
@@ -595,6 +610,7 @@ class Config(_Model):
     notify: NotifyConfig = NotifyConfig()
     metrics: MetricsConfig = MetricsConfig()
     report: ReportConfig = ReportConfig()
+    ray: RayConfig = RayConfig()
     storage_options: StorageOptions = Field(default_factory=dict)
 
     def __repr_args__(self) -> Any:

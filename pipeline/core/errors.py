@@ -24,6 +24,7 @@ imports I/O libraries: aiohttp/asyncio errors are translated in ``edges/client.p
     ├── LedgerError                  the ledger file is corrupt or from a newer pipeline
     ├── StorageError                 a write failed: disk full, I/O error, read-only (the run stops)
     ├── OutputMissing                read_results found no output file (the job has not run yet)
+    ├── ClusterError                 run.engine ray: the Ray cluster cannot be reached, or its job failed
     ├── EndpointError                HTTP-level answer or transport failure
     │   ├── TransientEndpointError   connect, timeouts, 408/409/429/5xx       (retryable)
     │   │   ├── ConnectError
@@ -195,6 +196,13 @@ class StorageError(PipelineError):
         super().__init__(message)
         self.path = path
         self.cause = cause
+
+
+class ClusterError(PipelineError):
+    """``run.engine: ray``: the cluster at ``ray.address`` could not be joined, or Ray Data gave up on the
+    job (its actors could not start). A job-level stop: what was recorded stays, the same command resumes."""
+
+    error_type = "cluster_error"
 
 
 class OutputMissing(PipelineError):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.config import Config
-from pipeline.core.errors import ConfigError, PipelineError, StorageError
+from pipeline.core.errors import ClusterError, ConfigError, PipelineError, StorageError
 from pipeline.edges.ledger import JobLock, StateStore, job_lock_path
 from pipeline.edges.manifest import ManifestInfo
 from pipeline.ops.ledgersync import LedgerSync
@@ -35,7 +35,7 @@ log = logging.getLogger("pipeline.ops.jobrun")
 
 
 class JobRun:
-    """Runs one job described by a validated ``Config`` on the local engine, resuming from its ledger."""
+    """Runs one job described by a validated ``Config`` on its engine (``run.engine``), resuming from its ledger."""
 
     def __init__(self, config: Config, *, on_progress: ProgressCallback | None = None, command: Command = "run",
                  fresh: bool = False, error_type: str | None = None, manifest: Any = None) -> None:
@@ -47,7 +47,7 @@ class JobRun:
         self.plan = Plan(config, table=manifest)
         self.summary = RunSummary(output=config.output.path, command=command,
                                   max_failed_fraction=config.run.max_failed_fraction)
-        self.engine = LocalEngine(config, self.plan, self.summary, on_progress=on_progress)
+        self.engine = _engine(config, self.plan, self.summary, on_progress)
         self.report: dict[str, Any] = {}
 
     def stop(self) -> None:
@@ -151,10 +151,23 @@ class JobRun:
             if not isinstance(error, StorageError):
                 store.finish_run(summary.run_id, "failed", summary.to_dict())
             raise error from None
+        except ClusterError:  # the Ray engine's cluster failed: the run is over, what it recorded stays
+            store.finish_run(summary.run_id, "failed", summary.to_dict())
+            raise
         await export_run(self.config, self.plan, lookups, info, summary)
         summary.elapsed_s = time.monotonic() - started
         store.finish_run(summary.run_id, "interrupted" if summary.interrupted else "finished", summary.to_dict())
         self.report = run_report(self.config, store, summary, digest)
+
+
+def _engine(config: Config, plan: Plan, summary: RunSummary, on_progress: ProgressCallback | None) -> LocalEngine:
+    """``run.engine``'s engine; Ray is imported only for ``ray`` (a ``ConfigError`` naming the extra when
+    it is not installed)."""
+    if config.run.engine == "ray":
+        from pipeline.run.rayengine import RayEngine
+
+        return RayEngine(config, plan, summary, on_progress=on_progress)
+    return LocalEngine(config, plan, summary, on_progress=on_progress)
 
 
 def _log_end(summary: RunSummary) -> None:

@@ -201,7 +201,7 @@ class LocalEngine:
         task = prepared.task
         items, key = ((task.row.id, task.digest),), prepared.key
         if prepared.failure is not None:
-            return _as_write(await processor.send(prepared), items)
+            return as_write(await processor.send(prepared), items)
         if lookups.answered(key):
             self.summary.rows_deduplicated += 1
             return Write(key, None, items=items)
@@ -232,14 +232,14 @@ class LocalEngine:
 
         def stage(outcome: RowOutcome) -> None:
             nonlocal staged
-            staged = writer.stage(_as_write(outcome, items))
+            staged = writer.stage(as_write(outcome, items))
 
         outcome = await processor.send(prepared, stage if self._stages else None)
         if outcome.budget_stop is not None:
             self._stop_for_budget(outcome.budget_stop)
         if staged is not None:
             return staged
-        return _as_write(outcome, items) if outcome.status is not None else None
+        return as_write(outcome, items) if outcome.status is not None else None
 
     def _stop_for_budget(self, message: str) -> None:
         if self.summary.stop_reason is None:
@@ -273,7 +273,7 @@ class LocalEngine:
             self.on_progress(self.progress)
 
 
-def _as_write(outcome: RowOutcome, items: RowItems) -> Write:
+def as_write(outcome: RowOutcome, items: RowItems) -> Write:
     """A row outcome as the ledger stores it, mapped to the manifest rows it answers."""
     return Write(outcome.key, outcome.status, outcome.attempts, outcome.error_type, outcome.error_message,
                  outcome.results, items, outcome.final)

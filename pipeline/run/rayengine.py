@@ -1,0 +1,314 @@
+"""The Ray engine (``run.engine: ray``): the same job spread over a Ray cluster with Ray Data.
+
+The only module that imports Ray (an import-linter contract says so). What stays on the driver is what
+the local engine does around its workers, reused, not copied: the plan triages the manifest against the
+ledger (so resume means exactly what it means locally), the ledger writer records every outcome
+(``edges/writer.py``), the counters and the budget stop are ``LocalEngine``'s. What moves to the cluster
+is the row processor: the pending rows' tasks are cut into blocks of ``ray.rows_per_block`` rows and an
+actor pool (``ray.actors`` actors of ``ray.cpus_per_actor`` CPUs) runs each block through one
+``RowProcessor`` per actor. An actor returns one outcome per row and never raises: a UDF that raises
+aborts a Ray Data job, and a failed row is a row.
+
+Why the blocks are cut on the driver (``ray.put`` of small Arrow tables, then ``from_arrow_refs``):
+``repartition`` runs a task that needs a whole CPU, and on small nodes whose CPUs the actors partly hold
+it never starts (measured, Ray 2.60). Pre-flight (decode, resize) runs inside the actors in this first
+round; ``ray.preflight_cpus`` is kept for the stage that will spread it over the cluster.
+
+Durability: an outcome is committed when its block comes back to the driver. A rerun after a lost
+driver, actor or node sends again only rows without an outcome, so the re-sends are bounded by the
+blocks that were in flight; a block Ray retries after a killed actor is sent again whole (its answers
+are paid twice), which is why blocks are small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import pickle
+import socket
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.core.config import Config
+from pipeline.core.errors import ClusterError, ConfigError, PipelineError
+from pipeline.core.results import ResultRow
+from pipeline.edges.ledger import StateStore, Write
+from pipeline.edges.manifest import ManifestInfo
+from pipeline.edges.writer import LedgerWriter, ledger_writer
+from pipeline.run.local import LocalEngine, as_write
+from pipeline.run.plan import Plan, RowTask
+from pipeline.run.processor import RowOutcome, RowProcessor
+from pipeline.run.summary import ProgressCallback, RunSummary
+
+try:
+    import ray
+    import ray.data
+    import ray.exceptions
+except ImportError:  # the extra is missing: say which one, once, before anything is sent
+    raise ConfigError("run.engine is 'ray' but Ray is not installed: pip install 'pipeline[ray]' "
+                      "(or run with --engine local)") from None
+
+log = logging.getLogger("pipeline")
+
+#: Blocks an actor holds at once: Ray Data runs that many calls of an async UDF together on one actor
+#: (its default, made explicit because it bounds what a lost actor costs: these blocks are sent again).
+BLOCKS_PER_ACTOR = 4
+#: Columns of a block going out (``task``: the pickled ``RowTask``) and coming back (``outcome``).
+_KEYS = ("seq", "row_id", "digest")
+
+
+def actor_config(config: Config) -> Config:
+    """The config one actor runs with: ``run.concurrency``, the rate limits and the budgets are job totals,
+    so each of the ``ray.actors`` actors gets its share (AIMD and the breaker then act per actor)."""
+    actors = config.ray.actors
+    share = max(1, config.run.concurrency // actors)
+    limits = config.limits
+    update: dict[str, Any] = {"min_concurrency": min(limits.min_concurrency, share)}
+    for name in ("requests_per_minute", "tokens_per_minute", "max_cost"):
+        if (value := getattr(limits, name)) is not None:
+            update[name] = value / actors
+    for name in ("max_requests", "max_total_tokens"):
+        if (value := getattr(limits, name)) is not None:
+            update[name] = max(1, value // actors)
+    root = config.input.root
+    return config.model_copy(update={
+        "run": config.run.model_copy(update={"concurrency": share}),
+        "limits": limits.model_copy(update=update),
+        # an actor runs in another folder (or on another machine): relative paths are the driver's
+        "input": config.input.model_copy(update={"root": root.absolute() if root is not None else None}),
+    })
+
+
+class CaptionActor:
+    """One actor of the pool: a ``RowProcessor`` opened lazily on the actor's event loop (Ray Data runs an
+    async UDF on a loop of its own, in its own thread) and closed on teardown. Blocks that arrive together
+    share the processor, whose gate keeps this actor's share of the limits."""
+
+    def __init__(self, config: Config, base_url: str | None) -> None:
+        self._config = config
+        self._base_url = base_url
+        self._processor: RowProcessor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opening: asyncio.Lock | None = None
+        self._rows: asyncio.Semaphore | None = None
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        """One outcome per input row, in order; never raises (a raising UDF would abort the whole job)."""
+        keys = [batch.column(name).to_pylist() for name in _KEYS]
+        try:
+            processor = await self._open()
+            tasks = [pickle.loads(blob) for blob in batch.column("task").to_pylist()]
+            outcomes = await asyncio.gather(*(self._one(processor, task) for task in tasks))
+        except Exception as exc:  # noqa: BLE001 - every row of the block fails, and says why
+            log.exception("ray actor: a block of %d rows failed", batch.num_rows)
+            outcomes = [_internal_failure(digest, exc) for digest in keys[2]]
+        return _outcome_table(keys, outcomes)
+
+    async def _open(self) -> RowProcessor:
+        if self._opening is None:
+            self._opening = asyncio.Lock()
+            self._rows = asyncio.Semaphore(2 * self._config.run.concurrency)  # bodies prepared, bounded
+        async with self._opening:
+            if self._processor is None:
+                processor = RowProcessor(self._config, base_url=self._base_url)
+                await processor.__aenter__()
+                self._processor, self._loop = processor, asyncio.get_running_loop()
+        return self._processor
+
+    async def _one(self, processor: RowProcessor, task: RowTask) -> RowOutcome:
+        assert self._rows is not None
+        async with self._rows:
+            try:
+                return await processor.process(task)
+            except Exception as exc:  # noqa: BLE001 - the processor keeps rows; this is a last guard
+                log.exception("%s: internal error in the ray actor", task.row.label)
+                return _internal_failure(task.digest, exc)
+
+    def __del__(self) -> None:
+        """Teardown (Ray Data drops the UDF when the pool shuts down): close the HTTP pool on its loop."""
+        processor, loop = self._processor, self._loop
+        if processor is None or loop is None or not loop.is_running():
+            return
+        self._processor = None
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(processor.__aexit__(None, None, None), loop).result(timeout=10)
+
+
+def _internal_failure(digest: str, exc: BaseException) -> RowOutcome:
+    """A row the actor could not run at all (not a failure of the row itself: a later run retries it)."""
+    message = f"internal error in the ray actor: {type(exc).__name__}: {exc}"
+    if isinstance(exc, PipelineError):
+        message = exc.message
+    now = datetime.now(UTC)
+    result = ResultRow(status="failed", attempts=0, error_type="error", error_message=message,
+                       started_at=now, finished_at=now)
+    return RowOutcome(f"image:{digest}", "failed", 0, "error", message, [result.to_json()])
+
+
+def _outcome_table(keys: list[list[Any]], outcomes: list[RowOutcome]) -> pa.Table:
+    columns: dict[str, Any] = dict(zip(_KEYS, keys, strict=True))
+    columns["outcome"] = pa.array([pickle.dumps(o) for o in outcomes], pa.binary())
+    return pa.table(columns)
+
+
+def _task_table(tasks: list[RowTask]) -> pa.Table:
+    """A block of row tasks; a relative image folder is made absolute (the actor runs elsewhere)."""
+    rows = [task.row for task in tasks]
+    portable = [dataclasses.replace(task, row=dataclasses.replace(task.row, base_dir=task.row.base_dir.absolute()))
+                if isinstance(task.row.base_dir, Path) else task for task in tasks]
+    return pa.table({
+        "seq": pa.array([row.seq for row in rows], pa.int64()),
+        "row_id": pa.array([row.id for row in rows], pa.string()),
+        "digest": pa.array([task.digest for task in tasks], pa.string()),
+        "task": pa.array([pickle.dumps(task) for task in portable], pa.binary()),
+    })
+
+
+def _join(address: str | None) -> None:
+    """``ray.init`` for ``ray.address``; a cluster that cannot be joined is a ``ClusterError`` naming it.
+    A ``host:port`` address is probed first: ``ray.init`` retries an address where nothing listens for
+    minutes, a refused connection says at once that the head is not there."""
+    host, _, port = (address or "").rpartition(":")
+    try:
+        if host and port.isdigit() and "://" not in address:  # type: ignore[operator]
+            socket.create_connection((host, int(port)), timeout=10).close()
+        ray.init(**init_options(address))
+    except (OSError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+        where = address or "RAY_ADDRESS / a local Ray"
+        raise ClusterError(f"ray.address {where}: cannot join the Ray cluster: {_first_line(exc)}; start it "
+                           "(ray start --head) or fix ray.address") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def init_options(address: str | None) -> dict[str, Any]:
+    """``ray.init``'s arguments for ``ray.address``. A driver that joins a cluster on a loopback address is
+    on that cluster's machine and must register with that address (Ray would otherwise take the host's
+    outward address, which no raylet of a loopback cluster has)."""
+    options: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": logging.WARNING}
+    host = (address or "").rpartition("://")[2].rpartition(":")[0]
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            options["_node_ip_address"] = host
+    if address is None:
+        options["include_dashboard"] = False
+    return options
+
+
+class RayEngine(LocalEngine):
+    """Runs a plan's rows on a Ray cluster; the ledger, counters and stop are the local engine's."""
+
+    def __init__(self, config: Config, plan: Plan, summary: RunSummary, *,
+                 on_progress: ProgressCallback | None = None) -> None:
+        super().__init__(config, plan, summary, on_progress=on_progress)
+        if config.ray.actors > config.run.concurrency:
+            raise ConfigError(f"ray.actors ({config.ray.actors}) is more than run.concurrency "
+                              f"({config.run.concurrency}), which is split among the actors: lower ray.actors "
+                              "or raise run.concurrency")
+
+    async def run(self, store: StateStore, lookups: StateStore, run_id: int, info: ManifestInfo,
+                  base_url: str | None) -> None:
+        """Triage, send the pending rows' blocks to the actor pool, record outcomes as blocks come back."""
+        self.progress.total = self.summary.rows_total
+        self._notify()
+        started = not ray.is_initialized()
+        if started:
+            _join(self.config.ray.address)
+        try:
+            blocks = await asyncio.to_thread(self._cut_blocks)
+            self._take_triage_counts()
+            self._log_start(len(blocks))
+            self.progress.total = info.rows - self.summary.rows_skipped
+            self._notify()
+            writer = ledger_writer(store, run_id, self._count)
+            try:
+                if blocks:
+                    await self._stream(blocks, writer, base_url)
+            except BaseException:
+                with contextlib.suppress(Exception):  # keep what can be kept; the first failure is the news
+                    await writer.close()
+                raise
+            await writer.close()
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _log_start(self, blocks: int) -> None:
+        settings, resources = self.config.ray, ray.cluster_resources()
+        alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+        log.info("ray engine: %d rows to send in %d blocks of up to %d rows, %d actors; the cluster has %g CPUs "
+                 "on %d nodes", self.summary.rows_total - self.plan.counts.skipped, blocks, settings.rows_per_block,
+                 settings.actors, resources.get("CPU", 0), alive,
+                 extra={"event": "ray_start", "blocks": blocks, "actors": settings.actors, "nodes": alive})
+
+    def _cut_blocks(self) -> list[Any]:
+        """Triage the manifest (in this thread, with its own ledger connection) and put the pending rows'
+        tasks in the object store, ``ray.rows_per_block`` to a block; the driver holds one block at a time."""
+        size, refs, pending = self.config.ray.rows_per_block, [], []
+        synchronous = self.config.ledger.synchronous.upper()
+        with StateStore(self.config.ledger_path, synchronous=synchronous) as store:
+            for batch in self.plan.batches():
+                pending.extend(self.plan.triage(batch, store))
+                while len(pending) >= size:
+                    refs.append(ray.put(_task_table(pending[:size])))
+                    del pending[:size]
+        if pending:
+            refs.append(ray.put(_task_table(pending)))
+        return refs
+
+    def _dataset(self, blocks: list[Any], base_url: str | None) -> Any:
+        settings = self.config.ray
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the CLI draws its own
+        context.print_on_execution_start = False
+        pool = ray.data.ActorPoolStrategy(size=settings.actors, max_tasks_in_flight_per_actor=BLOCKS_PER_ACTOR)
+        return ray.data.from_arrow_refs(blocks).map_batches(
+            CaptionActor, fn_constructor_kwargs={"config": actor_config(self.config), "base_url": base_url},
+            batch_size=None, batch_format="pyarrow", compute=pool,
+            num_cpus=settings.cpus_per_actor)  # Ray Data restarts lost actors and retries their blocks
+
+    async def _stream(self, blocks: list[Any], writer: LedgerWriter, base_url: str | None) -> None:
+        """Take blocks of outcomes as the cluster finishes them and commit each block's outcomes."""
+        results: Iterator[pa.Table] = iter(self._dataset(blocks, base_url).iter_batches(
+            batch_size=None, batch_format="pyarrow"))
+        try:
+            while not self._stop.is_set() and (batch := await asyncio.to_thread(next, results, None)) is not None:
+                await self._record(batch, writer)
+        except ray.exceptions.RayError as exc:  # Ray Data gave up (actors that cannot start, a lost driver)
+            raise ClusterError(f"the Ray job failed: {type(exc).__name__}: {_first_line(exc)}; the rows "
+                               "recorded so far are kept: run the same command again to resume") from None
+        finally:
+            if self._stop.is_set():
+                self.summary.interrupted = True
+                self.summary.stop_reason = self.summary.stop_reason or "signal"
+            close = getattr(results, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)
+
+    async def _record(self, batch: pa.Table, writer: LedgerWriter) -> None:
+        """A block's outcomes through the ledger writer, in one transaction where the writer allows it."""
+        writes: list[Write] = []
+        for row_id, digest, blob in zip(batch.column("row_id").to_pylist(), batch.column("digest").to_pylist(),
+                                        batch.column("outcome").to_pylist(), strict=True):
+            outcome: RowOutcome = pickle.loads(blob)
+            if outcome.budget_stop is not None:
+                self._stop_for_budget(outcome.budget_stop)
+            if outcome.status is not None:  # None: the budget stopped it before it was sent; stays to do
+                writes.append(as_write(outcome, ((row_id, digest),)))
+        if not writes:
+            return
+        staged = [writer.stage(write) for write in writes[:-1]]
+        if all(handle is not None for handle in staged):
+            await writer.commit(writes[-1])  # the staged ones share its commit
+        else:
+            await asyncio.gather(*(writer.commit(write) for write in writes))
+

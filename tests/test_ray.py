@@ -1,0 +1,249 @@
+"""The Ray engine (``run.engine: ray``) on a real two-node local Ray cluster (tests/raycluster.py).
+
+One cluster for the module (two ``ray start --block`` processes, 127.0.0.2 and 127.0.0.3, one CPU each),
+on one xdist worker (``--dist loadfile`` in pyproject.toml). The endpoint is the embedded one on 127.0.0.1, started by the test
+(or by the CLI for ``base_url: local``); the actors reach it from the cluster's worker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.api import run_job, run_job_async
+from pipeline.core.config import config_from_dict
+from pipeline.core.errors import ClusterError
+from pipeline.edges.ledger import StateStore
+from pipeline.ops.jobs import job_status
+from pipeline.run.rayengine import BLOCKS_PER_ACTOR, actor_config, init_options
+from pipeline.server import LocalEndpoint, parse_fault_spec
+
+from .helpers import job_config, make_manifest, read_rows
+from .raycluster import HEAD_IP, RayCluster, command_line, descendants, free_ports
+
+#: The columns that must match between engines (timings and response ids differ run to run).
+SAME = ("id", "path", "label", "status", "content", "finish_reason", "choice_index", "error_type", "error_message",
+        "attempts", "prompt_tokens", "completion_tokens", "image_format", "image_width", "image_height",
+        "sent_bytes", "image_action")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    started = RayCluster(tmp_path_factory.mktemp("raylogs"))
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def ray_config(manifest: Path, output: Path, base_url: str, cluster: RayCluster, **sections: dict[str, Any]) -> Any:
+    ray = {"address": cluster.address, "actors": 2, "rows_per_block": 4, **sections.pop("ray", {})}
+    run = {"engine": "ray", **sections.pop("run", {})}
+    return job_config(manifest, output, base_url, run=run, ray=ray, **sections)
+
+
+def add_faults(endpoint: LocalEndpoint, *specs: str) -> None:
+    for spec in specs:
+        endpoint.faults.add(parse_fault_spec(spec))
+
+
+def same_columns(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{name: row[name] for name in SAME} for row in rows]
+
+
+async def test_ray_gives_the_local_engines_rows(tmp_path, endpoint, cluster):
+    manifest = make_manifest(tmp_path / "in", 18, missing={5})
+    local_out, ray_out = tmp_path / "local" / "captions.parquet", tmp_path / "ray" / "captions.parquet"
+    local = await run_job_async(job_config(manifest, local_out, endpoint.base_url))
+    sent_locally = endpoint.stats.snapshot()["requests"]
+
+    summary = await run_job_async(ray_config(manifest, ray_out, endpoint.base_url, cluster))
+
+    assert same_columns(read_rows(ray_out)) == same_columns(read_rows(local_out))
+    assert endpoint.stats.snapshot()["requests"] == 2 * sent_locally == 34  # the missing image sends nothing
+    assert (summary.rows_ok, summary.rows_failed, summary.exit_code) == (local.rows_ok, local.rows_failed, 1) == (
+        17, 1, 1)
+    assert summary.errors == {"image_missing": 1} and summary.attempts == local.attempts
+
+
+async def test_failures_stay_rows_a_rerun_sends_nothing_and_retry_resends_them(tmp_path, endpoint, cluster):
+    add_faults(endpoint, "status:code=500,message=boom,match=row-2.", "status:code=400,message=no,match=row-6.")
+    manifest = make_manifest(tmp_path / "in", 10, missing={8})
+    out = tmp_path / "captions.parquet"
+    config = ray_config(manifest, out, endpoint.base_url, cluster, run={"max_attempts": 2})
+
+    first = await run_job_async(config)
+    rows = {r["id"]: r for r in read_rows(out)}
+    assert len(rows) == 10 and first.rows_ok == 7 and first.rows_failed == 3
+    assert (rows["row-2"]["status"], rows["row-2"]["error_type"], rows["row-2"]["attempts"]) == (
+        "failed", "server_error", 2)
+    assert (rows["row-6"]["error_type"], rows["row-8"]["error_type"]) == ("bad_request", "image_missing")
+    sent = endpoint.stats.snapshot()["requests"]
+    assert sent == 7 + 2 + 1  # ok rows once, row-2 twice, row-6 once, the missing image never
+
+    again = await run_job_async(config)  # row-2's server error may pass now: it alone goes out again
+    assert endpoint.stats.snapshot()["requests"] == sent + 2 and again.rows_retried == 1 and again.rows_skipped == 9
+    endpoint.faults.clear()
+    retried = await run_job_async(config, command="retry")  # every failed row, bad request included
+    rows = {r["id"]: r for r in read_rows(out)}
+    assert retried.requeued == 3 and retried.rows_ok == 2 and retried.rows_failed == 1
+    assert [i for i, r in rows.items() if r["status"] == "failed"] == ["row-8"]
+    assert endpoint.stats.snapshot()["requests"] == sent + 2 + 2
+    nothing = await run_job_async(config)
+    assert nothing.attempts == 0 and endpoint.stats.snapshot()["requests"] == sent + 4
+
+
+def test_cli_engine_option_runs_the_demo_job_on_the_cluster(tmp_path, cluster):
+    manifest = make_manifest(tmp_path / "in", 6)
+    path = tmp_path / "job.yaml"
+    document = {"endpoint": {"base_url": "local"}, "request": {"model": "m", "prompt": "Describe {id}."},
+                "input": {"manifest": str(manifest)}, "output": {"path": str(tmp_path / "out" / "c.parquet")},
+                "run": {"concurrency": 4}, "ray": {"address": cluster.address, "actors": 2, "rows_per_block": 2}}
+    path.write_text(yaml.safe_dump(document))
+    log = tmp_path / "run.log"
+
+    result = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "--engine", "ray", "--no-progress",
+                             "--log-file", str(log)], capture_output=True, text=True, timeout=240, check=False)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [r["status"] for r in read_rows(tmp_path / "out" / "c.parquet")] == ["ok"] * 6
+    assert "ray engine: 6 rows to send in 3 blocks of up to 2 rows, 2 actors; the cluster has 2 CPUs on 2 nodes" in (
+        log.read_text())
+    status = subprocess.run([sys.executable, "-m", "pipeline", "status", str(path), "--json"], capture_output=True,
+                            text=True, timeout=60, check=False)
+    report = json.loads(status.stdout)
+    assert report["rows"]["ok"] == 6 and report["last_run"]["status"] == "finished"
+
+
+def test_without_ray_installed_the_error_names_the_extra(tmp_path):
+    manifest = make_manifest(tmp_path / "in", 2)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({"request": {"model": "m"}, "input": {"manifest": str(manifest)},
+                                    "output": {"path": str(tmp_path / "c.parquet")}}))
+    hide_ray = ("import sys; sys.modules['ray'] = None; from pipeline.cli import main; "
+                f"sys.exit(main(['run', {str(path)!r}, '--engine', 'ray', '--no-log-file']))")
+
+    result = subprocess.run([sys.executable, "-c", hide_ray], capture_output=True, text=True, timeout=60, check=False)
+
+    assert result.returncode == 2, result.stderr
+    assert "run.engine is 'ray' but Ray is not installed: pip install 'pipeline[ray]'" in result.stderr
+    assert not (tmp_path / "c.parquet").exists()
+
+
+def test_each_actor_gets_its_share_of_the_job_limits(tmp_path):
+    config = config_from_dict({
+        "request": {"model": "m"}, "input": {"manifest": str(tmp_path / "m.csv"), "root": "images"},
+        "output": {"path": str(tmp_path / "c.parquet")}, "run": {"concurrency": 10, "engine": "ray"},
+        "ray": {"actors": 4}, "limits": {"requests_per_minute": 600, "tokens_per_minute": 1000, "max_requests": 9,
+                                         "min_concurrency": 4}})
+
+    share = actor_config(config)
+
+    assert share.run.concurrency == 2 and share.limits.min_concurrency == 2
+    assert (share.limits.requests_per_minute, share.limits.tokens_per_minute) == (150, 250)
+    assert share.limits.max_requests == 2 and share.input.root == Path("images").absolute()
+
+
+@pytest.mark.parametrize(("address", "node_ip"), [
+    ("127.0.0.2:6379", "127.0.0.2"), ("ray://127.0.0.3:10001", "127.0.0.3"), ("head.example:6379", None),
+    ("auto", None), (None, None)])
+def test_a_driver_joining_a_loopback_cluster_registers_on_its_address(address, node_ip):
+    assert init_options(address).get("_node_ip_address") == node_ip
+
+
+def _map_workers(cluster: RayCluster) -> list[int]:
+    """Pids of the cluster's captioning actors (Ray titles them ``ray::MapWorker(...)``)."""
+    return [pid for node in cluster.nodes for pid in descendants(node.process.pid)
+            if command_line(pid).startswith(b"ray::MapWorker")]
+
+
+async def test_a_killed_actor_costs_at_most_its_blocks_and_every_row_is_recorded_once(tmp_path, cluster):
+    rows, per_block = 24, 3
+    manifest = make_manifest(tmp_path / "in", rows)
+    out = tmp_path / "captions.parquet"
+    killed: list[int] = []
+
+    def kill_one_actor(progress: Any) -> None:
+        if progress.done >= 6 and not killed and (workers := _map_workers(cluster)):
+            os.kill(workers[0], signal.SIGKILL)
+            killed.append(workers[0])
+
+    async with LocalEndpoint(chunk_delay=0.02) as endpoint:  # each answer takes a moment: the kill lands mid-run
+        config = ray_config(manifest, out, endpoint.base_url, cluster, ray={"rows_per_block": per_block})
+        summary = await run_job_async(config, on_progress=kill_one_actor)
+        sent = endpoint.stats.snapshot()["requests"]
+        rerun = await run_job_async(config)
+        assert endpoint.stats.snapshot()["requests"] == sent and rerun.attempts == 0
+
+    assert killed, "no captioning actor was found to kill"
+    result = read_rows(out)
+    assert [r["id"] for r in result] == [f"row-{i}" for i in range(rows)]
+    assert all(r["status"] == "ok" for r in result) and summary.rows_ok == rows
+    # the killed actor's blocks in flight are sent again whole, and nothing else is
+    assert rows <= sent <= rows + BLOCKS_PER_ACTOR * per_block
+
+
+def _recorded_ok(ledger: Path, ids: list[str]) -> int:
+    """Rows the ledger holds as ok (read while the driver writes: SQLite WAL readers do not block it)."""
+    with StateStore(ledger) as store:
+        return sum(1 for state in store.item_states(ids).values() if state.status == "ok")
+
+
+async def test_a_killed_driver_keeps_the_blocks_it_recorded_and_a_rerun_sends_only_the_rest(tmp_path, cluster):
+    rows, per_block, actors = 24, 2, 2
+    manifest = make_manifest(tmp_path / "in", rows)
+    ids = [f"row-{i}" for i in range(rows)]
+    out = tmp_path / "out" / "captions.parquet"
+    async with LocalEndpoint(chunk_delay=0.02) as endpoint:
+        config = ray_config(manifest, out, endpoint.base_url, cluster,
+                            ray={"rows_per_block": per_block, "actors": actors})
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
+        driver = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pipeline", "run", str(path), "--no-progress", "--no-log-file",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:  # the driver made its ledger before its first request: reading it from then on is safe
+            await endpoint.stats.wait_until(lambda stats: stats.streams_completed >= 1, timeout=180)
+            deadline = asyncio.get_running_loop().time() + 180
+            while (recorded := await asyncio.to_thread(_recorded_ok, config.ledger_path, ids)) < 4:
+                assert driver.returncode is None, "the driver ended before it was killed"
+                assert asyncio.get_running_loop().time() < deadline, "no block was recorded in 180 s"
+                with contextlib.suppress(TimeoutError):  # the pause between polls watches the driver
+                    await asyncio.wait_for(driver.wait(), 0.2)
+        finally:
+            if driver.returncode is None:
+                driver.kill()
+            await asyncio.wait_for(driver.wait(), 30)
+        recorded = await asyncio.to_thread(_recorded_ok, config.ledger_path, ids)
+
+        rerun = await run_job_async(config)
+        sent = endpoint.stats.snapshot()["requests"]
+
+    assert rerun.rows_ok == rows - recorded and rerun.rows_skipped == recorded  # only rows without an outcome
+    assert [(r["id"], r["status"]) for r in read_rows(out)] == [(i, "ok") for i in ids]
+    # paid twice: at most what was in flight when the driver died (every actor's blocks)
+    assert rows <= sent <= rows + actors * BLOCKS_PER_ACTOR * per_block
+
+
+def test_a_cluster_that_is_not_there_is_one_error_naming_ray_address(tmp_path):
+    manifest = make_manifest(tmp_path / "in", 2)
+    port = free_ports(HEAD_IP, 1)[0]  # nothing listens there
+    config = job_config(manifest, tmp_path / "c.parquet", run={"engine": "ray"},
+                        ray={"address": f"{HEAD_IP}:{port}", "actors": 2})
+
+    with pytest.raises(ClusterError, match=rf"ray.address {HEAD_IP}:{port}: cannot join the Ray cluster: .*"
+                                           r"start it \(ray start --head\) or fix ray.address"):
+        run_job(config)
+
+    assert job_status(config)["last_run"]["status"] == "failed" and not (tmp_path / "c.parquet").exists()
