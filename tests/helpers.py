@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -85,3 +86,10 @@ def standalone_endpoint(folder: Path, chunk_delay: float) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on ``host`` a moment ago: nothing listens there now (connecting is refused)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])

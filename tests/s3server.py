@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import ssl
 import subprocess
 import sys
@@ -31,6 +30,8 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import free_port
+
 REGION = "us-east-1"
 #: How long the server may take to answer its first request (importing moto takes ~2 s on a busy core).
 START_TIMEOUT = 60.0
@@ -41,7 +42,7 @@ class S3Server:
 
     def __init__(self, workdir: Path, *, tls: bool = False) -> None:
         """``tls``: serve https with a certificate from a private CA, whose PEM is ``ca_file``."""
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._log = open(workdir / f"moto-{self.port}.log", "wb")  # noqa: SIM115 - closed in stop()
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | {"PYTHONUNBUFFERED": "1"}
@@ -164,12 +165,6 @@ def split(url: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
     bucket, _, key = url.removeprefix("s3://").partition("/")
     return bucket, key
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import base64
 import hashlib
 import io
 import random
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from pipeline.edges.images import (
     sniff_mime,
 )
 from pipeline.edges.preflight import prepare, target_size
+from tests.helpers import free_port
 
 
 def encoded(image: Image.Image, fmt: str, **options: Any) -> bytes:
@@ -345,9 +345,7 @@ async def test_remote_timeout_is_retried_then_fails(image_server: ImageServer) -
 
 
 async def test_remote_connection_refused() -> None:
-    with socket.socket() as probe:  # a port that was free a moment ago and has no listener now
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     with pytest.raises(ImageError) as info:
         await load_url(f"http://127.0.0.1:{port}/a.jpg", download_attempts=1, allow_hosts=LOCAL_SERVER)
     assert info.value.error_type == "image_remote_error" and "1 attempt(s)" in str(info.value)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator
@@ -27,7 +26,7 @@ from pipeline.api import run_job_async
 from pipeline.core.errors import ConfigError
 from pipeline.run.summary import RunSummary
 from pipeline.server import LocalEndpoint
-from tests.helpers import job_config, make_image, make_manifest, read_rows
+from tests.helpers import free_port, job_config, make_image, make_manifest, read_rows
 from tests.proxies import (
     PRIVATE_HOST,
     ForwardProxy,
@@ -58,12 +57,6 @@ async def run(manifest: Path, out: Path, base_url: str, **sections: dict[str, An
 
 def errors(rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
     return {(row["error_type"], row["error_message"]) for row in rows}
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- the endpoint through the proxy -----------------------------------------------------------------
@@ -201,7 +194,7 @@ async def cli_run(folder: Path, manifest: Path, base_url: str, material: TlsMate
 
 
 async def test_a_proxy_that_is_down(tmp_path: Path, manifest: Path, local_endpoint: LocalEndpoint) -> None:
-    port = closed_port()
+    port = free_port()  # nothing listens there
     summary, rows = await run(manifest, tmp_path / "out.parquet", f"http://{PRIVATE_HOST}:{local_endpoint.port}/v1",
                               endpoint={"proxy": f"http://alice:{PASSWORD}@127.0.0.1:{port}"})
     (kind, message), = errors(rows)

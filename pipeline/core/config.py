@@ -36,7 +36,13 @@ from pipeline.core.locations import (
     mask_options,
     option_secrets,
 )
-from pipeline.core.proxy import NoProxy, ProxyURL, environment_proxies, parse_proxy_url
+from pipeline.core.proxy import (
+    NoProxy,
+    ProxyURL,
+    environment_proxies,
+    no_proxy_rules,
+    parse_proxy_url,
+)
 from pipeline.core.redact import MASK, redact_url
 from pipeline.core.targets import RemotePath, Target
 
@@ -155,7 +161,7 @@ class Egress:
     tls_key: str = "endpoint.tls"  # where ``tls`` comes from, for messages
 
     def proxy_for(self, url: str) -> ProxyURL | None:
-        return route(self.proxy, NoProxy(self.no_proxy), url)
+        return route(self.proxy, no_proxy_rules(self.no_proxy), url)
 
     def proxy_hosts(self) -> set[str]:
         """The proxies' own host names: the download guard trusts them (the user configured them)."""
@@ -260,7 +266,7 @@ class EndpointConfig(_Model):
 
     def proxy_for(self, url: str) -> ProxyURL | None:
         """The proxy a request to ``url`` goes through (None: direct); never for the embedded endpoint."""
-        return None if self.is_local else route(self.proxy, NoProxy(self.no_proxy or ""), url)
+        return None if self.is_local else route(self.proxy, no_proxy_rules(self.no_proxy or ""), url)
 
 
 class RequestConfig(_Model):

@@ -17,12 +17,13 @@ Rules, as curl and httpx apply them:
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote, urlsplit
 
-__all__ = ["NoProxy", "ProxyURL", "environment_proxies", "parse_proxy_url"]
+__all__ = ["NoProxy", "ProxyURL", "environment_proxies", "no_proxy_rules", "parse_proxy_url"]
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 #: Environment variables, in the order they are looked at, for each kind of target URL.
@@ -69,8 +70,10 @@ class ProxyURL:
         return [v for v in (self.password, quote(self.password, safe=""), auth.split(" ", 1)[1] if auth else "") if v]
 
 
+@functools.lru_cache(maxsize=64)
 def parse_proxy_url(text: str) -> ProxyURL:
-    """Parse a proxy URL; raises ValueError with a message that never quotes a password."""
+    """Parse a proxy URL; raises ValueError with a message that never quotes a password. Cached: routing
+    asks again for every download and redirect hop, and a ``ProxyURL`` is immutable."""
     text = text.strip()
     if "://" not in text:
         text = f"http://{text}"
@@ -139,6 +142,12 @@ class NoProxy:
             elif entry.domain and (host == entry.domain or host.endswith("." + entry.domain)):
                 return True
         return False
+
+
+@functools.lru_cache(maxsize=16)
+def no_proxy_rules(text: str) -> NoProxy:
+    """``NoProxy(text)``, parsed once per text (routing asks for every download and redirect hop)."""
+    return NoProxy(text)
 
 
 def _split_port(entry: str) -> tuple[str, int | None]:

@@ -14,6 +14,7 @@ from functools import lru_cache
 
 from pipeline.core.config import Config, TLSConfig
 from pipeline.core.errors import ConfigError
+from pipeline.edges.http import os_reason
 
 __all__ = ["check_tls_files", "client_context", "warn_unverified"]
 
@@ -28,7 +29,7 @@ def client_context(tls: TLSConfig, section: str = "endpoint.tls") -> ssl.SSLCont
         try:
             context.load_verify_locations(cafile=str(tls.ca_file))
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{section}.ca_file: cannot load {tls.ca_file}: {_reason(exc)}; point it at a "
+            raise ConfigError(f"{section}.ca_file: cannot load {tls.ca_file}: {os_reason(exc)}; point it at a "
                               "PEM file of CA certificates") from None
     if tls.client_cert is not None:
         try:
@@ -36,7 +37,7 @@ def client_context(tls: TLSConfig, section: str = "endpoint.tls") -> ssl.SSLCont
         except (OSError, ssl.SSLError) as exc:
             key = f" / {section}.client_key ({tls.client_key})" if tls.client_key else ""
             raise ConfigError(f"{section}.client_cert ({tls.client_cert}){key}: cannot load the client "
-                              f"certificate: {_reason(exc)}; give a PEM certificate and its unencrypted "
+                              f"certificate: {os_reason(exc)}; give a PEM certificate and its unencrypted "
                               "private key") from None
     if not tls.verify:
         context.check_hostname = False
@@ -58,11 +59,3 @@ def warn_unverified(tls: TLSConfig | None, section: str, what: str) -> None:
     if tls is not None and not tls.verify:
         log.warning("%s.verify is false: %s certificates are NOT checked; anyone on the network path can "
                     "read and change this traffic. Use %s.ca_file for a private CA instead", section, what, section)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc)
-    return str(exc)
