@@ -26,8 +26,10 @@ HEAD_IP, SECOND_IP = "127.0.0.2", "127.0.0.3"
 START_TIMEOUT = 90.0
 #: Health checks patient enough for 2 busy cores: Ray marks a node whose raylet misses its checks dead and
 #: then ends every driver on it (the pytest worker itself); the defaults (3 s timeouts) are too tight there.
-PATIENT = {"RAY_health_check_timeout_ms": "30000", "RAY_health_check_period_ms": "10000",
-           "RAY_health_check_failure_threshold": "10", "RAY_gcs_rpc_server_reconnect_timeout_s": "300"}
+#: A slow raylet has 30 s to answer each check, five in a row; a lost one refuses at once, so it is found
+#: dead in about 5 x 2 s (the lost-node test waits for that before Ray moves its actors).
+PATIENT = {"RAY_health_check_timeout_ms": "30000", "RAY_health_check_period_ms": "2000",
+           "RAY_health_check_failure_threshold": "5", "RAY_gcs_rpc_server_reconnect_timeout_s": "300"}
 #: Worker processes each node may start (one port each).
 WORKER_PORTS = 24
 
@@ -116,7 +118,7 @@ class RayNode:
         else:
             command += ["--address", head]
         self.manager_port = ports[1]
-        self._log = open(workdir / f"ray-{ip}.log", "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(workdir / f"ray-{ip}.log", "ab")  # noqa: SIM115 - closed in stop(); a replaced node appends
         env = {**os.environ, **PATIENT, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
         env.pop("RAY_ADDRESS", None)
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -151,12 +153,24 @@ class RayNode:
         self._log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
+    def lose(self) -> None:
+        """A machine lost at once: SIGKILL to the ``ray start --block`` process and to every process below
+        it together (noted first: once their parent is gone they are no longer found below it)."""
+        below = descendants(self.process.pid)
+        for pid in (self.process.pid, *below):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self._log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
 
 class RayCluster:
     """A head on 127.0.0.2 and a second node on 127.0.0.3, one CPU each; ``address`` for ``ray.address``."""
 
     def __init__(self, workdir: Path) -> None:
         self.nodes: list[RayNode] = []
+        self._workdir = workdir
         try:
             head = RayNode(HEAD_IP, workdir)
             self.nodes.append(head)
@@ -169,6 +183,15 @@ class RayCluster:
         except BaseException:
             self.stop()
             raise
+
+    def replace_second(self) -> None:
+        """A fresh second node in place of one that was lost (the next tests get two nodes again)."""
+        lost = self.nodes.pop()
+        if lost.process.poll() is None:
+            lost.stop()
+        second = RayNode(SECOND_IP, self._workdir, head=self.address)
+        self.nodes.append(second)
+        second.wait_listening(second.manager_port)
 
     def stop(self) -> None:
         for node in reversed(self.nodes):

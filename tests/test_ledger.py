@@ -76,6 +76,19 @@ def test_items_only_write_maps_a_duplicate_row(store):
     assert store.outcomes(["dup"])["dup"].results == store.outcomes(["a"])["a"].results
 
 
+def test_drop_unmapped_removes_only_marks_no_row_maps_to(store):
+    """The Ray engine marks rows in flight under ``ray:<digest>`` until their answers map them elsewhere."""
+    store.commit([Write("ray:d1", "in_flight", items=(("a", "d1"),)),
+                  Write("ray:d2", "in_flight", items=(("b", "d2"),)),
+                  Write("ray:d3", "failed", 0, "image_missing", "gone", [{}], (("c", "d3"),))], 1)
+    store.commit([ok("k", "a"), Write("ray:d4", "in_flight")], 1)  # a answered; d4: a mark no row maps to
+
+    assert store.drop_unmapped("ray:") == 2  # d1 (a now maps to k) and d4
+
+    keys = [key for (key,) in store.db.execute("SELECT key FROM requests ORDER BY key")]
+    assert keys == ["k", "ray:d2", "ray:d3"] and store.item_states(["b"])["b"].status == "in_flight"
+
+
 def test_reset_in_flight_and_requeue_failed(store):
     store.commit([Write("k1", "in_flight", items=(("a", "d"),)),
                   Write("k2", "failed", 1, "timeout", "t", [{}], (("b", "d"),)),

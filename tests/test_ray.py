@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,12 @@ from pipeline.core.config import config_from_dict
 from pipeline.core.errors import ClusterError
 from pipeline.edges.ledger import StateStore
 from pipeline.ops.jobs import job_status
-from pipeline.run.rayengine import BLOCKS_PER_ACTOR, actor_config, init_options
+from pipeline.run.rayengine import (
+    BLOCKS_PER_ACTOR,
+    LOCAL_RAY_IP,
+    actor_config,
+    init_options,
+)
 from pipeline.server import LocalEndpoint, parse_fault_spec
 
 from .helpers import job_config, make_manifest, read_rows
@@ -200,6 +208,12 @@ def _recorded_ok(ledger: Path, ids: list[str]) -> int:
         return sum(1 for state in store.item_states(ids).values() if state.status == "ok")
 
 
+def _marks_left(ledger: Path) -> int:
+    """Provisional in-flight requests (``ray:<digest>``) still in the ledger."""
+    with StateStore(ledger) as store:
+        return store.db.execute("SELECT COUNT(*) FROM requests WHERE key LIKE 'ray:%'").fetchone()[0]
+
+
 async def test_a_killed_driver_keeps_the_blocks_it_recorded_and_a_rerun_sends_only_the_rest(tmp_path, cluster):
     rows, per_block, actors = 24, 2, 2
     manifest = make_manifest(tmp_path / "in", rows)
@@ -215,7 +229,7 @@ async def test_a_killed_driver_keeps_the_blocks_it_recorded_and_a_rerun_sends_on
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         try:  # the driver made its ledger before its first request: reading it from then on is safe
             await endpoint.stats.wait_until(lambda stats: stats.streams_completed >= 1, timeout=180)
-            deadline = asyncio.get_running_loop().time() + 180
+            deadline = asyncio.get_running_loop().time() + 60
             while (recorded := await asyncio.to_thread(_recorded_ok, config.ledger_path, ids)) < 4:
                 assert driver.returncode is None, "the driver ended before it was killed"
                 assert asyncio.get_running_loop().time() < deadline, "no block was recorded in 180 s"
@@ -226,11 +240,17 @@ async def test_a_killed_driver_keeps_the_blocks_it_recorded_and_a_rerun_sends_on
                 driver.kill()
             await asyncio.wait_for(driver.wait(), 30)
         recorded = await asyncio.to_thread(_recorded_ok, config.ledger_path, ids)
+        left = job_status(config)["rows"]  # the dead driver's marks: its blocks handed to the cluster
 
         rerun = await run_job_async(config)
         sent = endpoint.stats.snapshot()["requests"]
 
+    in_flight = left.get("in_flight", 0)
+    assert left["ok"] == recorded and 0 < in_flight <= actors * BLOCKS_PER_ACTOR * per_block
     assert rerun.rows_ok == rows - recorded and rerun.rows_skipped == recorded  # only rows without an outcome
+    # as in the local engine: a row marked in flight by a run that died is resumed, the others are new
+    assert (rerun.rows_resumed, rerun.rows_new) == (in_flight, rows - recorded - in_flight)
+    assert job_status(config)["rows"] == {"ok": rows} and _marks_left(config.ledger_path) == 0
     assert [(r["id"], r["status"]) for r in read_rows(out)] == [(i, "ok") for i in ids]
     # paid twice: at most what was in flight when the driver died (every actor's blocks)
     assert rows <= sent <= rows + actors * BLOCKS_PER_ACTOR * per_block
@@ -247,3 +267,163 @@ def test_a_cluster_that_is_not_there_is_one_error_naming_ray_address(tmp_path):
         run_job(config)
 
     assert job_status(config)["last_run"]["status"] == "failed" and not (tmp_path / "c.parquet").exists()
+
+
+def _hold_the_head(cluster: RayCluster, cpus: float) -> Any:
+    """An actor holding ``cpus`` of the head's CPU (so the captioning actors cannot all start there); the
+    caller is connected to the cluster and ends it with ``ray.kill``. Defined here: Ray ships it by value."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    head = next(node["NodeID"] for node in ray.nodes() if node["Alive"] and node["NodeManagerAddress"] == HEAD_IP)
+
+    class Ballast:
+        def ready(self) -> bool:
+            return True
+
+    ballast = ray.remote(num_cpus=cpus)(Ballast).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+    ray.get(ballast.ready.remote(), timeout=120)
+    return ballast
+
+
+async def test_a_lost_node_costs_at_most_the_blocks_in_flight_and_a_rerun_records_every_row_once(tmp_path, cluster):
+    """The second node is lost at once (every process of it killed) while a captioning actor runs there; the
+    head, freed of its ballast then, takes the actor Ray restarts. The head may hold only one actor before."""
+    import ray
+
+    rows, per_block, actors = 24, 2, 2
+    manifest = make_manifest(tmp_path / "in", rows)
+    out = tmp_path / "captions.parquet"
+    second, lost = cluster.nodes[1], []
+    ray.init(**init_options(cluster.address))  # the runs below share this connection (they do not end it)
+    try:
+        ballast = _hold_the_head(cluster, 0.6)  # 0.4 CPU left there: one actor of 0.25 at most
+
+        def lose_the_second_node(progress: Any) -> None:
+            if progress.done >= 4 and not lost and any(command_line(pid).startswith(b"ray::MapWorker")
+                                                       for pid in descendants(second.process.pid)):
+                lost.append(second.process.pid)
+                second.lose()
+                ray.kill(ballast)
+
+        async with LocalEndpoint(chunk_delay=0.05) as endpoint:  # answers take a moment: the loss lands mid-run
+            config = ray_config(manifest, out, endpoint.base_url, cluster,
+                                ray={"rows_per_block": per_block, "actors": actors})
+            try:
+                first = await run_job_async(config, on_progress=lose_the_second_node)
+            except ClusterError as exc:  # Ray gave up on the job: one error, the recorded rows kept
+                assert "run the same command again to resume" in str(exc)
+                first = None
+            rerun = await run_job_async(config)
+            resent = endpoint.stats.snapshot()["requests"] - rows
+    finally:
+        ray.shutdown()
+        cluster.replace_second()  # the next tests get two nodes again
+
+    assert lost, "no captioning actor ran on the second node"
+    assert [(r["id"], r["status"]) for r in read_rows(out)] == [(f"row-{i}", "ok") for i in range(rows)]
+    assert rerun.rows_ok + rerun.rows_skipped == rows and (first is None or first.rows_ok == rows)
+    # paid twice: at most what the actors held when the node went (their blocks in flight)
+    assert 0 <= resent <= actors * BLOCKS_PER_ACTOR * per_block
+
+
+async def test_identical_requests_are_sent_once_and_the_ledger_matches_the_local_engines(tmp_path, endpoint, cluster):
+    folder = tmp_path / "in"
+    manifest = make_manifest(folder, 8, missing={5})
+    with open(manifest, "a", newline="") as handle:  # images listed again (one twice), the missing one too
+        csv.writer(handle).writerows([f"dup-{n}", f"img_{i:03d}.png", f"again {i}"]
+                                     for n, i in enumerate((3, 0, 5, 7, 3, 1)))
+    local_out, ray_out = tmp_path / "local" / "captions.parquet", tmp_path / "ray" / "captions.parquet"
+    request = {"model": "m", "prompt": "Describe it."}  # one prompt: a repeated image is a repeated request
+    local_config = job_config(manifest, local_out, endpoint.base_url, request=request)
+    local = await run_job_async(local_config)
+    sent_locally = endpoint.stats.snapshot()["requests"]
+    config = ray_config(manifest, ray_out, endpoint.base_url, cluster, request=request, ray={"rows_per_block": 3})
+
+    summary = await run_job_async(config)
+
+    assert sent_locally == 7 and endpoint.stats.snapshot()["requests"] == 2 * sent_locally  # the unique images
+    assert same_columns(read_rows(ray_out)) == same_columns(read_rows(local_out))
+    rows = {r["id"]: r for r in read_rows(ray_out)}
+    assert rows["dup-4"]["content"] == rows["row-3"]["content"] and rows["dup-2"]["error_type"] == "image_missing"
+    assert (summary.rows_ok, summary.rows_failed, summary.rows_deduplicated) == (
+        local.rows_ok, local.rows_failed, local.rows_deduplicated) == (12, 2, 5)
+    with StateStore(local_config.ledger_path) as a, StateStore(config.ledger_path) as b:
+        assert a.status_counts() == b.status_counts() and _mapping(a) == _mapping(b)
+    assert _marks_left(config.ledger_path) == 0
+
+
+def _mapping(store: StateStore) -> list[tuple[str, str, str]]:
+    """Each manifest row's request and that request's status (keys differ by nothing between engines)."""
+    return store.db.execute("SELECT i.row_id, i.request_key, r.status FROM items i JOIN requests r "
+                            "ON r.key = i.request_key ORDER BY i.row_id").fetchall()
+
+
+def test_a_local_ray_started_by_the_run_stays_on_a_loopback_address(tmp_path):
+    """``ray.address: null`` and no cluster to join: the run starts a Ray of its own, on 127.0.0.2. In a
+    process of its own, with HOME and Ray's temp folder of its own: Ray 2.60 turns token authentication on
+    for a Ray that ``ray.init`` starts, in that process's environment and in ``~/.ray/auth_token``."""
+    manifest = make_manifest(tmp_path / "in", 4)
+    path = tmp_path / "job.yaml"
+    document = {"endpoint": {"base_url": "local"}, "request": {"model": "m", "prompt": "Describe {id}."},
+                "input": {"manifest": str(manifest)}, "output": {"path": str(tmp_path / "out" / "c.parquet")},
+                "run": {"concurrency": 2}, "ray": {"address": None, "actors": 1, "rows_per_block": 2}}
+    path.write_text(yaml.safe_dump(document))
+    log = tmp_path / "run.log"
+    ray_temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "RAY_TMPDIR": str(ray_temp), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        result = subprocess.run([sys.executable, "-m", "pipeline", "run", str(path), "--engine", "ray",
+                                 "--no-progress", "--log-file", str(log)],
+                                capture_output=True, text=True, timeout=240, check=False, env=env)
+        leftovers = [pid for pid in _all_pids() if str(ray_temp).encode() in command_line(pid)]
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [r["status"] for r in read_rows(tmp_path / "out" / "c.parquet")] == ["ok"] * 4
+    text = log.read_text()
+    assert f"ray engine: started a local Ray for this run on {LOCAL_RAY_IP}" in text
+    assert "ray engine: 4 rows to send in 2 blocks of up to 2 rows, 1 actors" in text and "on 1 nodes" in text
+    assert not leftovers, "the run's own Ray outlived it"
+
+
+def _all_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+async def test_a_stop_ends_the_ray_job_at_once_and_unanswered_rows_stay_to_do(tmp_path, cluster):
+    rows, per_block, actors = 12, 2, 2
+    manifest = make_manifest(tmp_path / "in", rows)
+    ids = [f"row-{i}" for i in range(rows)]
+    out = tmp_path / "out" / "captions.parquet"
+    async with LocalEndpoint() as endpoint:
+        endpoint.faults.add(parse_fault_spec("stall_first_byte:seconds=600"))  # no block comes back by itself
+        config = ray_config(manifest, out, endpoint.base_url, cluster,
+                            ray={"rows_per_block": per_block, "actors": actors},
+                            endpoint={"timeout": {"first_byte": 900, "total": 900}})
+        path = tmp_path / "job.yaml"
+        path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
+        driver = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "pipeline", "run", str(path), "--no-progress", "--no-log-file",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            await endpoint.stats.wait_until(lambda stats: stats.in_flight >= 1, timeout=180)
+            driver.send_signal(signal.SIGINT)
+            await asyncio.wait_for(driver.wait(), 120)  # before: it waited for the next block (600 s)
+        finally:
+            if driver.returncode is None:
+                driver.kill()
+                await asyncio.wait_for(driver.wait(), 30)
+        await endpoint.stats.wait_until(lambda stats: stats.in_flight == 0, timeout=60)  # the actors are gone
+        stopped = job_status(config)["rows"]
+        endpoint.faults.clear()
+        sent = endpoint.stats.snapshot()["requests"]
+        rerun = await run_job_async(config)
+        resent = endpoint.stats.snapshot()["requests"] - sent
+
+    assert driver.returncode == 4 and "ok" not in stopped and "failed" not in stopped  # no outcome for any row
+    assert rerun.rows_ok == resent == rows and rerun.rows_resumed == stopped.get("in_flight", 0) > 0
+    assert [(r["id"], r["status"]) for r in read_rows(out)] == [(i, "ok") for i in ids]

@@ -307,6 +307,16 @@ class StateStore:
                 )
         self._bumped = True
 
+    def drop_unmapped(self, prefix: str) -> int:
+        """Delete the unfinished requests whose key starts with ``prefix`` that no manifest row maps to any
+        more: an engine's provisional in-flight marks (the Ray engine's), superseded by their rows' answers."""
+        with self.transaction() as db:
+            return db.execute(
+                "DELETE FROM requests WHERE key >= ? AND key < ? AND status IN ('pending', 'in_flight') "
+                "AND NOT EXISTS (SELECT 1 FROM items WHERE items.request_key = requests.key)",
+                (prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)),
+            ).rowcount
+
     # -- snapshots -----------------------------------------------------------------------------
 
     def snapshot(self, target: Path) -> None:

@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import pickle
 import socket
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -179,21 +180,44 @@ def _join(address: str | None) -> None:
     try:
         if host and port.isdigit() and "://" not in address:  # type: ignore[operator]
             socket.create_connection((host, int(port)), timeout=10).close()
-        ray.init(**init_options(address))
+        local = starts_local(address)
+        ray.init(**init_options(address, local=local))
+        if local:
+            log.info("ray engine: started a local Ray for this run on %s", ray.util.get_node_ip_address())
     except (OSError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         where = address or "RAY_ADDRESS / a local Ray"
         raise ClusterError(f"ray.address {where}: cannot join the Ray cluster: {_first_line(exc)}; start it "
                            "(ray start --head) or fix ray.address") from None
 
 
+def starts_local(address: str | None) -> bool:
+    """True when ``ray.init`` would start a Ray of its own: ``ray.address`` is null and Ray finds no cluster
+    to join (neither ``RAY_ADDRESS`` nor a cluster ``ray start`` left on this machine). Asked of Ray's own
+    resolver (2.60; private, so a Ray without it counts as joining), which reads the environment itself."""
+    if address is not None:
+        return False
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+        return canonicalize_bootstrap_address(None) is None
+    except Exception:  # noqa: BLE001 - an unknown Ray: let ray.init decide as before
+        return False
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
-def init_options(address: str | None) -> dict[str, Any]:
+#: The node address of a Ray a run starts for itself (on Linux, where every 127.x address is loopback): Ray
+#: would register a local Ray on the host's outward address (it rewrites 127.0.0.1 and localhost to it), so
+#: its processes would talk through that address; another loopback address it takes literally.
+LOCAL_RAY_IP = "127.0.0.2"
+
+
+def init_options(address: str | None, *, local: bool = False) -> dict[str, Any]:
     """``ray.init``'s arguments for ``ray.address``. A driver that joins a cluster on a loopback address is
     on that cluster's machine and must register with that address (Ray would otherwise take the host's
-    outward address, which no raylet of a loopback cluster has)."""
+    outward address, which no raylet of a loopback cluster has). A Ray the run starts itself (``local``)
+    runs on ``LOCAL_RAY_IP``, without a dashboard."""
     options: dict[str, Any] = {"address": address, "log_to_driver": False, "logging_level": logging.WARNING}
     host = (address or "").rpartition("://")[2].rpartition(":")[0]
     with contextlib.suppress(ValueError):
@@ -201,7 +225,77 @@ def init_options(address: str | None) -> dict[str, Any]:
             options["_node_ip_address"] = host
     if address is None:
         options["include_dashboard"] = False
+    if local and sys.platform.startswith("linux"):
+        options.update(address="local", _node_ip_address=LOCAL_RAY_IP)
     return options
+
+
+#: Key prefix of the provisional requests that mark rows in flight: the request key is known only once an
+#: actor has read the image, so a block's rows are marked under ``ray:<input digest>`` until their answer
+#: maps them to their request (then the mark, no longer referred to, is dropped at the end of the run).
+MARK_PREFIX = "ray:"
+
+Item = tuple[str, str]  # (row id, input digest) of a manifest row
+
+
+@dataclasses.dataclass
+class _Book:
+    """The driver's account of what it handed to Ray: each block's rows, the rows that wait on an identical
+    row's request (same input digest: same image file, prompt and parameters, so the same request key),
+    and which blocks are marked in flight or back. Memory: one entry per row still to do."""
+
+    blocks: list[tuple[Item, ...]] = dataclasses.field(default_factory=list)
+    block_of: dict[str, int] = dataclasses.field(default_factory=dict)  # digest -> its block (-1: not cut yet)
+    twins: dict[str, list[Item]] = dataclasses.field(default_factory=dict)  # digest -> rows answered by it
+    back: set[int] = dataclasses.field(default_factory=set)  # blocks whose outcomes came back
+    marked: int = 0  # blocks marked in flight so far, in order
+
+    def admit(self, tasks: list[RowTask]) -> list[RowTask]:
+        """The tasks to send; a task whose input digest an earlier one of this run has waits on that one."""
+        sent = []
+        for task in tasks:
+            if task.digest in self.block_of:
+                self.twins.setdefault(task.digest, []).append((task.row.id, task.digest))
+            else:
+                self.block_of[task.digest] = -1
+                sent.append(task)
+        return sent
+
+    def add_block(self, tasks: list[RowTask]) -> None:
+        index = len(self.blocks)
+        self.blocks.append(tuple((task.row.id, task.digest) for task in tasks))
+        for task in tasks:
+            self.block_of[task.digest] = index
+
+    def came_back(self, digests: list[str]) -> int:
+        """Note the blocks these outcomes belong to as back; the rows that were marked in flight there."""
+        unmarked = 0
+        for index in {self.block_of[digest] for digest in digests} - self.back:
+            self.back.add(index)
+            unmarked += len(self.blocks[index]) if index < self.marked else 0
+        return unmarked
+
+    def to_mark(self, ahead: int) -> list[tuple[Item, ...]]:
+        """Blocks to mark in flight now: up to ``ahead`` blocks beyond those back (what the actors can hold),
+        skipping any that came back before their turn (their outcomes are already recorded)."""
+        found = []
+        while self.marked < min(len(self.blocks), len(self.back) + ahead):
+            if self.marked not in self.back:
+                found.append(self.blocks[self.marked])
+            self.marked += 1
+        return found
+
+
+def twin_write(outcome: RowOutcome, item: Item) -> tuple[Write, bool] | None:
+    """A row's write from an identical row's outcome, as the local engine makes it (``LocalEngine._process``):
+    nothing when the budget stopped the request first (the row stays to do); its own failure when nothing
+    was sent (the image could not be read); else mapped to the same request (True: deduplicated)."""
+    if outcome.status is None:
+        return None
+    if outcome.attempts == 0:
+        return as_write(outcome, (item,)), False
+    error_type = outcome.error_type if outcome.status == "failed" else None
+    return Write(outcome.key, None, error_type=error_type, items=(item,)), True
 
 
 class RayEngine(LocalEngine):
@@ -214,6 +308,7 @@ class RayEngine(LocalEngine):
             raise ConfigError(f"ray.actors ({config.ray.actors}) is more than run.concurrency "
                               f"({config.run.concurrency}), which is split among the actors: lower ray.actors "
                               "or raise run.concurrency")
+        self._book = _Book()
 
     async def run(self, store: StateStore, lookups: StateStore, run_id: int, info: ManifestInfo,
                   base_url: str | None) -> None:
@@ -238,77 +333,164 @@ class RayEngine(LocalEngine):
                     await writer.close()
                 raise
             await writer.close()
+            store.drop_unmapped(MARK_PREFIX)  # the marks of rows now answered
         finally:
             if started:
                 ray.shutdown()
 
     def _log_start(self, blocks: int) -> None:
         settings, resources = self.config.ray, ray.cluster_resources()
-        alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+        alive = [node for node in ray.nodes() if node.get("Alive")]
+        sent = sum(len(block) for block in self._book.blocks)
         log.info("ray engine: %d rows to send in %d blocks of up to %d rows, %d actors; the cluster has %g CPUs "
-                 "on %d nodes", self.summary.rows_total - self.plan.counts.skipped, blocks, settings.rows_per_block,
-                 settings.actors, resources.get("CPU", 0), alive,
-                 extra={"event": "ray_start", "blocks": blocks, "actors": settings.actors, "nodes": alive})
+                 "on %d nodes", sent, blocks, settings.rows_per_block, settings.actors, resources.get("CPU", 0),
+                 len(alive), extra={"event": "ray_start", "blocks": blocks, "actors": settings.actors,
+                                    "nodes": len(alive)})
+        if twins := sum(len(rows) for rows in self._book.twins.values()):
+            log.info("ray engine: %d more rows repeat a row's request and get its answer", twins)
+        log.debug("ray engine: nodes %s", ", ".join(sorted(str(node.get("NodeManagerAddress")) for node in alive)))
 
     def _cut_blocks(self) -> list[Any]:
         """Triage the manifest (in this thread, with its own ledger connection) and put the pending rows'
-        tasks in the object store, ``ray.rows_per_block`` to a block; the driver holds one block at a time."""
+        tasks in the object store, ``ray.rows_per_block`` to a block; the driver holds one block at a time.
+        A row whose request an earlier row of the run sends already is kept back (``_Book.admit``)."""
         size, refs, pending = self.config.ray.rows_per_block, [], []
         synchronous = self.config.ledger.synchronous.upper()
         with StateStore(self.config.ledger_path, synchronous=synchronous) as store:
             for batch in self.plan.batches():
-                pending.extend(self.plan.triage(batch, store))
+                pending.extend(self._book.admit(self.plan.triage(batch, store)))
                 while len(pending) >= size:
-                    refs.append(ray.put(_task_table(pending[:size])))
+                    refs.append(self._put(pending[:size]))
                     del pending[:size]
         if pending:
-            refs.append(ray.put(_task_table(pending)))
+            refs.append(self._put(pending))
         return refs
 
-    def _dataset(self, blocks: list[Any], base_url: str | None) -> Any:
+    def _put(self, tasks: list[RowTask]) -> Any:
+        self._book.add_block(tasks)
+        return ray.put(_task_table(tasks))
+
+    def _dataset(self, blocks: list[Any], base_url: str | None, executors: list[Any]) -> Any:
+        """The job as a Ray Data dataset; ``executors`` gets its executor once it starts (see ``_halt``)."""
         settings = self.config.ray
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the CLI draws its own
         context.print_on_execution_start = False
         pool = ray.data.ActorPoolStrategy(size=settings.actors, max_tasks_in_flight_per_actor=BLOCKS_PER_ACTOR)
-        return ray.data.from_arrow_refs(blocks).map_batches(
+        catcher = _executor_catcher(executors)
+        context.custom_execution_callback_classes.append(catcher)  # the dataset keeps a copy of the context
+        try:
+            source = ray.data.from_arrow_refs(blocks)
+        finally:
+            context.custom_execution_callback_classes.remove(catcher)
+        return source.map_batches(
             CaptionActor, fn_constructor_kwargs={"config": actor_config(self.config), "base_url": base_url},
             batch_size=None, batch_format="pyarrow", compute=pool,
             num_cpus=settings.cpus_per_actor)  # Ray Data restarts lost actors and retries their blocks
 
     async def _stream(self, blocks: list[Any], writer: LedgerWriter, base_url: str | None) -> None:
-        """Take blocks of outcomes as the cluster finishes them and commit each block's outcomes."""
-        results: Iterator[pa.Table] = iter(self._dataset(blocks, base_url).iter_batches(
-            batch_size=None, batch_format="pyarrow"))
+        """Take blocks of outcomes as the cluster finishes them and commit each block's outcomes; the
+        blocks the actors can hold are marked in flight ahead. A stop ends the Ray job at once (``_halt``)."""
+        executors: list[Any] = []
+        dataset = self._dataset(blocks, base_url, executors)
+        results: Iterator[pa.Table] = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+        halt = asyncio.get_running_loop().create_task(self._halt(executors))
         try:
+            await self._mark_ahead(writer)
             while not self._stop.is_set() and (batch := await asyncio.to_thread(next, results, None)) is not None:
                 await self._record(batch, writer)
+                await self._mark_ahead(writer)
         except ray.exceptions.RayError as exc:  # Ray Data gave up (actors that cannot start, a lost driver)
-            raise ClusterError(f"the Ray job failed: {type(exc).__name__}: {_first_line(exc)}; the rows "
-                               "recorded so far are kept: run the same command again to resume") from None
+            if not self._stop.is_set():  # (a stop shuts the job down: its errors are not news)
+                raise ClusterError(f"the Ray job failed: {type(exc).__name__}: {_first_line(exc)}; the rows "
+                                   "recorded so far are kept: run the same command again to resume") from None
         finally:
+            if self._stop.is_set():
+                with contextlib.suppress(Exception):  # the job's shutdown ends before the engine does
+                    await halt
+            else:
+                halt.cancel()
             if self._stop.is_set():
                 self.summary.interrupted = True
                 self.summary.stop_reason = self.summary.stop_reason or "signal"
             close = getattr(results, "close", None)
             if close is not None:
-                await asyncio.to_thread(close)
+                with contextlib.suppress(ValueError):  # still running in a thread the halt ends
+                    await asyncio.to_thread(close)
+
+    async def _halt(self, executors: list[Any]) -> None:
+        """On a stop (Ctrl-C, a budget), end the Ray job now rather than when the next block comes back:
+        Ray Data's executor is shut down, its actors with it; the rows of blocks not back stay without an
+        outcome, so a rerun sends them. Where a Ray version does not hand the executor over, the stop
+        waits for the next block, as before."""
+        await self._stop.wait()
+        if executors:
+            log.info("ray engine: stopping the Ray job (the rows of blocks not back are sent by the next run)")
+            await asyncio.to_thread(executors[0].shutdown, True)
+
+    async def _mark_ahead(self, writer: LedgerWriter) -> None:
+        """Mark in flight the rows of the blocks the actors can hold now (``pipeline status`` shows them;
+        a rerun after a killed driver finds them pending again, as the local engine's)."""
+        ahead = self.config.ray.actors * BLOCKS_PER_ACTOR
+        marks = [Write(f"{MARK_PREFIX}{digest}", "in_flight", items=((row_id, digest),))
+                 for block in self._book.to_mark(ahead) for row_id, digest in block]
+        if marks:
+            self.progress.in_flight += len(marks)
+            await _commit_all(marks, writer)
+            self._notify()
 
     async def _record(self, batch: pa.Table, writer: LedgerWriter) -> None:
-        """A block's outcomes through the ledger writer, in one transaction where the writer allows it."""
+        """A block's outcomes through the ledger writer, in one transaction where the writer allows it; rows
+        that repeat a row of the block get its answer (``twin_write``)."""
         writes: list[Write] = []
-        for row_id, digest, blob in zip(batch.column("row_id").to_pylist(), batch.column("digest").to_pylist(),
+        digests = batch.column("digest").to_pylist()
+        self.progress.in_flight -= self._book.came_back(digests)  # before any await: no mark after this
+        for row_id, digest, blob in zip(batch.column("row_id").to_pylist(), digests,
                                         batch.column("outcome").to_pylist(), strict=True):
             outcome: RowOutcome = pickle.loads(blob)
             if outcome.budget_stop is not None:
                 self._stop_for_budget(outcome.budget_stop)
             if outcome.status is not None:  # None: the budget stopped it before it was sent; stays to do
                 writes.append(as_write(outcome, ((row_id, digest),)))
-        if not writes:
-            return
-        staged = [writer.stage(write) for write in writes[:-1]]
-        if all(handle is not None for handle in staged):
-            await writer.commit(writes[-1])  # the staged ones share its commit
-        else:
-            await asyncio.gather(*(writer.commit(write) for write in writes))
+            for twin in self._book.twins.pop(digest, ()):
+                if (made := twin_write(outcome, twin)) is not None:
+                    writes.append(made[0])
+                    self.summary.rows_deduplicated += made[1]
+        await _commit_all(writes, writer)
 
+    def _count(self, write: Write) -> None:
+        if write.status != "in_flight":  # a mark is not an outcome
+            super()._count(write)
+
+
+def _executor_catcher(found: list[Any]) -> type:
+    """A Ray Data execution callback class (``DataContext.custom_execution_callback_classes``; the four
+    methods of Ray 2.60's ``ExecutionCallback``) that hands over the job's streaming executor as it starts:
+    the one handle that ends a job whose blocks are all still out (the dataset keeps its executor only
+    once the first block is back)."""
+
+    class CatchExecutor:
+        def before_execution_starts(self, executor: Any) -> None:
+            found.append(executor)
+
+        def on_execution_step(self, executor: Any) -> None:
+            pass
+
+        def after_execution_succeeds(self, executor: Any) -> None:
+            pass
+
+        def after_execution_fails(self, executor: Any, error: Exception) -> None:
+            pass
+
+    return CatchExecutor
+
+
+async def _commit_all(writes: list[Write], writer: LedgerWriter) -> None:
+    """Writes through the ledger writer, in one transaction where the writer allows it."""
+    if not writes:
+        return
+    staged = [writer.stage(write) for write in writes[:-1]]
+    if all(handle is not None for handle in staged):
+        await writer.commit(writes[-1])  # the staged ones share its commit
+    else:
+        await asyncio.gather(*(writer.commit(write) for write in writes))
