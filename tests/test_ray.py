@@ -170,6 +170,12 @@ def test_a_driver_joining_a_loopback_cluster_registers_on_its_address(address, n
     assert init_options(address).get("_node_ip_address") == node_ip
 
 
+def test_a_ray_the_run_starts_itself_is_local_and_on_a_loopback_address():
+    options = init_options(None, local=True)
+    assert (options["address"], options["_node_ip_address"], options["include_dashboard"]) == (
+        "local", LOCAL_RAY_IP, False)
+
+
 def _map_workers(cluster: RayCluster) -> list[int]:
     """Pids of the cluster's captioning actors (Ray titles them ``ray::MapWorker(...)``)."""
     return [pid for node in cluster.nodes for pid in descendants(node.process.pid)
