@@ -17,7 +17,10 @@ round; ``ray.preflight_cpus`` is kept for the stage that will spread it over the
 Durability: an outcome is committed when its block comes back to the driver. A rerun after a lost
 driver, actor or node sends again only rows without an outcome, so the re-sends are bounded by the
 blocks that were in flight; a block Ray retries after a killed actor is sent again whole (its answers
-are paid twice), which is why blocks are small.
+are paid twice), which is why blocks are small. The driver marks the rows of the blocks the actors can
+hold ``in_flight`` (``_Book``), sends one row of each set of rows with the same input digest and gives
+its outcome to the others (as the local engine answers identical requests once), and on a stop shuts
+the Ray job down at once (``_halt``).
 """
 
 from __future__ import annotations
