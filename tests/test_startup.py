@@ -30,3 +30,9 @@ def test_validate_loads_neither_the_http_client_nor_pillow(tmp_path):
     path.write_text(config.model_dump_json(exclude_none=True))
     loaded = modules_loaded_after(f"from pipeline.cli import main\nassert main(['validate', {str(path)!r}]) == 0")
     assert "aiohttp" not in loaded and "PIL" not in loaded
+
+
+def test_the_run_path_loads_aiohttp_only_for_downloads():
+    """``run`` over local files never downloads: aiohttp (~0.15 s of every start) waits for an http(s) image."""
+    loaded = modules_loaded_after("import pipeline.ops.jobrun, pipeline.run.processor, pipeline.edges.images")
+    assert "aiohttp" not in loaded and "pyarrow" in loaded  # the probe did load the run path
