@@ -61,6 +61,13 @@ def test_commit_and_read_back(store):
     assert store.answered("k1") and not store.answered("k2")
 
 
+def test_known_rows_are_the_rows_the_ledger_has_seen_whatever_their_status(store):
+    store.commit([ok("k1", "a"), Write("k2", "in_flight", items=(("b", "d"),))], 1)
+    rows = ["a", "b", "new", *(f"x{i}" for i in range(2000))]  # more ids than one IN list holds
+    assert store.known_rows(rows) == {"a", "b"}
+    assert store.item_states(["a"])["a"].run_id == 1
+
+
 def test_in_flight_then_result_keeps_one_row_per_key(store):
     store.commit([Write("k", "in_flight", items=(("a", "d"),))], 1)
     assert store.item_states(["a"])["a"].status == "in_flight"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import sqlite3
 
 import pytest
 
@@ -194,6 +195,36 @@ async def test_interrupted_run_resumes_without_resending_finished_rows(tmp_path)
     rows = read_rows(out)
     assert [r["id"] for r in rows] == [f"row-{i}" for i in range(30)]
     assert all(r["status"] == "ok" for r in rows)
+
+
+def leave_in_flight(config, row_ids) -> None:
+    """The ledger as a run killed with SIGKILL leaves it: these rows' requests marked in flight."""
+    db = sqlite3.connect(config.ledger_path)
+    marks = ",".join("?" * len(row_ids))
+    with db:
+        db.execute("UPDATE requests SET status = 'in_flight' WHERE key IN "
+                   f"(SELECT request_key FROM items WHERE row_id IN ({marks}))", row_ids)
+    db.close()
+
+
+async def test_a_restart_sends_rows_the_ledger_never_saw_before_checking_the_known_ones(tmp_path, endpoint):
+    """Two-pass triage: a restart after many done rows sends its first new row without first checking
+    every done one; rows left in flight by the killed run are still re-sent, after the new ones."""
+    manifest = make_manifest(tmp_path / "in", 10)
+    out = tmp_path / "captions.parquet"
+    config = job_config(manifest, out, endpoint.base_url, run={"concurrency": 1, "stop_grace": 5})
+    await run_job_async(config)
+    leave_in_flight(config, ["row-7", "row-8", "row-9"])
+    append_rows(manifest, 10, 3)
+    runner = JobRun(config, on_progress=lambda p: runner.stop() if p.done >= 1 else None)
+    first = await runner.run()
+    assert first.interrupted and requests_seen(endpoint) == 11
+    assert {r["id"] for r in read_rows(out)} == {f"row-{i}" for i in range(7)} | {"row-10"}
+
+    rest = await run_job_async(config)
+    assert (rest.rows_new, rest.rows_resumed, rest.rows_skipped) == (2, 3, 8)
+    assert requests_seen(endpoint) == 10 + 1 + 5
+    assert [r["id"] for r in read_rows(out)] == [f"row-{i}" for i in range(13)]
 
 
 async def test_output_is_rebuilt_only_when_something_it_shows_changed(tmp_path, endpoint):

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -77,14 +77,15 @@ _DISK_CODES = {13: "full", 10: "io", 8: "read-only", 14: "io"}
 _IN_CHUNK = 900
 
 
-@dataclass(frozen=True, slots=True)
-class ItemState:
-    """What the ledger knows about one manifest row."""
+class ItemState(NamedTuple):
+    """What the ledger knows about one manifest row. A tuple, not a frozen dataclass: a resume builds one
+    per done row (200,000 on a restart), and a frozen dataclass's ``__init__`` costs ~1 us more each."""
 
     input_digest: str
     request_key: str
     status: str | None  # of its request; None if the request row is gone
     final: bool = False  # failed for a reason of its own: a plain run leaves it failed
+    run_id: int | None = None  # the run that last wrote the row (``Plan.triage_seen`` skips its own run's)
 
     @property
     def settled(self) -> bool:
@@ -259,13 +260,23 @@ class StateStore:
         found: dict[str, ItemState] = {}
         for chunk in _chunks(row_ids):
             marks = ",".join("?" * len(chunk))
-            for row_id, digest, key, status, final in self.db.execute(
-                "SELECT i.row_id, i.input_digest, i.request_key, r.status, r.final FROM items i "
+            for row_id, digest, key, status, final, run_id in self.db.execute(
+                "SELECT i.row_id, i.input_digest, i.request_key, r.status, r.final, i.run_id FROM items i "
                 f"LEFT JOIN requests r ON r.key = i.request_key WHERE i.row_id IN ({marks})",
                 chunk,
             ):
-                found[row_id] = ItemState(digest, key, status, bool(final))
+                found[row_id] = ItemState(digest, key, status, bool(final), run_id)
         return found
+
+    def known_rows(self, row_ids: Sequence[str]) -> set[str]:
+        """The manifest rows the ledger has seen at all: one primary-key probe each, no join (about 1 us a
+        row against ~6 us for ``item_states``, whose join looks each request up by its hashed key)."""
+        known: set[str] = set()
+        for chunk in _chunks(row_ids):
+            marks = ",".join("?" * len(chunk))
+            known.update(row_id for (row_id,) in self.db.execute(
+                f"SELECT row_id FROM items WHERE row_id IN ({marks})", chunk))
+        return known
 
     def answered(self, key: str) -> bool:
         """True if the request key has an ok answer (so a duplicate image need not be sent again)."""

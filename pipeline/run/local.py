@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.core.config import Config
 from pipeline.edges.ledger import StateStore, Write
-from pipeline.edges.manifest import ManifestInfo
+from pipeline.edges.manifest import ManifestInfo, Row
 from pipeline.edges.writer import InlineWriter, LedgerWriter, Staged, ledger_writer
 from pipeline.run.plan import Plan, RowTask
 from pipeline.run.processor import PreparedRow, RowOutcome, RowProcessor
@@ -112,7 +112,7 @@ class LocalEngine:
             self._stages = isinstance(writer, InlineWriter)
             try:
                 async with asyncio.TaskGroup() as group:
-                    feeder = group.create_task(self._feed(rows, size, info))
+                    feeder = group.create_task(self._feed(rows, size, info, run_id))
                     workers = [group.create_task(self._work(processor, lookups, rows, writer)) for _ in range(size)]
                     watcher = group.create_task(self._watch_stop(feeder, rows, workers))
                     await asyncio.wait(workers)
@@ -142,23 +142,38 @@ class LocalEngine:
 
     # -- feeding -------------------------------------------------------------------------------
 
-    async def _feed(self, rows: asyncio.Queue[RowTask | None], workers: int, info: ManifestInfo) -> None:
-        """Walk the manifest; queue rows whose inputs changed or that have no finished outcome."""
+    async def _feed(self, rows: asyncio.Queue[RowTask | None], workers: int, info: ManifestInfo,
+                    run_id: int) -> None:
+        """Walk the manifest; queue rows whose inputs changed or that have no finished outcome: first the
+        rows the ledger has never seen, then (a second walk, only if the first met known rows) the known
+        ones, so a restart after many done rows sends at once (see ``Plan.triage_unseen``)."""
         synchronous = self.config.ledger.synchronous.upper()
         with StateStore(self.config.ledger_path, synchronous=synchronous) as store:
-            batches = self.plan.batches()
-            while True:
-                batch = await asyncio.to_thread(next, batches, None)
-                if batch is None:
-                    break
-                tasks = await asyncio.to_thread(self.plan.triage, batch, store)
-                self._take_triage_counts()
-                for task in tasks:
-                    await rows.put(task)
+            known = 0
+
+            def unseen(batch: list[Row]) -> list[RowTask]:
+                nonlocal known
+                tasks, left = self.plan.triage_unseen(batch, store)
+                known += left
+                return tasks
+
+            await self._feed_pass(rows, unseen)
+            if known:
+                await self._feed_pass(rows, lambda batch: self.plan.triage_seen(batch, store, run_id))
         self.progress.total = info.rows - self.summary.rows_skipped
         self._notify()
         for _ in range(workers):
             await rows.put(_END)
+
+    async def _feed_pass(self, rows: asyncio.Queue[RowTask | None],
+                         triage: Callable[[list[Row]], list[RowTask]]) -> None:
+        """One walk over the manifest, each batch triaged in a thread and its tasks queued."""
+        batches = self.plan.batches()
+        while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+            tasks = await asyncio.to_thread(triage, batch)
+            self._take_triage_counts()
+            for task in tasks:
+                await rows.put(task)
 
     def _take_triage_counts(self) -> None:
         counts, summary = self.plan.counts, self.summary

@@ -19,7 +19,7 @@ from pipeline.core.request import answer_params_digest, input_digest, render_pro
 from pipeline.core.results import RESULT_COLUMNS
 from pipeline.core.targets import RemotePath
 from pipeline.edges.files import location_exists
-from pipeline.edges.ledger import StateStore
+from pipeline.edges.ledger import ItemState, StateStore
 from pipeline.edges.manifest import ManifestInfo, Row
 from pipeline.edges.tables import manifest_reader
 from pipeline.edges.tls import check_tls_files
@@ -108,10 +108,40 @@ class Plan:
 
         Runs in a thread: one ledger query for the batch and one ``stat`` per row, no image reads.
         """
+        ids = self._note_ids(batch)
+        return self._tasks(batch, store.item_states(ids) if store is not None else {})
+
+    def triage_unseen(self, batch: list[Row], store: StateStore) -> tuple[list[RowTask], int]:
+        """First pass of a two-pass triage: the tasks of the rows the ledger has never seen, and how many
+        rows of ``batch`` it left for ``triage_seen``.
+
+        Why two passes: a restart after 200,000 done rows spent ~4 s checking every done row (ledger join,
+        ``stat``, digest) before it could send the first new one. Here a known row costs one primary-key
+        probe; the second pass checks the known rows (and re-sends those that changed or never finished)
+        after the new ones are queued. Which rows run, and why, is the same as ``triage``; only the order
+        in which they are sent differs.
+        """
+        ids = self._note_ids(batch)
+        known = store.known_rows(ids)
+        unseen = [row for row in batch if row.id not in known] if known else batch
+        return self._tasks(unseen, {}), len(batch) - len(unseen)
+
+    def triage_seen(self, batch: list[Row], store: StateStore, run_id: int) -> list[RowTask]:
+        """Second pass: ``triage`` for the rows the first pass left. A row the ledger did not know then
+        is either still queued (not in the ledger yet) or written by this run (``run_id``): skipped here.
+        The manifest's ids are not noted again (the first pass saw them all, in order)."""
+        states = store.item_states([row.id for row in batch])
+        earlier = [row for row in batch if (state := states.get(row.id)) is not None and state.run_id != run_id]
+        return self._tasks(earlier, states)
+
+    def _note_ids(self, batch: list[Row]) -> list[str]:
         ids = [row.id for row in batch]
         self._manifest_ids.update("\0".join(ids).encode())
         self._manifest_ids.update(b"\1")
-        states = store.item_states(ids) if store is not None else {}
+        return ids
+
+    def _tasks(self, batch: list[Row], states: dict[str, ItemState]) -> list[RowTask]:
+        """The rows of ``batch`` that need work given their ledger ``states`` (absent: new), counted."""
         params = self.params
         template, counts = self.config.request.prompt, self.counts
         tasks = []
