@@ -337,6 +337,31 @@ def test_add_data_matches_add_event(values: list[bytes]) -> None:
     assert outcome_of(lambda a: a.add_data(values)) == outcome_of(by_events)
 
 
+BENCH_LIKE = [  # what the bench endpoint and OpenAI send, one value per read
+    b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","system_fingerprint":"fp_1",'
+    b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],'
+    b'"usage":null}',
+    b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","system_fingerprint":"fp_2",'
+    b'"choices":[{"index":0,"delta":{"content":"tok"},"logprobs":null,"finish_reason":null}],"usage":null}',
+    b'{"id":"","model":"","choices":[{"index":1,"delta":{"content":" two"},"finish_reason":"length"}]}',
+    b'{"id":"chatcmpl-1","choices":[],"usage":{"prompt_tokens":8,"completion_tokens":2,"total_tokens":10}}',
+    b'{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"x_groq":{"usage":{"total_tokens":3}}}',
+    b"[DONE]",
+]
+
+
+@pytest.mark.parametrize("values", [*DATA_CASES, BENCH_LIKE, BENCH_LIKE[1:4] + [b'{"choices":"bad"}']])
+def test_add_value_per_read_matches_add_event(values: list[bytes]) -> None:
+    """The one-event read path (``add_value``) against the event path, value by value."""
+    def by_values(accumulator: ChoiceAccumulator) -> bool:
+        return any(accumulator.add_value(v) for v in values)
+
+    def by_events(accumulator: ChoiceAccumulator) -> bool:
+        return any(accumulator.add_event(ServerSentEvent(v.decode("utf-8", "replace"))) for v in values)
+
+    assert outcome_of(by_values) == outcome_of(by_events)
+
+
 # --- endpoints that bend the protocol (from the providers' public docs) -------------------------
 
 AZURE_FILTER = {"hate": {"filtered": False, "severity": "safe"}, "self_harm": {"filtered": False, "severity": "safe"},

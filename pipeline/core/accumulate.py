@@ -291,17 +291,21 @@ class ChoiceAccumulator:
         unusual (not an object, not valid UTF-8, not JSON) goes the ``add_event`` way for its message.
         """
         for value in values:
-            if value[:1] == b"{":
-                try:
-                    chunk = _loads(value)
-                except ValueError:
-                    chunk = None
-                if chunk.__class__ is dict:
-                    self.add(chunk)
-                    continue
-            if self.add_event(ServerSentEvent(value.decode("utf-8", "replace"))):
+            if self.add_value(value):
                 return True
         return False
+
+    def add_value(self, value: bytes) -> bool:
+        """``add_data`` for one value (``SSEDecoder.feed_one``: the read of one token); True at ``[DONE]``."""
+        if value[:1] == b"{":
+            try:
+                chunk = _loads(value)
+            except ValueError:
+                chunk = None
+            if chunk.__class__ is dict:
+                self.add(chunk)
+                return False
+        return self.add_event(ServerSentEvent(value.decode("utf-8", "replace")))
 
     def add(self, chunk: dict[str, Any]) -> None:
         """Merge one parsed chunk object."""
@@ -312,7 +316,12 @@ class ChoiceAccumulator:
             raise _stream_error(chunk)
         self._chunks += 1
         try:
-            self._add_header(chunk)
+            if self._id is None or self._model is None or self._created is None:
+                self._add_ids(chunk)
+            if (fingerprint := chunk.get("system_fingerprint")) is not None:  # the last one wins
+                self._fingerprint = fingerprint
+            if isinstance(usage := chunk.get("usage"), dict):  # the last one wins
+                self._usage = usage
             choices = chunk.get("choices")
             if choices:
                 for choice in choices:
@@ -356,21 +365,15 @@ class ChoiceAccumulator:
             warnings=notes,
         )
 
-    def _add_header(self, chunk: dict[str, Any]) -> None:
-        """Top-level fields: first non-empty wins (Azure opens with empty ones), except fingerprint and usage
-        where the last wins."""
-        if self._id is None or self._model is None or self._created is None:
-            if self._id is None:
-                self._id = chunk.get("id") or None
-            if self._model is None:
-                self._model = chunk.get("model") or None
-            if self._created is None:
-                self._created = chunk.get("created") or None
-        if (fingerprint := chunk.get("system_fingerprint")) is not None:
-            self._fingerprint = fingerprint
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self._usage = usage
+    def _add_ids(self, chunk: dict[str, Any]) -> None:
+        """Top-level id, model and created: the first non-empty one wins (Azure opens with empty ones). Only
+        called until all three are known (``add`` reads the fingerprint and usage, where the last wins)."""
+        if self._id is None:
+            self._id = chunk.get("id") or None
+        if self._model is None:
+            self._model = chunk.get("model") or None
+        if self._created is None:
+            self._created = chunk.get("created") or None
 
     def _add_choice(self, choice: dict[str, Any]) -> bool:
         """Merge one choice entry; True when it carries a finish_reason."""
@@ -385,7 +388,10 @@ class ChoiceAccumulator:
                 return False  # annotation only (Azure's content-filter results): not an answer of its own
             parts = self._choices[index] = _ChoiceParts(index)
         if delta:
-            parts.add_delta(delta)
+            if len(delta) == 1 and parts.content is not None and (content := delta.get("content")).__class__ is str:
+                parts.content.append(content)  # add_delta's one-token case, without the call: most chunks
+            else:
+                parts.add_delta(delta)
         if finish_reason is not None:
             parts.finish_reason = finish_reason
             return True
