@@ -588,7 +588,14 @@ def scenario_s3(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
     return run_scenario(args, sizes, work, sys.modules[__name__])
 
 
+def scenario_f(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
+    from bench_streams import run_scenario
+
+    return run_scenario(args, sizes, work, sys.modules[__name__])
+
+
 SCENARIOS = {"a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d, "s3": scenario_s3}
+SCENARIOS["f"] = scenario_f  # more streams: scripts/bench_streams.py
 
 
 # ---- main ------------------------------------------------------------------------------------------------
