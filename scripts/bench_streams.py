@@ -73,7 +73,8 @@ def run_scenario(args: argparse.Namespace, sizes: Any, work: Path, bench: Module
                     runs.append((_rates(endpoint, run, rows, answer), run))
                 table.append(_row(client, conc / answer, conc, rows, runs, notes))
     print_note = [f"ideal = concurrency / {answer:g} s; 'steady' leaves out the first {WARM * answer:g} s and the last "
-                  f"{TAIL * answer:g} s of the window (ramp and tail); busy = CPU-s / served window; "
+                  f"{TAIL * answer:g} s of the window (ramp and tail); client busy = its CPU-s / its wall time (start-up and "
+                  "export included: CPU-ms/img too); endpoint busy = its CPU-s / served window; "
                   "endpoint on uvloop, pinned to its own core"]
     bench.print_table(f"(f) more streams, {answer:g} s answers", ["client", "concurrency", "rows", "served img/s", "of ideal",
                       "steady img/s", "steady of ideal", "CPU-ms/img", "client busy", "endpoint busy",
@@ -101,11 +102,11 @@ def _row(client: str, ideal: float, conc: int, rows: int, runs: list[tuple[tuple
         notes.append(f"{client} @{conc}: {len(runs)} runs, served of ideal: "
                      + ", ".join(f"{s / ideal:.1%}" for (s, _), _ in runs) + "; the table shows the median")
     notes += [f"{client} @{conc}: {n}" for n in run.notes]
-    window = run.window_s or run.wall_s
+    window = run.window_s or run.wall_s  # the endpoint works only in the served window
     f = _fmt
     return [client, f"{conc:,}", f"{rows:,}", f(served, 0), f"{served / ideal:.1%}" if served else "-",
             f(steady, 0), f"{steady / ideal:.1%}" if steady else "-", f(run.cpu_s / rows * 1000),
-            f"{run.cpu_s / window:.0%}", f"{run.server_cpu_s / window:.0%}", f(run.server_cpu_s / rows * 1000),
+            f"{run.cpu_s / run.wall_s:.0%}", f"{run.server_cpu_s / window:.0%}", f(run.server_cpu_s / rows * 1000),
             f(run.maxrss_mb, 0), run.verified]
 
 
