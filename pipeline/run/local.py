@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
@@ -281,26 +282,37 @@ class LocalEngine:
 
 #: Container allocations between two passes of the cyclic collector's youngest generation while rows flow.
 GC_THRESHOLD = 50_000
+_gc_lock = threading.Lock()
+_gc_runs = 0  # engines running in this process: the first one in tunes the collector, the last one out restores it
+_gc_saved = gc.get_threshold()
 
 
 @contextlib.contextmanager
 def fewer_collections(threshold: int = GC_THRESHOLD) -> Iterator[None]:
-    """Run the cyclic garbage collector less often while rows flow (restored afterwards).
+    """Run the cyclic garbage collector less often while rows flow (restored when the last run ends).
 
     Why: every streamed token allocates a few containers (the parsed JSON chunk: dict, list, dicts) that
     reference counting frees at once, so with the default threshold (700) the collector ran every hundred-odd
     tokens and walked the young objects each time: about 7% of the client's core at 512 streams (perf, scenario
     b). Cycles are still collected, at most ``threshold`` allocations late (a bounded few MB); ``gc.freeze`` moves
-    what start-up built (config, plan, modules, the ledger's caches) out of every later full pass.
+    what start-up built (config, plan, modules, the ledger's caches) out of every later full pass. Counted, so
+    runs that overlap in one process (the API, tests) restore the collector only when the last one ends.
     """
-    old = gc.get_threshold()
-    gc.freeze()
-    gc.set_threshold(max(threshold, old[0]), *old[1:])
+    global _gc_runs, _gc_saved
+    with _gc_lock:
+        if _gc_runs == 0:
+            _gc_saved = gc.get_threshold()
+            gc.freeze()
+            gc.set_threshold(max(threshold, _gc_saved[0]), *_gc_saved[1:])
+        _gc_runs += 1
     try:
         yield
     finally:
-        gc.set_threshold(*old)
-        gc.unfreeze()
+        with _gc_lock:
+            _gc_runs -= 1
+            if _gc_runs == 0:
+                gc.set_threshold(*_gc_saved)
+                gc.unfreeze()
 
 
 def as_write(outcome: RowOutcome, items: RowItems) -> Write:
