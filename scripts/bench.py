@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import base64
 import csv
+import importlib
 import io
 import json
 import os
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -584,20 +585,18 @@ def scenario_d(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
     return first.verified == "ok"
 
 
-def scenario_s3(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
-    from bench_objectstore import run_scenario
+def external(module: str) -> Callable[[argparse.Namespace, Sizes, Path], bool]:
+    """A scenario that lives in its own module (``scripts/MODULE.py``, entry ``run_scenario``), imported when run."""
+    def scenario(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
+        return importlib.import_module(module).run_scenario(args, sizes, work, sys.modules[__name__])
 
-    return run_scenario(args, sizes, work, sys.modules[__name__])
-
-
-def scenario_g(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
-    from bench_startup import run_scenario
-
-    return run_scenario(args, sizes, work, sys.modules[__name__])
+    return scenario
 
 
-SCENARIOS = {"a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d, "s3": scenario_s3,
-             "g": scenario_g}
+SCENARIOS = {"a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d,
+             "f": external("bench_streams"),     # more streams
+             "g": external("bench_startup"),     # start-up and restart
+             "s3": external("bench_objectstore")}
 
 
 # ---- main ------------------------------------------------------------------------------------------------

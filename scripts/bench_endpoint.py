@@ -96,13 +96,20 @@ class Stats:
     started = time.monotonic()
     first_at: float | None = None  # first request received
     last_at: float | None = None  # last answer completely written
+    done_at: list[float] = []  # when each answer was completely written (``GET /_stats?times=1`` returns it)
 
     @classmethod
-    def as_dict(cls) -> dict:
+    def as_dict(cls, times: bool = False) -> dict:
         ru = resource.getrusage(resource.RUSAGE_SELF)
         return {"requests": cls.requests, "cpu_user_s": ru.ru_utime, "cpu_sys_s": ru.ru_stime,
                 "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kb": ru.ru_maxrss,
-                "uptime_s": time.monotonic() - cls.started, "first_at": cls.first_at, "last_at": cls.last_at}
+                "uptime_s": time.monotonic() - cls.started, "first_at": cls.first_at, "last_at": cls.last_at,
+                **({"done_at": cls.done_at} if times else {})}
+
+    @classmethod
+    def answered(cls) -> None:
+        cls.last_at = now = time.monotonic()
+        cls.done_at.append(now)
 
     @classmethod
     def request(cls) -> None:
@@ -164,9 +171,10 @@ class HTTPProtocol(asyncio.Protocol):
     def _handle(self, head: bytes, body: bytes) -> None:
         line = head[: head.find(b"\r\n")]
         if line.startswith(b"GET /_stats"):
-            self._reply_plain(200, b"OK", json.dumps(Stats.as_dict()).encode(), b"application/json")
+            self._reply_plain(200, b"OK", json.dumps(Stats.as_dict(b"times=1" in line)).encode(), b"application/json")
             if b"reset=1" in line:
                 Stats.first_at = Stats.last_at = None
+                Stats.done_at = []
             return
         if not line.startswith(b"POST ") or b"/chat/completions" not in line:
             self._reply_plain(404, b"Not Found", b'{"error":{"message":"not found","type":"not_found"}}',
@@ -185,7 +193,7 @@ class HTTPProtocol(asyncio.Protocol):
         events = _events(digest, Options.chunks, _wants_usage(body))
         if Options.first_token == 0 and Options.chunk_delay == 0:
             self.transport.write(_HEAD_OK + b"".join(events))
-            Stats.last_at = time.monotonic()
+            Stats.answered()
             return
         self.busy = True
         self.transport.write(_HEAD_OK)
@@ -206,7 +214,7 @@ class HTTPProtocol(asyncio.Protocol):
         if i + 1 < len(schedule):
             asyncio.get_running_loop().call_at(schedule[i + 1][0], self._send_next, schedule, i + 1)
         else:
-            Stats.last_at = time.monotonic()
+            Stats.answered()
             self.busy = False
             self._drain()
 
@@ -267,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-token", type=float, default=0.0, help="seconds before the first chunk")
     parser.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between content chunks")
     parser.add_argument("--cpu", type=int, help="pin this process to this CPU core")
+    parser.add_argument("--uvloop", action="store_true",
+                        help="serve on uvloop (cheaper per write; scenario f's thousands of streams)")
     parser.add_argument("--max-seconds", type=float, default=3600.0,
                         help="exit by itself after this long (default 3600; 0: never)")
     args = parser.parse_args(argv)
@@ -277,7 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     Options.chunks, Options.first_token, Options.chunk_delay = args.chunks, args.first_token, args.chunk_delay
     if args.cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {args.cpu})
-    asyncio.run(_serve(args))
+    if args.uvloop:
+        import uvloop
+
+        uvloop.run(_serve(args))
+    else:
+        asyncio.run(_serve(args))
     return 0
 
 

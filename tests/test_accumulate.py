@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 import pytest
@@ -335,6 +336,92 @@ def test_add_data_matches_add_event(values: list[bytes]) -> None:
         return any(accumulator.add_event(ServerSentEvent(v.decode("utf-8", "replace"))) for v in values)
 
     assert outcome_of(lambda a: a.add_data(values)) == outcome_of(by_events)
+
+
+BENCH_LIKE = [  # what the bench endpoint and OpenAI send, one value per read
+    b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","system_fingerprint":"fp_1",'
+    b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],'
+    b'"usage":null}',
+    b'{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","system_fingerprint":"fp_2",'
+    b'"choices":[{"index":0,"delta":{"content":"tok"},"logprobs":null,"finish_reason":null}],"usage":null}',
+    b'{"id":"","model":"","choices":[{"index":1,"delta":{"content":" two"},"finish_reason":"length"}]}',
+    b'{"id":"chatcmpl-1","choices":[],"usage":{"prompt_tokens":8,"completion_tokens":2,"total_tokens":10}}',
+    b'{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],"x_groq":{"usage":{"total_tokens":3}}}',
+    b"[DONE]",
+]
+
+
+@pytest.mark.parametrize("values", [*DATA_CASES, BENCH_LIKE, BENCH_LIKE[1:4] + [b'{"choices":"bad"}']])
+def test_add_value_per_read_matches_add_event(values: list[bytes]) -> None:
+    """The one-event read path (``add_value``) against the event path, value by value."""
+    def by_values(accumulator: ChoiceAccumulator) -> bool:
+        return any(accumulator.add_value(v) for v in values)
+
+    def by_events(accumulator: ChoiceAccumulator) -> bool:
+        return any(accumulator.add_event(ServerSentEvent(v.decode("utf-8", "replace"))) for v in values)
+
+    assert outcome_of(by_values) == outcome_of(by_events)
+
+
+# ---- add_value's token shape: chunks read without parsing, checked against parsing every chunk ---------
+
+def _token_chunk(token: bytes, fingerprint: bytes = b'"fp_1"', index: int = 0, sep: bytes = b":",
+                 tail: bytes = b',"logprobs":null,"finish_reason":null') -> bytes:
+    return (b'{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m","system_fingerprint":' + fingerprint
+            + b',"choices":[{"index":%d,"delta":{"content"' % index + sep + token + b"}" + tail + b"}]}")
+
+
+SHAPE_TOKENS = [b'"hi"', b'" a"', b'""', b'"caf\xc3\xa9"', b'"\xf0\x9f\x98\x80"', b'"bad \xff"', b'"q\\"uote"',
+                b'"back\\\\slash"', b'"\\u00e9"', b'"ctl\x01"', b'"tab\t"', b'"\x7f"', b'"\xed\xa0\x80"', b"123",
+                b"null", b'"a","x":1', b'"a"}, "finish_reason": "stop", "z": {"content":"b"', b'"unterminated']
+SHAPE_OTHERS = [
+    _token_chunk(b'"x"', fingerprint=b'"fp_2"'), _token_chunk(b'"x"', fingerprint=b"null"), _token_chunk(b'"x"', index=1),
+    _token_chunk(b'"x"', sep=b" : "), _token_chunk(b'"x"', tail=b',"logprobs":{"content":[{"token":"x"}]},"finish_reason":null'),
+    _token_chunk(b'"x","content":"y"'), _token_chunk(b'"x"', tail=b',"finish_reason":"stop"'),
+    b'{"id":"c1","choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}',
+    b'{"id":"c1","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}',
+    b'{"id":"c1","choices":[{"index":0,"delta":{"content":"u"}}],"usage":{"total_tokens":9}}',
+    b'{"error":{"message":"overloaded","type":"server_error"}}', b"[DONE]", b"not json", b"",
+]
+
+
+def _shape_sequences(count: int) -> list[list[bytes]]:
+    rng = random.Random(16)
+    sequences = [[_token_chunk(b'"t%d"' % i) for i in range(6)]]  # the common answer: one shape throughout
+    for _ in range(count):
+        opening = [_token_chunk(rng.choice([b'"a"', b'"b c"', b'"\xc3\xa9"']), sep=rng.choice([b":", b": "]))]
+        rest = [_token_chunk(rng.choice(SHAPE_TOKENS), sep=rng.choice([b":", b":", b": "])) if rng.random() < 0.7
+                else rng.choice(SHAPE_OTHERS) for _ in range(rng.randint(1, 12))]
+        sequences.append(opening + rest)
+    return sequences
+
+
+@pytest.mark.parametrize("values", _shape_sequences(400))
+def test_token_shape_reads_give_what_parsing_every_chunk_gives(values: list[bytes]) -> None:
+    """Every chunk read through ``add_value`` (which reads repeated token chunks by their shape, without
+    JSON) ends in the same completion, ``[DONE]`` answer or error message as ``add_event`` (which parses
+    every chunk): tokens with quotes, escapes, control characters and bad UTF-8, other fingerprints, indices,
+    spacing, duplicate keys, usage, errors and finishes in between."""
+    def by_values(accumulator: ChoiceAccumulator) -> bool:
+        return any(accumulator.add_value(v) for v in values)
+
+    def by_events(accumulator: ChoiceAccumulator) -> bool:
+        return any(accumulator.add_event(ServerSentEvent(v.decode("utf-8", "replace"))) for v in values)
+
+    assert outcome_of(by_values) == outcome_of(by_events)
+
+
+def test_plain_token_chunks_are_read_by_their_shape() -> None:
+    accumulator = ChoiceAccumulator()
+    assert not accumulator.add_value(_token_chunk(b'"one"'))
+    assert not accumulator.add_value(_token_chunk(b'" two"'))
+    assert accumulator._shape is not None  # learnt from the first token chunk: the second was not parsed
+    assert not accumulator.add_value(_token_chunk(b'" caf\xc3\xa9"', fingerprint=b'"fp_2"'))  # parsed: other bytes
+    assert not accumulator.add_value(_token_chunk(b'" three"'))  # the shape again: its fingerprint is back
+    assert accumulator.add_value(b"[DONE]")
+    done = accumulator.result()
+    assert done.choices[0].content == "one two caf\u00e9 three" and done.chunks == 4
+    assert done.system_fingerprint == "fp_1" and done.id == "c1" and done.model == "m" and done.created == 1
 
 
 # --- endpoints that bend the protocol (from the providers' public docs) -------------------------

@@ -42,3 +42,22 @@ def test_quick_scenario_a_runs_and_verifies_content(tmp_path: Path) -> None:
     for client, line in rows.items():
         assert line.rstrip().endswith("ok"), f"{client}: {line}"  # the content-verified column
     assert "content verification: passed" in proc.stdout, output
+
+
+def test_quick_scenario_f_runs_both_clients_and_reports_both_cores(tmp_path: Path) -> None:
+    """Scenario (f), more streams (scripts/bench_streams.py), at its --quick size: the pipeline and the naive
+    script in one table, each with the endpoint's CPU beside the client's, every row verified."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--scenario", "f", "--clients",
+         "pipeline,naive", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    rows = _table_rows(proc.stdout, "(f) more streams")
+    assert set(rows) == {"pipeline", "naive"}, output
+    for client, line in rows.items():
+        cells = [cell.strip() for cell in line.split("|")]
+        assert cells[1] == "64" and cells[-1] == "ok", f"{client}: {line}"
+        assert cells[9].endswith("%") and cells[10].replace(".", "").isdigit(), f"{client}: {line}"  # endpoint CPU
+    assert "content verification: passed" in proc.stdout, output

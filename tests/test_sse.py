@@ -268,6 +268,51 @@ def test_fast_path_is_taken_for_whole_data_events() -> None:
     assert SSEDecoder().feed_data(BOM + b"data: first\n\n") is None  # ...unless a BOM may lead it
 
 
+# ---- the one-event fast path (feed_one): tested against the byte-at-a-time general path ---------------
+
+ONE_EVENT_READS = [
+    b"data: {\"a\":1}\n\n", b"data:{}\n\n", b"data:  two spaces\n\n", b"data:\n\n", b"data: \n\n",
+    b"data: caf\xc3\xa9\n\n", b"data: bad \xff byte\n\n", b"data: [DONE]\n\n",
+    # near misses: each must leave the read to the general path and still decode the same
+    b"data: a\r\n\r\n", b"data: a\rb\n\n", b"data: a\n\n\n", b"data: a\ndata: b\n\n", b"data: a\n",
+    b"data: a\n\ndata: b\n\n", b"data: a\nx\n", b"data", b"data\n\n", b"dat: a\n\n", b"id: 9\n\n", b": c\n\n",
+    b"event: e\n", b"\n\n", b"\n", b"", b"x", b"data: tail-less",
+]
+
+
+@pytest.mark.parametrize("opening", [b"", b": open\n\n", b"id: 3\n\n", b"data: half", b"event: e\n", b"data: a\r",
+                                     BOM[:2]])
+@pytest.mark.parametrize("read", ONE_EVENT_READS)
+def test_one_event_reads_decode_as_the_byte_at_a_time_general_path(opening: bytes, read: bytes) -> None:
+    """Whatever state the decoder is in (a line or event under way, a CR pending, a BOM half-read, an id in
+    effect), a read through ``feed`` (which tries ``feed_one`` first) gives the same events, in the same
+    order, as the same bytes fed one at a time (which never take a fast path), and so does what follows."""
+    later = b"data: next\n\n"
+    fast, probe = SSEDecoder(), SSEDecoder()
+    opened, _ = fast.feed(opening), probe.feed(opening)
+    middle = fast.feed(read)
+    got = opened + middle + fast.feed(later) + fast.flush()
+    byte_at_a_time = SSEDecoder()
+    slow = [event for byte in pieces(opening + read + later, 1) for event in byte_at_a_time.feed(byte)]
+    assert got == slow + byte_at_a_time.flush()
+    assert fast.last_event_id == byte_at_a_time.last_event_id
+    if (value := probe.feed_one(read)) is not None:  # taken: exactly the one event the general path gives
+        assert middle == [E(value.decode("utf-8", "replace"), id=probe.last_event_id)]
+
+
+def test_feed_one_takes_exactly_one_whole_data_event_and_nothing_else() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed_one(b"data: {\"x\":1}\n\n") == b'{"x":1}'  # the opening read too
+    assert decoder.feed_one(b"data:no-space\n\n") == b"no-space"
+    assert decoder.feed_one(b"data: a\n\ndata: b\n\n") is None  # two events: feed_data's
+    assert decoder.feed_one(b"data: a\r\n\r\n") is None  # CR line endings: the general path
+    assert decoder.feed_one(b"data: partial") is None and decoder.feed(b"data: partial") == []
+    assert decoder.feed_one(b"\n\n") is None  # a line is in progress: never the fast path
+    assert decoder.feed(b"\n\n") == [E("partial")]
+    assert decoder.feed(b"event: ping\n") == [] and decoder.feed_one(b"data: x\n\n") is None  # typed event
+    assert SSEDecoder().feed_one(BOM + b"data: first\n\n") is None  # a BOM may lead the stream
+
+
 def test_between_events_tells_a_half_read_line_from_whole_events() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b": keep-alive\n\n") == [] and decoder.between_events

@@ -19,6 +19,7 @@ Servers bend the protocol; what is tolerated, and what it costs per chunk:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,11 @@ __all__ = ["ToolCall", "Choice", "Usage", "Completion", "ChoiceAccumulator", "er
 _loads = orjson.loads
 
 _DONE = "[DONE]"
+#: What may not appear in the token bytes of a chunk read by its shape: a quote or a backslash (the JSON string
+#: would end or hold an escape there) and control characters (JSON forbids them raw: the parser must reject).
+_NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
+_PROBE = "probe-\u00b7-token"
+_SHAPE_TRIES = 4  # token chunks per answer tried as a shape before giving up on that answer
 _PREVIEW_CHARS = 200
 _MESSAGE_CHARS = 500
 #: Error types / codes that say the request itself is at fault, so another attempt cannot help.
@@ -231,10 +237,43 @@ class _ChoiceParts:
         )
 
 
+class _Shape:
+    """The bytes of a token chunk before and after its text, and what reading that chunk again does."""
+
+    __slots__ = ("prefix", "suffix", "size", "fingerprint", "content")
+
+    def __init__(self, prefix: bytes, suffix: bytes, fingerprint: Any, content: list[str]) -> None:
+        self.prefix, self.suffix, self.size = prefix, suffix, len(prefix) + len(suffix)
+        self.fingerprint = fingerprint
+        self.content = content  # the choice's list of content pieces
+
+    @classmethod
+    def find(cls, value: bytes, chunk: dict[str, Any], token: str, content: list[str] | None) -> _Shape | None:
+        """Where in ``value`` the token sits as a plain JSON string (tried from the last ``"content"`` key back,
+        as a duplicate key's last value wins), proven by parsing a probe token in its place."""
+        raw = token.encode()
+        if content is None or _NOT_PLAIN.search(raw) is not None:
+            return None
+        expected = _loads(value)
+        expected["choices"][0]["delta"]["content"] = _PROBE
+        at = len(value)
+        while (at := value.rfind(b'"content"', 0, at)) >= 0:
+            start = value.find(b'"', at + 9)
+            if start > 0 and value[at + 9:start].strip(b" \t\r\n") == b":" and value.startswith(raw + b'"', start + 1):
+                prefix, suffix = value[:start + 1], value[start + 1 + len(raw):]
+                try:
+                    if _loads(prefix + _PROBE.encode() + suffix) == expected:
+                        return cls(prefix, suffix, chunk.get("system_fingerprint"), content)
+                except ValueError:
+                    pass
+        return None
+
+
 class ChoiceAccumulator:
     """Feed it the stream's events (or parsed chunks); ask for the rebuilt completion at the end."""
 
-    __slots__ = ("_choices", "_chunks", "_done", "_id", "_model", "_fingerprint", "_created", "_usage")
+    __slots__ = ("_choices", "_chunks", "_done", "_id", "_model", "_fingerprint", "_created", "_usage", "_shape",
+                 "_shape_tries")
 
     def __init__(self) -> None:
         self._choices: dict[int, _ChoiceParts] = {}
@@ -245,6 +284,8 @@ class ChoiceAccumulator:
         self._fingerprint: str | None = None
         self._created: int | None = None
         self._usage: dict[str, Any] | None = None
+        self._shape: _Shape | None = None  # a token chunk's bytes around its text (see ``add_value``)
+        self._shape_tries = _SHAPE_TRIES
 
     @property
     def chunks(self) -> int:
@@ -291,17 +332,61 @@ class ChoiceAccumulator:
         unusual (not an object, not valid UTF-8, not JSON) goes the ``add_event`` way for its message.
         """
         for value in values:
-            if value[:1] == b"{":
-                try:
-                    chunk = _loads(value)
-                except ValueError:
-                    chunk = None
-                if chunk.__class__ is dict:
-                    self.add(chunk)
-                    continue
-            if self.add_event(ServerSentEvent(value.decode("utf-8", "replace"))):
+            if self.add_value(value):
                 return True
         return False
+
+    def add_value(self, value: bytes) -> bool:
+        """``add_data`` for one value (``SSEDecoder.feed_one``: the read of one token); True at ``[DONE]``.
+
+        Servers send every token chunk of an answer with the same bytes around the token (id, model,
+        fingerprint, index, ``finish_reason: null``, ...). Once a parsed token chunk has shown that shape
+        (``_learn_shape``), a chunk with the same bytes before and after a token that holds no quote,
+        backslash or control character, in valid UTF-8, is that token chunk again: the token is appended
+        without parsing the JSON, with exactly the effects parsing it would have had (tests compare both).
+        """
+        shape = self._shape
+        if shape is not None and value.startswith(shape.prefix) and value.endswith(shape.suffix) \
+                and len(value) >= shape.size:
+            text = value[len(shape.prefix):len(value) - len(shape.suffix)]
+            if _NOT_PLAIN.search(text) is None:
+                try:
+                    token = text.decode()
+                except UnicodeDecodeError:  # the parser rejects it too: the slow way gives the same message
+                    pass
+                else:
+                    self._chunks += 1
+                    if shape.fingerprint is not None:  # the last one wins, as parsing the chunk would set it
+                        self._fingerprint = shape.fingerprint
+                    shape.content.append(token)
+                    return False
+        if value[:1] == b"{":
+            try:
+                chunk = _loads(value)
+            except ValueError:
+                chunk = None
+            if chunk.__class__ is dict:
+                self.add(chunk)
+                if shape is None and self._shape_tries:
+                    self._learn_shape(value, chunk)
+                return False
+        return self.add_event(ServerSentEvent(value.decode("utf-8", "replace")))
+
+    def _learn_shape(self, value: bytes, chunk: dict[str, Any]) -> None:
+        """Take this chunk's bytes around its token as the answer's token shape, if it is a plain token chunk
+        (one choice, a delta of only ``content``, no finish, no usage) and a probe token put in its place
+        parses to the same chunk with the probe as its content."""
+        choices = chunk.get("choices")
+        if choices.__class__ is not list or len(choices) != 1 or isinstance(chunk.get("usage"), dict):
+            return
+        choice = choices[0]
+        if choice.__class__ is not dict or choice.get("finish_reason") is not None:
+            return
+        delta, index = choice.get("delta"), choice.get("index") or 0
+        if delta.__class__ is not dict or len(delta) != 1 or (token := delta.get("content")).__class__ is not str:
+            return
+        self._shape_tries -= 1
+        self._shape = _Shape.find(value, chunk, token, self._choices[index].content)
 
     def add(self, chunk: dict[str, Any]) -> None:
         """Merge one parsed chunk object."""
@@ -312,7 +397,12 @@ class ChoiceAccumulator:
             raise _stream_error(chunk)
         self._chunks += 1
         try:
-            self._add_header(chunk)
+            if self._id is None or self._model is None or self._created is None:
+                self._add_ids(chunk)
+            if (fingerprint := chunk.get("system_fingerprint")) is not None:  # the last one wins
+                self._fingerprint = fingerprint
+            if isinstance(usage := chunk.get("usage"), dict):  # the last one wins
+                self._usage = usage
             choices = chunk.get("choices")
             if choices:
                 for choice in choices:
@@ -356,21 +446,15 @@ class ChoiceAccumulator:
             warnings=notes,
         )
 
-    def _add_header(self, chunk: dict[str, Any]) -> None:
-        """Top-level fields: first non-empty wins (Azure opens with empty ones), except fingerprint and usage
-        where the last wins."""
-        if self._id is None or self._model is None or self._created is None:
-            if self._id is None:
-                self._id = chunk.get("id") or None
-            if self._model is None:
-                self._model = chunk.get("model") or None
-            if self._created is None:
-                self._created = chunk.get("created") or None
-        if (fingerprint := chunk.get("system_fingerprint")) is not None:
-            self._fingerprint = fingerprint
-        usage = chunk.get("usage")
-        if isinstance(usage, dict):
-            self._usage = usage
+    def _add_ids(self, chunk: dict[str, Any]) -> None:
+        """Top-level id, model and created: the first non-empty one wins (Azure opens with empty ones). Only
+        called until all three are known (``add`` reads the fingerprint and usage, where the last wins)."""
+        if self._id is None:
+            self._id = chunk.get("id") or None
+        if self._model is None:
+            self._model = chunk.get("model") or None
+        if self._created is None:
+            self._created = chunk.get("created") or None
 
     def _add_choice(self, choice: dict[str, Any]) -> bool:
         """Merge one choice entry; True when it carries a finish_reason."""
@@ -385,7 +469,10 @@ class ChoiceAccumulator:
                 return False  # annotation only (Azure's content-filter results): not an answer of its own
             parts = self._choices[index] = _ChoiceParts(index)
         if delta:
-            parts.add_delta(delta)
+            if len(delta) == 1 and parts.content is not None and (content := delta.get("content")).__class__ is str:
+                parts.content.append(content)  # add_delta's one-token case, without the call: most chunks
+            else:
+                parts.add_delta(delta)
         if finish_reason is not None:
             parts.finish_reason = finish_reason
             return True

@@ -320,7 +320,14 @@ class _ChatExchange:
             self.phase = "idle"
             self._arm_idle_timer(now)
         try:
-            self._take(self._inflate_read(data) if self._inflate is not None else data)
+            size = self.size + len(data)
+            if self.kind == "sse" and self._inflate is None and self.size and size <= self.max_bytes:
+                self.size = size  # the read of a stream under way (most reads): _take's work, in short
+                value = self._decoder.feed_one(data)
+                if self._accumulator.add_value(value) if value is not None else self._read_events(data):
+                    self._succeed()
+            else:
+                self._take(self._inflate_read(data) if self._inflate is not None else data)
         except PipelineError as exc:
             self._fail(exc)
         except zlib.error as exc:

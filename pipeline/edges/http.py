@@ -149,7 +149,12 @@ class HTTPConnection(asyncio.Protocol):
             self._deliver()
             self._broken(exc)
             return
-        self._deliver()
+        body = self._body
+        if body:  # _deliver, spelled out: this runs once per network read
+            piece = body[0] if len(body) == 1 else b"".join(body)
+            body.clear()
+            if self.exchange is not None:
+                self.exchange.on_body(piece)
         if self._draining and self._drain_timer is None and not self.closed:
             self._drain_timer = self._loop.call_later(DRAIN_GRACE_S, self.close)
 
