@@ -14,15 +14,17 @@ import asyncio
 import base64
 import errno
 import hashlib
+import multiprocessing
 import os
 import re
 import stat
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.core.config import Egress, ImagesConfig
 from pipeline.core.errors import ImageError, ObjectStoreError
@@ -62,28 +64,38 @@ class ImagePayload:
     report: dict[str, Any]  # exactly REPORT_KEYS, None where unknown
 
 
-class ImageLoader:
-    """Loads images for one run: one thread pool for pixel work, one lazily opened download session.
+PoolKind = Literal["process", "thread"]
 
-    Threads, not processes: Pillow releases the GIL while decoding, resizing and encoding (two threads
-    run a JPEG resize ~2x faster than one on two cores; see ``scripts/bench_preflight.py``), and bytes
-    need no pickling.
+
+class ImageLoader:
+    """Loads images for one run: one worker pool for pixel work, one lazily opened download session.
+
+    Processes by default (``run.preflight_pool``): Pillow releases the GIL only inside each C call (a
+    64 KB slice of JPEG decode, one resize pass), so two threads on two cores prepared 12 MP photos 1.56x
+    as fast as one, two processes 1.91x, and the threads' Python between calls held up the event loop's
+    streams (``scripts/bench_photos.py``, docs/performance.md). A worker reads a local file itself and
+    hands back the finished data URI, so neither the file nor its pixels cross the pipe. The pool starts
+    on the first image that needs pixels: a job whose images all go as they are never starts one.
     """
 
     def __init__(self, images: ImagesConfig, *, root: Path | None = None, workers: int | None = None,
                  inline_bytes: int = 256 * 1024, use_draft: bool = True, egress: Egress | None = None,
-                 store: storage.AsyncStore | None = None, store_concurrency: int = 32) -> None:
+                 store: storage.AsyncStore | None = None, store_concurrency: int = 32,
+                 pool: PoolKind = "process") -> None:
         """``workers`` defaults to the cores. Files up to ``inline_bytes`` are read and header-checked on the
-        event loop (a thread hop costs more CPU than that work); anything needing pixels goes to the pool.
-        ``use_draft=False`` (full-scale JPEG decode) is for benchmarks. ``store`` reads object-store images
-        (with ``input.storage_options``), at most ``store_concurrency`` at once."""
+        event loop (a pool hop costs more CPU than that work); anything needing pixels goes to the pool
+        (``pool``: worker processes, or threads in this one). ``use_draft=False`` (full-scale JPEG decode)
+        is for benchmarks. ``store`` reads object-store images (with ``input.storage_options``), at most
+        ``store_concurrency`` at once."""
         self._policy = images
         self._store = store if store is not None else storage.AsyncStore({}, where=storage.INPUT_OPTIONS)
         self._store_slots = asyncio.Semaphore(store_concurrency)
         self._inline_bytes = inline_bytes
         self._use_draft = use_draft
         self._root = Path(os.path.realpath(root)) if root is not None else None
-        self._pool = ThreadPoolExecutor(max_workers=workers or _cores(), thread_name_prefix="preflight")
+        self._workers = workers or _cores()
+        self._pool_kind: PoolKind = pool
+        self._pool: Executor | None = None  # started by the first image that needs pixels
         self._downloader = Downloader(images, egress)  # egress: proxies and TLS for downloads
 
     async def __aenter__(self) -> ImageLoader:
@@ -94,10 +106,15 @@ class ImageLoader:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the download session and stop the pool (work already running finishes on its own)."""
+        """Close the download session and stop the pool: queued work is dropped; worker processes finish
+        the image in hand and are waited for (off the loop), so none outlives the job."""
         await self._downloader.aclose()
         await self._store.aclose()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        pool, self._pool = self._pool, None
+        if isinstance(pool, ProcessPoolExecutor):
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        elif pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     async def load(self, source: str, base_dir: Path | str, data: bytes | None = None) -> ImagePayload:
         """One manifest ``path`` value (relative paths resolve against ``base_dir``) -> what to send; or,
@@ -130,7 +147,7 @@ class ImageLoader:
             report["image_action"] = "remote_url"
             return ImagePayload(source, hashlib.sha256(source.encode("utf-8")).hexdigest(), report)
         data = await self._downloader.get(source, label)
-        return self._quick_payload(data, label) or await self._in_pool(self._payload, data, label)
+        return self._quick_payload(data, label) or await self._in_pool(label, _prepare_bytes, data, label)
 
     async def _load_bytes(self, data: bytes, label: str) -> ImagePayload:
         """Image bytes handed in by the caller: the same checks and pre-flight as a file's bytes."""
@@ -141,7 +158,7 @@ class ImageLoader:
         if len(data) > limit:
             raise ImageError(f"{label}: image is {len(data)} bytes, over images.max_source_bytes={limit}",
                              error_type="image_too_large")
-        return self._quick_payload(data, label) or await self._in_pool(self._payload, data, label)
+        return self._quick_payload(data, label) or await self._in_pool(label, _prepare_bytes, data, label)
 
     # -- object stores: one ranged GET per image, many in flight --------------------------------
 
@@ -157,7 +174,7 @@ class ImageLoader:
                 raise _row_store_error(exc) from None
         if len(data) > cap:
             raise ImageError(f"{label}: object is over images.max_source_bytes={cap}", error_type="image_too_large")
-        return self._quick_payload(data, label) or await self._in_pool(self._payload, data, label)
+        return self._quick_payload(data, label) or await self._in_pool(label, _prepare_bytes, data, label)
 
     async def _read_object(self, url: str, end: int) -> bytes:
         try:
@@ -178,16 +195,31 @@ class ImageLoader:
         data = read_image_file(path, source, self._policy.max_source_bytes, only_up_to=self._inline_bytes,
                                no_follow=self._root is not None)
         if data is None:
-            return await self._in_pool(self._read_and_prepare, path, source)
-        return self._quick_payload(data, source) or await self._in_pool(self._payload, data, source)
+            return await self._in_pool(source, _read_and_prepare, str(path), source, self._root is not None)
+        return self._quick_payload(data, source) or await self._in_pool(source, _prepare_bytes, data, source)
 
-    async def _in_pool(self, fn: Any, *args: Any) -> ImagePayload:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    async def _in_pool(self, label: str, fn: Any, *args: Any) -> ImagePayload:
+        """``fn(policy, use_draft, *args)`` in the pool. A worker process that dies (a decoder crash, the
+        OOM killer) breaks the whole pool: a fresh one takes the row once more, then the row fails."""
+        loop = asyncio.get_running_loop()
+        for attempt in (1, 2):
+            pool = self._executor()
+            try:
+                return await loop.run_in_executor(pool, fn, self._policy, self._use_draft, *args)
+            except BrokenProcessPool:
+                if self._pool is pool:
+                    self._pool = None
+                    pool.shutdown(wait=False, cancel_futures=True)
+                if attempt == 2:
+                    raise ImageError(f"{label}: the pre-flight worker process died twice while preparing this "
+                                     "image (a decoder crash or out of memory); check or re-export the file",
+                                     error_type="image_corrupt") from None
+        raise AssertionError("unreachable")
 
-    def _read_and_prepare(self, path: Path, source: str) -> ImagePayload:
-        data = read_image_file(path, source, self._policy.max_source_bytes, no_follow=self._root is not None)
-        assert data is not None  # no only_up_to: always read
-        return self._payload(data, source)
+    def _executor(self) -> Executor:
+        if self._pool is None:
+            self._pool = _new_pool(self._pool_kind, self._workers)
+        return self._pool
 
     def _inside_root(self, path: Path, source: str) -> Path:
         """The real path (symlinks followed) if it lies under ``input.root``, else a per-row error."""
@@ -208,8 +240,29 @@ class ImageLoader:
         prepared = pass_through(data, label, self._policy)
         return _to_payload(data, prepared) if prepared is not None else None
 
-    def _payload(self, data: bytes, label: str) -> ImagePayload:
-        return _to_payload(data, prepare(data, label, self._policy, use_draft=self._use_draft))
+
+
+# -- what the pool runs: module-level, so a worker process can unpickle it ---------------------------------
+
+def _prepare_bytes(policy: ImagesConfig, use_draft: bool, data: bytes, label: str) -> ImagePayload:
+    return _to_payload(data, prepare(data, label, policy, use_draft=use_draft))
+
+
+def _read_and_prepare(policy: ImagesConfig, use_draft: bool, path: str, source: str, no_follow: bool) -> ImagePayload:
+    """Read and prepare in one hop: in a worker process the file's bytes never cross the pipe."""
+    data = read_image_file(Path(path), source, policy.max_source_bytes, no_follow=no_follow)
+    assert data is not None  # no only_up_to: always read
+    return _prepare_bytes(policy, use_draft, data, source)
+
+
+def _new_pool(kind: PoolKind, workers: int) -> Executor:
+    """Worker processes come from a fork server that has imported pre-flight once (each worker is a cheap
+    fork of it, not a fresh interpreter), never by forking this multi-threaded process itself."""
+    if kind == "thread":
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preflight")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
 
 
 def _row_store_error(exc: ObjectStoreError) -> ImageError:
