@@ -11,8 +11,10 @@ Scenarios
      achieved throughput against the ideal concurrency / latency.
   c  memory: peak RSS at concurrency 256 for 2,000 and 200,000 rows of tiny unique images.
   d  resume: a finished 200,000-row job is run again; time until it exits or sends its first request.
-  e  object store: scenario (a)'s images and manifest read from a local S3 server (moto, pinned to the
+  s3 object store: scenario (a)'s images and manifest read from a local S3 server (moto, pinned to the
      endpoint's core) versus local disk, in the same run: img/s and CPU-ms/img (scripts/bench_objectstore.py).
+  e  camera photos: 12 MP JPEGs to openai-high, pipeline on 1 and 2 cores vs Pillow and pyvips scripts,
+     and stream timing while pre-flight runs (scripts/bench_photos.py).
 
     .venv/bin/python scripts/bench.py --scenario a            # default sizes
     .venv/bin/python scripts/bench.py --quick --scenario all  # a smoke run in well under a minute
@@ -582,6 +584,12 @@ def scenario_d(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
     return first.verified == "ok"
 
 
+def scenario_e(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
+    from bench_photos import run_scenario
+
+    return run_scenario(args, sizes, work, sys.modules[__name__])
+
+
 def scenario_s3(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
     from bench_objectstore import run_scenario
 
@@ -589,6 +597,7 @@ def scenario_s3(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
 
 
 SCENARIOS = {"a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d, "s3": scenario_s3}
+SCENARIOS["e"] = scenario_e  # camera photos end to end (scripts/bench_photos.py)
 
 
 # ---- main ------------------------------------------------------------------------------------------------
