@@ -7,6 +7,7 @@ import hashlib
 import io
 import multiprocessing
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ from PIL import Image
 
 from pipeline.core.config import ImagesConfig, config_from_dict
 from pipeline.core.errors import ConfigError, ImageError
-from pipeline.edges.images import ImageLoader, ImagePayload, _to_payload
+from pipeline.edges.images import ImageLoader, ImagePayload
 from pipeline.edges.preflight import prepare
+from pipeline.edges.preflightjob import to_payload
 
 HIGH = ImagesConfig(fit="openai-high")
 
@@ -44,7 +46,7 @@ def inputs() -> dict[str, bytes]:
 
 
 def in_process(data: bytes, name: str, policy: ImagesConfig) -> ImagePayload:
-    return _to_payload(data, prepare(data, name, policy))
+    return to_payload(data, prepare(data, name, policy))
 
 
 def pool_pids() -> set[int]:
@@ -125,6 +127,19 @@ async def test_a_dead_worker_fails_its_row_and_a_fresh_pool_takes_the_next(tmp_p
     assert info.value.error_type == "image_corrupt" and info.value.row_specific
     assert str(info.value).startswith("crash.jpg: the pre-flight worker process died twice")
     assert payload.report["sent_width"] == 1024
+
+
+async def test_ctrl_c_does_not_kill_the_workers(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(photo((2400, 1800)))
+    before = pool_pids()
+    async with ImageLoader(HIGH, workers=1) as loader:
+        await loader.load("a.jpg", tmp_path)
+        workers = pool_pids() - before
+        for pid in workers:
+            os.kill(pid, signal.SIGINT)  # what the terminal sends the whole process group
+        again = await loader.load("a.jpg", tmp_path, data=(tmp_path / "a.jpg").read_bytes())
+        assert pool_pids() - before == workers  # the same workers: none died, no fresh pool was needed
+    assert again.report["sent_width"] == 1024
 
 
 def test_preflight_pool_config_key() -> None:

@@ -11,17 +11,13 @@ for that row alone; the pixel decisions live in ``preflight.py``.
 from __future__ import annotations
 
 import asyncio
-import base64
-import errno
 import hashlib
 import multiprocessing
 import os
 import re
-import stat
 import urllib.parse
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -29,20 +25,16 @@ from typing import Any, Literal
 from pipeline.core.config import Egress, ImagesConfig
 from pipeline.core.errors import ImageError, ObjectStoreError
 from pipeline.core.redact import redact_url
-from pipeline.edges import storage
+from pipeline.edges import preflightjob, storage
 from pipeline.edges.downloads import Downloader
-from pipeline.edges.preflight import (
-    MIME_BY_FORMAT,
-    Prepared,
-    pass_through,
-    prepare,
-    sniff_mime,
+from pipeline.edges.preflight import MIME_BY_FORMAT, pass_through, sniff_mime
+from pipeline.edges.preflightjob import (
+    ImagePayload,
+    prepare_bytes,
+    read_and_prepare,
+    read_image_file,
+    to_payload,
 )
-
-try:  # ~35x faster than the stdlib on a 48 KB image (1.4 us vs 52 us); optional, same output
-    import pybase64 as _fast_base64  # type: ignore[import-not-found]
-except ImportError:
-    _fast_base64 = None
 
 __all__ = ["REPORT_KEYS", "ImageLoader", "ImagePayload", "fingerprints", "read_image_file", "sniff_mime"]
 
@@ -55,15 +47,6 @@ _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+)://")
 _PASSABLE_MIMES = frozenset(MIME_BY_FORMAT.values())
 
 
-@dataclass(frozen=True, slots=True)
-class ImagePayload:
-    """What goes on the wire for one image, its identity, and what the output reports about it."""
-
-    url: str  # the data URI to send, or the original URL with remote: pass_through
-    sha256: str  # hex sha256 of the original source bytes (of the URL string for pass_through)
-    report: dict[str, Any]  # exactly REPORT_KEYS, None where unknown
-
-
 PoolKind = Literal["process", "thread"]
 
 
@@ -71,11 +54,11 @@ class ImageLoader:
     """Loads images for one run: one worker pool for pixel work, one lazily opened download session.
 
     Processes by default (``run.preflight_pool``): Pillow releases the GIL only inside each C call (a
-    64 KB slice of JPEG decode, one resize pass), so two threads on two cores prepared 12 MP photos 1.56x
-    as fast as one, two processes 1.91x, and the threads' Python between calls held up the event loop's
-    streams (``scripts/bench_photos.py``, docs/performance.md). A worker reads a local file itself and
-    hands back the finished data URI, so neither the file nor its pixels cross the pipe. The pool starts
-    on the first image that needs pixels: a job whose images all go as they are never starts one.
+    64 KB slice of JPEG decode, one resize pass) and takes it back in between, so pixel work in threads
+    competes with the event loop and with itself (12 MP photos on two cores: threads 1.56-1.98x of one,
+    processes 1.86-1.95x; docs/performance.md, scenario (e)). A worker reads a local file itself and hands
+    back the finished data URI, so neither the file nor its pixels cross the pipe. The pool starts on the
+    first image that needs pixels: a job whose images all go as they are never starts one.
     """
 
     def __init__(self, images: ImagesConfig, *, root: Path | None = None, workers: int | None = None,
@@ -147,7 +130,7 @@ class ImageLoader:
             report["image_action"] = "remote_url"
             return ImagePayload(source, hashlib.sha256(source.encode("utf-8")).hexdigest(), report)
         data = await self._downloader.get(source, label)
-        return self._quick_payload(data, label) or await self._in_pool(label, _prepare_bytes, data, label)
+        return self._quick_payload(data, label) or await self._in_pool(label, prepare_bytes, data, label)
 
     async def _load_bytes(self, data: bytes, label: str) -> ImagePayload:
         """Image bytes handed in by the caller: the same checks and pre-flight as a file's bytes."""
@@ -158,7 +141,7 @@ class ImageLoader:
         if len(data) > limit:
             raise ImageError(f"{label}: image is {len(data)} bytes, over images.max_source_bytes={limit}",
                              error_type="image_too_large")
-        return self._quick_payload(data, label) or await self._in_pool(label, _prepare_bytes, data, label)
+        return self._quick_payload(data, label) or await self._in_pool(label, prepare_bytes, data, label)
 
     # -- object stores: one ranged GET per image, many in flight --------------------------------
 
@@ -174,7 +157,7 @@ class ImageLoader:
                 raise _row_store_error(exc) from None
         if len(data) > cap:
             raise ImageError(f"{label}: object is over images.max_source_bytes={cap}", error_type="image_too_large")
-        return self._quick_payload(data, label) or await self._in_pool(label, _prepare_bytes, data, label)
+        return self._quick_payload(data, label) or await self._in_pool(label, prepare_bytes, data, label)
 
     async def _read_object(self, url: str, end: int) -> bytes:
         try:
@@ -195,8 +178,8 @@ class ImageLoader:
         data = read_image_file(path, source, self._policy.max_source_bytes, only_up_to=self._inline_bytes,
                                no_follow=self._root is not None)
         if data is None:
-            return await self._in_pool(source, _read_and_prepare, str(path), source, self._root is not None)
-        return self._quick_payload(data, source) or await self._in_pool(source, _prepare_bytes, data, source)
+            return await self._in_pool(source, read_and_prepare, str(path), source, self._root is not None)
+        return self._quick_payload(data, source) or await self._in_pool(source, prepare_bytes, data, source)
 
     async def _in_pool(self, label: str, fn: Any, *args: Any) -> ImagePayload:
         """``fn(policy, use_draft, *args)`` in the pool. A worker process that dies (a decoder crash, the
@@ -238,21 +221,8 @@ class ImageLoader:
         if len(data) > self._inline_bytes or sniff_mime(data[:16]) not in _PASSABLE_MIMES:
             return None
         prepared = pass_through(data, label, self._policy)
-        return _to_payload(data, prepared) if prepared is not None else None
+        return to_payload(data, prepared) if prepared is not None else None
 
-
-
-# -- what the pool runs: module-level, so a worker process can unpickle it ---------------------------------
-
-def _prepare_bytes(policy: ImagesConfig, use_draft: bool, data: bytes, label: str) -> ImagePayload:
-    return _to_payload(data, prepare(data, label, policy, use_draft=use_draft))
-
-
-def _read_and_prepare(policy: ImagesConfig, use_draft: bool, path: str, source: str, no_follow: bool) -> ImagePayload:
-    """Read and prepare in one hop: in a worker process the file's bytes never cross the pipe."""
-    data = read_image_file(Path(path), source, policy.max_source_bytes, no_follow=no_follow)
-    assert data is not None  # no only_up_to: always read
-    return _prepare_bytes(policy, use_draft, data, source)
 
 
 def _new_pool(kind: PoolKind, workers: int) -> Executor:
@@ -261,8 +231,8 @@ def _new_pool(kind: PoolKind, workers: int) -> Executor:
     if kind == "thread":
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preflight")
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    context.set_forkserver_preload([preflightjob.__name__])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=preflightjob.ignore_interrupts)
 
 
 def _row_store_error(exc: ObjectStoreError) -> ImageError:
@@ -320,17 +290,6 @@ def image_fingerprint(source: str, base_dir: Path | str) -> str:
     return f"{absolute}|{info.st_size}|{info.st_mtime_ns}"
 
 
-def _to_payload(original: bytes, prepared: Prepared) -> ImagePayload:
-    return ImagePayload(f"data:{prepared.mime};base64,{_base64_text(prepared.data)}",
-                        hashlib.sha256(original).hexdigest(), prepared.report)
-
-
-def _base64_text(data: bytes) -> str:
-    if _fast_base64 is not None:
-        return _fast_base64.b64encode_as_string(data)  # type: ignore[no-any-return]
-    return base64.b64encode(data).decode("ascii")
-
-
 def _cores() -> int:
     """CPUs this process may run on (affinity-aware where the OS tells)."""
     if hasattr(os, "sched_getaffinity"):
@@ -353,62 +312,3 @@ def file_url_path(url: str) -> Path:
         raise ImageError(f"{redact_url(url)}: file:// URLs must name a local path (file:///...), not host "
                          f"{parts.netloc!r}", error_type="image_scheme_refused")
     return Path(urllib.parse.unquote(parts.path))
-
-
-def read_image_file(path: Path, source: str, max_bytes: int, *, only_up_to: int | None = None,
-                    no_follow: bool = False) -> bytes | None:
-    """Read a local image; every OS failure becomes a precise per-row ``ImageError``.
-
-    Opened non-blocking and checked with ``fstat``: a FIFO or device named in a manifest fails at once
-    instead of hanging a worker, and the size is checked before anything is read. Returns None, reading
-    nothing, when the file is larger than ``only_up_to``. ``no_follow`` opens an already-resolved path so
-    that a symlink swapped in after the ``input.root`` check is refused, not followed.
-    """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if no_follow else 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise ImageError(f"{source}: image file not found (looked at {path})", error_type="image_missing") from None
-    except NotADirectoryError:
-        raise ImageError(f"{source}: cannot read {path}: a part of the path is a file, not a folder",
-                         error_type="image_unreadable") from None
-    except PermissionError:
-        raise ImageError(f"{source}: no permission to read {path}", error_type="image_unreadable") from None
-    except OSError as exc:
-        kind = "image_missing" if exc.errno == errno.ENOENT else "image_unreadable"
-        raise ImageError(f"{source}: cannot open {path}: {exc.strerror or exc}", error_type=kind) from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise ImageError(f"{source}: {path} is a directory, not an image file", error_type="image_unreadable")
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageError(f"{source}: {path} is not a regular file (a FIFO, socket or device); point the "
-                             "row at an image file", error_type="image_unreadable")
-        if info.st_size > max_bytes:
-            raise ImageError(f"{source}: file is {info.st_size} bytes, over images.max_source_bytes={max_bytes}",
-                             error_type="image_too_large")
-        if only_up_to is not None and info.st_size > only_up_to:
-            return None
-        return _read_all(fd, info.st_size, max_bytes, source, path)
-    finally:
-        os.close(fd)
-
-
-def _read_all(fd: int, expected: int, max_bytes: int, source: str, path: Path) -> bytes:
-    """One read in the usual case; a file that grows while being read is still capped."""
-    try:
-        data = os.read(fd, expected + 1)
-        if len(data) <= expected:
-            return data
-        rest = [data]
-        total = len(data)
-        while chunk := os.read(fd, 1 << 20):
-            total += len(chunk)
-            if total > max_bytes:
-                raise ImageError(f"{source}: file grew past images.max_source_bytes={max_bytes} while being read",
-                                 error_type="image_too_large")
-            rest.append(chunk)
-        return b"".join(rest)
-    except OSError as exc:
-        raise ImageError(f"{source}: cannot read {path}: {exc.strerror or exc}",
-                         error_type="image_unreadable") from None
