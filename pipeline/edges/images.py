@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import multiprocessing
 import os
 import re
 import urllib.parse
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import BrokenExecutor, Executor, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -94,7 +92,7 @@ class ImageLoader:
         await self._downloader.aclose()
         await self._store.aclose()
         pool, self._pool = self._pool, None
-        if isinstance(pool, ProcessPoolExecutor):
+        if pool is not None and self._pool_kind == "process":
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
         elif pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -189,7 +187,7 @@ class ImageLoader:
             pool = self._executor()
             try:
                 return await loop.run_in_executor(pool, fn, self._policy, self._use_draft, *args)
-            except BrokenProcessPool:
+            except BrokenExecutor:  # BrokenProcessPool
                 if self._pool is pool:
                     self._pool = None
                     pool.shutdown(wait=False, cancel_futures=True)
@@ -230,6 +228,9 @@ def _new_pool(kind: PoolKind, workers: int) -> Executor:
     fork of it, not a fresh interpreter), never by forking this multi-threaded process itself."""
     if kind == "thread":
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preflight")
+    import multiprocessing  # here, not at the top: a job with no pixel work never needs it (start-up time)
+    from concurrent.futures import ProcessPoolExecutor
+
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([preflightjob.__name__])
     return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=preflightjob.ignore_interrupts)
