@@ -8,6 +8,7 @@ import io
 import multiprocessing
 import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from PIL import Image
 
 from pipeline.core.config import ImagesConfig, config_from_dict
 from pipeline.core.errors import ConfigError, ImageError
+from pipeline.edges import images
 from pipeline.edges.images import ImageLoader, ImagePayload
 from pipeline.edges.preflight import prepare
 from pipeline.edges.preflightjob import to_payload
@@ -112,6 +114,27 @@ async def test_images_that_go_as_they_are_start_no_pool(tmp_path: Path) -> None:
         payload = await loader.load("small.jpg", tmp_path)
         assert pool_pids() == before
     assert payload.report["image_action"] == "pass_through"
+
+
+async def test_the_pool_starts_off_the_event_loop_with_all_its_workers(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting the fork server blocks until it has imported pre-flight: on the loop it would stall the
+    streams in flight."""
+    started_in: list[threading.Thread] = []
+    real = images._new_pool
+
+    def recording(kind: Any, workers: int) -> Any:
+        started_in.append(threading.current_thread())
+        return real(kind, workers)
+
+    monkeypatch.setattr(images, "_new_pool", recording)
+    (tmp_path / "a.jpg").write_bytes(photo((2400, 1800)))
+    before = pool_pids()
+    async with ImageLoader(HIGH, workers=2) as loader:
+        await loader.load("a.jpg", tmp_path)
+        workers = pool_pids() - before
+    assert len(started_in) == 1 and started_in[0] is not threading.current_thread()
+    assert len(workers) == 2  # one image, yet both workers: started together, off the loop
 
 
 def _die(*_: Any) -> None:

@@ -77,6 +77,7 @@ class ImageLoader:
         self._workers = workers or _cores()
         self._pool_kind: PoolKind = pool
         self._pool: Executor | None = None  # started by the first image that needs pixels
+        self._pool_lock = asyncio.Lock()  # one start at a time, and none racing aclose
         self._downloader = Downloader(images, egress)  # egress: proxies and TLS for downloads
 
     async def __aenter__(self) -> ImageLoader:
@@ -91,7 +92,8 @@ class ImageLoader:
         the image in hand and are waited for (off the loop), so none outlives the job."""
         await self._downloader.aclose()
         await self._store.aclose()
-        pool, self._pool = self._pool, None
+        async with self._pool_lock:
+            pool, self._pool = self._pool, None
         if pool is not None and self._pool_kind == "process":
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
         elif pool is not None:
@@ -184,7 +186,7 @@ class ImageLoader:
         OOM killer) breaks the whole pool: a fresh one takes the row once more, then the row fails."""
         loop = asyncio.get_running_loop()
         for attempt in (1, 2):
-            pool = self._executor()
+            pool = await self._executor()
             try:
                 return await loop.run_in_executor(pool, fn, self._policy, self._use_draft, *args)
             except BrokenExecutor:  # BrokenProcessPool
@@ -197,10 +199,13 @@ class ImageLoader:
                                      error_type="image_corrupt") from None
         raise AssertionError("unreachable")
 
-    def _executor(self) -> Executor:
-        if self._pool is None:
-            self._pool = _new_pool(self._pool_kind, self._workers)
-        return self._pool
+    async def _executor(self) -> Executor:
+        """The pool, started in a thread: starting the fork server blocks until it has imported pre-flight
+        (0.2-0.5 s), which on the loop would stall every stream in flight."""
+        async with self._pool_lock:
+            if self._pool is None:
+                self._pool = await asyncio.to_thread(_new_pool, self._pool_kind, self._workers)
+            return self._pool
 
     def _inside_root(self, path: Path, source: str) -> Path:
         """The real path (symlinks followed) if it lies under ``input.root``, else a per-row error."""
@@ -225,7 +230,8 @@ class ImageLoader:
 
 def _new_pool(kind: PoolKind, workers: int) -> Executor:
     """Worker processes come from a fork server that has imported pre-flight once (each worker is a cheap
-    fork of it, not a fresh interpreter), never by forking this multi-threaded process itself."""
+    fork of it, not a fresh interpreter), never by forking this multi-threaded process itself. Blocking:
+    call it off the event loop."""
     if kind == "thread":
         return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preflight")
     import multiprocessing  # here, not at the top: a job with no pixel work never needs it (start-up time)
@@ -233,7 +239,10 @@ def _new_pool(kind: PoolKind, workers: int) -> Executor:
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([preflightjob.__name__])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=preflightjob.ignore_interrupts)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=preflightjob.ignore_interrupts)
+    for _ in range(workers):  # each submit with no idle worker starts one: all of them now, off the loop
+        pool.submit(int)
+    return pool
 
 
 def _row_store_error(exc: ObjectStoreError) -> ImageError:
