@@ -11,8 +11,11 @@ Scenarios
      achieved throughput against the ideal concurrency / latency.
   c  memory: peak RSS at concurrency 256 for 2,000 and 200,000 rows of tiny unique images.
   d  resume: a finished 200,000-row job is run again; time until it exits or sends its first request.
-  e  object store: scenario (a)'s images and manifest read from a local S3 server (moto, pinned to the
+  s3 object store: scenario (a)'s images and manifest read from a local S3 server (moto, pinned to the
      endpoint's core) versus local disk, in the same run: img/s and CPU-ms/img (scripts/bench_objectstore.py).
+  e  camera photos: 12 MP JPEGs to openai-high, pipeline on 1 and 2 cores vs Pillow and pyvips scripts,
+     and stream timing while pre-flight runs (scripts/bench_photos.py).
+  f  more streams: (b)'s shape with 1 s answers at concurrency 2,048 and 4,096 (scripts/bench_streams.py).
   g  start-up and restart: time to the first request of a fresh 200,000-row run and of restarts after
      kill -9 at 200,000 done, and `pipeline --help` (scripts/bench_startup.py).
 
@@ -594,6 +597,7 @@ def external(module: str) -> Callable[[argparse.Namespace, Sizes, Path], bool]:
 
 
 SCENARIOS = {"a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d,
+             "e": external("bench_photos"),      # camera photos end to end
              "f": external("bench_streams"),     # more streams
              "g": external("bench_startup"),     # start-up and restart
              "s3": external("bench_objectstore")}

@@ -441,6 +441,8 @@ class RunConfig(_Model):
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     # local: this process's worker pool; ray: a Ray cluster (the ``ray`` section, docs/cluster.md)
     engine: Literal["local", "ray"] = "local"
+    # where pixel work runs: worker processes (every core, the event loop left alone) or threads here
+    preflight_pool: Literal["process", "thread"] = "process"
 
 
 class RayConfig(_Model):

@@ -11,38 +11,30 @@ for that row alone; the pixel decisions live in ``preflight.py``.
 from __future__ import annotations
 
 import asyncio
-import base64
-import errno
 import hashlib
 import os
 import re
-import stat
 import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import BrokenExecutor, Executor, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline.core.config import Egress, ImagesConfig
 from pipeline.core.errors import ImageError, ObjectStoreError
 from pipeline.core.redact import redact_url
-from pipeline.edges import storage
-from pipeline.edges.preflight import (
-    MIME_BY_FORMAT,
-    Prepared,
-    pass_through,
-    prepare,
-    sniff_mime,
+from pipeline.edges import preflightjob, storage
+from pipeline.edges.preflight import MIME_BY_FORMAT, pass_through, sniff_mime
+from pipeline.edges.preflightjob import (
+    ImagePayload,
+    prepare_bytes,
+    read_and_prepare,
+    read_image_file,
+    to_payload,
 )
 
 if TYPE_CHECKING:
     from pipeline.edges.downloads import Downloader
-
-try:  # ~35x faster than the stdlib on a 48 KB image (1.4 us vs 52 us); optional, same output
-    import pybase64 as _fast_base64  # type: ignore[import-not-found]
-except ImportError:
-    _fast_base64 = None
 
 __all__ = ["REPORT_KEYS", "ImageLoader", "ImagePayload", "fingerprints", "read_image_file", "sniff_mime"]
 
@@ -55,37 +47,39 @@ _URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]+)://")
 _PASSABLE_MIMES = frozenset(MIME_BY_FORMAT.values())
 
 
-@dataclass(frozen=True, slots=True)
-class ImagePayload:
-    """What goes on the wire for one image, its identity, and what the output reports about it."""
-
-    url: str  # the data URI to send, or the original URL with remote: pass_through
-    sha256: str  # hex sha256 of the original source bytes (of the URL string for pass_through)
-    report: dict[str, Any]  # exactly REPORT_KEYS, None where unknown
+PoolKind = Literal["process", "thread"]
 
 
 class ImageLoader:
-    """Loads images for one run: one thread pool for pixel work, one lazily opened download session.
+    """Loads images for one run: one worker pool for pixel work, one lazily opened download session.
 
-    Threads, not processes: Pillow releases the GIL while decoding, resizing and encoding (two threads
-    run a JPEG resize ~2x faster than one on two cores; see ``scripts/bench_preflight.py``), and bytes
-    need no pickling.
+    Processes by default (``run.preflight_pool``): Pillow releases the GIL only inside each C call (a
+    64 KB slice of JPEG decode, one resize pass) and takes it back in between, so pixel work in threads
+    competes with the event loop and with itself (12 MP photos on two cores: threads 1.56-1.98x of one,
+    processes 1.86-1.95x; docs/performance.md, scenario (e)). A worker reads a local file itself and hands
+    back the finished data URI, so neither the file nor its pixels cross the pipe. The pool starts on the
+    first image that needs pixels: a job whose images all go as they are never starts one.
     """
 
     def __init__(self, images: ImagesConfig, *, root: Path | None = None, workers: int | None = None,
                  inline_bytes: int = 256 * 1024, use_draft: bool = True, egress: Egress | None = None,
-                 store: storage.AsyncStore | None = None, store_concurrency: int = 32) -> None:
+                 store: storage.AsyncStore | None = None, store_concurrency: int = 32,
+                 pool: PoolKind = "process") -> None:
         """``workers`` defaults to the cores. Files up to ``inline_bytes`` are read and header-checked on the
-        event loop (a thread hop costs more CPU than that work); anything needing pixels goes to the pool.
-        ``use_draft=False`` (full-scale JPEG decode) is for benchmarks. ``store`` reads object-store images
-        (with ``input.storage_options``), at most ``store_concurrency`` at once."""
+        event loop (a pool hop costs more CPU than that work); anything needing pixels goes to the pool
+        (``pool``: worker processes, or threads in this one). ``use_draft=False`` (full-scale JPEG decode)
+        is for benchmarks. ``store`` reads object-store images (with ``input.storage_options``), at most
+        ``store_concurrency`` at once."""
         self._policy = images
         self._store = store if store is not None else storage.AsyncStore({}, where=storage.INPUT_OPTIONS)
         self._store_slots = asyncio.Semaphore(store_concurrency)
         self._inline_bytes = inline_bytes
         self._use_draft = use_draft
         self._root = Path(os.path.realpath(root)) if root is not None else None
-        self._pool = ThreadPoolExecutor(max_workers=workers or _cores(), thread_name_prefix="preflight")
+        self._workers = workers or _cores()
+        self._pool_kind: PoolKind = pool
+        self._pool: Executor | None = None  # started by the first image that needs pixels
+        self._pool_lock = asyncio.Lock()  # one start at a time, and none racing aclose
         self._egress = egress  # proxies and TLS for downloads
         self._downloader: Downloader | None = None  # opened on the first http(s) image: aiohttp costs ~0.15 s
 
@@ -97,11 +91,17 @@ class ImageLoader:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the download session and stop the pool (work already running finishes on its own)."""
+        """Close the download session and stop the pool: queued work is dropped; worker processes finish
+        the image in hand and are waited for (off the loop), so none outlives the job."""
         if self._downloader is not None:
             await self._downloader.aclose()
         await self._store.aclose()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        async with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None and self._pool_kind == "process":
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        elif pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     async def load(self, source: str, base_dir: Path | str, data: bytes | None = None) -> ImagePayload:
         """One manifest ``path`` value (relative paths resolve against ``base_dir``) -> what to send; or,
@@ -138,7 +138,7 @@ class ImageLoader:
 
             self._downloader = Downloader(self._policy, self._egress)
         data = await self._downloader.get(source, label)
-        return self._quick_payload(data, label) or await self._in_pool(self._payload, data, label)
+        return self._quick_payload(data, label) or await self._in_pool(label, prepare_bytes, data, label)
 
     async def _load_bytes(self, data: bytes, label: str) -> ImagePayload:
         """Image bytes handed in by the caller: the same checks and pre-flight as a file's bytes."""
@@ -149,7 +149,7 @@ class ImageLoader:
         if len(data) > limit:
             raise ImageError(f"{label}: image is {len(data)} bytes, over images.max_source_bytes={limit}",
                              error_type="image_too_large")
-        return self._quick_payload(data, label) or await self._in_pool(self._payload, data, label)
+        return self._quick_payload(data, label) or await self._in_pool(label, prepare_bytes, data, label)
 
     # -- object stores: one ranged GET per image, many in flight --------------------------------
 
@@ -165,7 +165,7 @@ class ImageLoader:
                 raise _row_store_error(exc) from None
         if len(data) > cap:
             raise ImageError(f"{label}: object is over images.max_source_bytes={cap}", error_type="image_too_large")
-        return self._quick_payload(data, label) or await self._in_pool(self._payload, data, label)
+        return self._quick_payload(data, label) or await self._in_pool(label, prepare_bytes, data, label)
 
     async def _read_object(self, url: str, end: int) -> bytes:
         try:
@@ -186,16 +186,34 @@ class ImageLoader:
         data = read_image_file(path, source, self._policy.max_source_bytes, only_up_to=self._inline_bytes,
                                no_follow=self._root is not None)
         if data is None:
-            return await self._in_pool(self._read_and_prepare, path, source)
-        return self._quick_payload(data, source) or await self._in_pool(self._payload, data, source)
+            return await self._in_pool(source, read_and_prepare, str(path), source, self._root is not None)
+        return self._quick_payload(data, source) or await self._in_pool(source, prepare_bytes, data, source)
 
-    async def _in_pool(self, fn: Any, *args: Any) -> ImagePayload:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    async def _in_pool(self, label: str, fn: Any, *args: Any) -> ImagePayload:
+        """``fn(policy, use_draft, *args)`` in the pool. A worker process that dies (a decoder crash, the
+        OOM killer) breaks the whole pool: a fresh one takes the row once more, then the row fails."""
+        loop = asyncio.get_running_loop()
+        for attempt in (1, 2):
+            pool = await self._executor()
+            try:
+                return await loop.run_in_executor(pool, fn, self._policy, self._use_draft, *args)
+            except BrokenExecutor:  # BrokenProcessPool
+                if self._pool is pool:
+                    self._pool = None
+                    pool.shutdown(wait=False, cancel_futures=True)
+                if attempt == 2:
+                    raise ImageError(f"{label}: the pre-flight worker process died twice while preparing this "
+                                     "image (a decoder crash or out of memory); check or re-export the file",
+                                     error_type="image_corrupt") from None
+        raise AssertionError("unreachable")
 
-    def _read_and_prepare(self, path: Path, source: str) -> ImagePayload:
-        data = read_image_file(path, source, self._policy.max_source_bytes, no_follow=self._root is not None)
-        assert data is not None  # no only_up_to: always read
-        return self._payload(data, source)
+    async def _executor(self) -> Executor:
+        """The pool, started in a thread: starting the fork server blocks until it has imported pre-flight
+        (0.2-0.5 s), which on the loop would stall every stream in flight."""
+        async with self._pool_lock:
+            if self._pool is None:
+                self._pool = await asyncio.to_thread(_new_pool, self._pool_kind, self._workers)
+            return self._pool
 
     def _inside_root(self, path: Path, source: str) -> Path:
         """The real path (symlinks followed) if it lies under ``input.root``, else a per-row error."""
@@ -214,10 +232,25 @@ class ImageLoader:
         if len(data) > self._inline_bytes or sniff_mime(data[:16]) not in _PASSABLE_MIMES:
             return None
         prepared = pass_through(data, label, self._policy)
-        return _to_payload(data, prepared) if prepared is not None else None
+        return to_payload(data, prepared) if prepared is not None else None
 
-    def _payload(self, data: bytes, label: str) -> ImagePayload:
-        return _to_payload(data, prepare(data, label, self._policy, use_draft=self._use_draft))
+
+
+def _new_pool(kind: PoolKind, workers: int) -> Executor:
+    """Worker processes come from a fork server that has imported pre-flight once (each worker is a cheap
+    fork of it, not a fresh interpreter), never by forking this multi-threaded process itself. Blocking:
+    call it off the event loop."""
+    if kind == "thread":
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preflight")
+    import multiprocessing  # here, not at the top: a job with no pixel work never needs it (start-up time)
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([preflightjob.__name__])
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=preflightjob.ignore_interrupts)
+    for _ in range(workers):  # each submit with no idle worker starts one: all of them now, off the loop
+        pool.submit(int)
+    return pool
 
 
 def _row_store_error(exc: ObjectStoreError) -> ImageError:
@@ -275,17 +308,6 @@ def image_fingerprint(source: str, base_dir: Path | str) -> str:
     return f"{absolute}|{info.st_size}|{info.st_mtime_ns}"
 
 
-def _to_payload(original: bytes, prepared: Prepared) -> ImagePayload:
-    return ImagePayload(f"data:{prepared.mime};base64,{_base64_text(prepared.data)}",
-                        hashlib.sha256(original).hexdigest(), prepared.report)
-
-
-def _base64_text(data: bytes) -> str:
-    if _fast_base64 is not None:
-        return _fast_base64.b64encode_as_string(data)  # type: ignore[no-any-return]
-    return base64.b64encode(data).decode("ascii")
-
-
 def _cores() -> int:
     """CPUs this process may run on (affinity-aware where the OS tells)."""
     if hasattr(os, "sched_getaffinity"):
@@ -308,62 +330,3 @@ def file_url_path(url: str) -> Path:
         raise ImageError(f"{redact_url(url)}: file:// URLs must name a local path (file:///...), not host "
                          f"{parts.netloc!r}", error_type="image_scheme_refused")
     return Path(urllib.parse.unquote(parts.path))
-
-
-def read_image_file(path: Path, source: str, max_bytes: int, *, only_up_to: int | None = None,
-                    no_follow: bool = False) -> bytes | None:
-    """Read a local image; every OS failure becomes a precise per-row ``ImageError``.
-
-    Opened non-blocking and checked with ``fstat``: a FIFO or device named in a manifest fails at once
-    instead of hanging a worker, and the size is checked before anything is read. Returns None, reading
-    nothing, when the file is larger than ``only_up_to``. ``no_follow`` opens an already-resolved path so
-    that a symlink swapped in after the ``input.root`` check is refused, not followed.
-    """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_NOFOLLOW if no_follow else 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise ImageError(f"{source}: image file not found (looked at {path})", error_type="image_missing") from None
-    except NotADirectoryError:
-        raise ImageError(f"{source}: cannot read {path}: a part of the path is a file, not a folder",
-                         error_type="image_unreadable") from None
-    except PermissionError:
-        raise ImageError(f"{source}: no permission to read {path}", error_type="image_unreadable") from None
-    except OSError as exc:
-        kind = "image_missing" if exc.errno == errno.ENOENT else "image_unreadable"
-        raise ImageError(f"{source}: cannot open {path}: {exc.strerror or exc}", error_type=kind) from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise ImageError(f"{source}: {path} is a directory, not an image file", error_type="image_unreadable")
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageError(f"{source}: {path} is not a regular file (a FIFO, socket or device); point the "
-                             "row at an image file", error_type="image_unreadable")
-        if info.st_size > max_bytes:
-            raise ImageError(f"{source}: file is {info.st_size} bytes, over images.max_source_bytes={max_bytes}",
-                             error_type="image_too_large")
-        if only_up_to is not None and info.st_size > only_up_to:
-            return None
-        return _read_all(fd, info.st_size, max_bytes, source, path)
-    finally:
-        os.close(fd)
-
-
-def _read_all(fd: int, expected: int, max_bytes: int, source: str, path: Path) -> bytes:
-    """One read in the usual case; a file that grows while being read is still capped."""
-    try:
-        data = os.read(fd, expected + 1)
-        if len(data) <= expected:
-            return data
-        rest = [data]
-        total = len(data)
-        while chunk := os.read(fd, 1 << 20):
-            total += len(chunk)
-            if total > max_bytes:
-                raise ImageError(f"{source}: file grew past images.max_source_bytes={max_bytes} while being read",
-                                 error_type="image_too_large")
-            rest.append(chunk)
-        return b"".join(rest)
-    except OSError as exc:
-        raise ImageError(f"{source}: cannot read {path}: {exc.strerror or exc}",
-                         error_type="image_unreadable") from None

@@ -76,7 +76,7 @@ class RowProcessor:
         self.config = config
         self.builder = RequestBuilder(config.request, config.images)
         self.images = ImageLoader(config.images, root=config.input.root, egress=config.download_egress,
-                                  store_concurrency=config.store_reads,
+                                  store_concurrency=config.store_reads, pool=config.run.preflight_pool,
                                   store=AsyncStore(config.storage_options_for("input"), where=INPUT_OPTIONS))
         self.params = answer_params_digest(config.request, config.images)
         self.gate = RequestGate.from_config(config)
