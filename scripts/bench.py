@@ -13,6 +13,8 @@ Scenarios
   d  resume: a finished 200,000-row job is run again; time until it exits or sends its first request.
   e  object store: scenario (a)'s images and manifest read from a local S3 server (moto, pinned to the
      endpoint's core) versus local disk, in the same run: img/s and CPU-ms/img (scripts/bench_objectstore.py).
+  ray  the Ray engine against the local engine: overhead per row and start-up on one machine, and 12 MP
+     pre-flight spread over a two-node loopback cluster (scripts/bench_ray.py; needs the [ray] extra).
 
     .venv/bin/python scripts/bench.py --scenario a            # default sizes
     .venv/bin/python scripts/bench.py --quick --scenario all  # a smoke run in well under a minute
@@ -588,7 +590,14 @@ def scenario_s3(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
     return run_scenario(args, sizes, work, sys.modules[__name__])
 
 
+def scenario_ray(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
+    from bench_ray import run_scenario
+
+    return run_scenario(args, sizes, work, sys.modules[__name__])
+
+
 SCENARIOS = {"a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d, "s3": scenario_s3}
+SCENARIOS["ray"] = scenario_ray
 
 
 # ---- main ------------------------------------------------------------------------------------------------
