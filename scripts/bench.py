@@ -18,6 +18,8 @@ Scenarios
   f  more streams: (b)'s shape with 1 s answers at concurrency 2,048 and 4,096 (scripts/bench_streams.py).
   g  start-up and restart: time to the first request of a fresh 200,000-row run and of restarts after
      kill -9 at 200,000 done, and `pipeline --help` (scripts/bench_startup.py).
+  ray  the Ray engine against the local engine: overhead per row and start-up on one machine, and 12 MP
+     pre-flight spread over a two-node loopback cluster (scripts/bench_ray.py; needs the [ray] extra).
 
     .venv/bin/python scripts/bench.py --scenario a            # default sizes
     .venv/bin/python scripts/bench.py --quick --scenario all  # a smoke run in well under a minute
@@ -600,7 +602,8 @@ SCENARIOS = {"a": scenario_a, "b": scenario_b, "c": scenario_c, "d": scenario_d,
              "e": external("bench_photos"),      # camera photos end to end
              "f": external("bench_streams"),     # more streams
              "g": external("bench_startup"),     # start-up and restart
-             "s3": external("bench_objectstore")}
+             "s3": external("bench_objectstore"),
+             "ray": external("bench_ray")}        # the Ray engine (needs the [ray] extra)
 
 
 # ---- main ------------------------------------------------------------------------------------------------

@@ -12,33 +12,48 @@ import contextlib
 import csv
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 import yaml
 
 from pipeline.api import run_job, run_job_async
-from pipeline.core.config import config_from_dict
-from pipeline.core.errors import ClusterError
+from pipeline.core.config import RayConfig, config_from_dict
+from pipeline.core.errors import ClusterError, ObjectStoreError
+from pipeline.edges.images import ImagePayload
 from pipeline.edges.ledger import StateStore
+from pipeline.edges.manifest import Row
 from pipeline.ops.jobs import job_status
+from pipeline.run.plan import RowTask
+from pipeline.run.processor import PreparedRow
 from pipeline.run.rayengine import (
     BLOCKS_PER_ACTOR,
     LOCAL_RAY_IP,
     actor_config,
     init_options,
 )
+from pipeline.run.raypreflight import portable, task_cpus
 from pipeline.server import LocalEndpoint, parse_fault_spec
 
 from .helpers import job_config, make_manifest, read_rows
-from .raycluster import HEAD_IP, RayCluster, command_line, descendants, free_ports
+from .raycluster import (
+    HEAD_IP,
+    SECOND_IP,
+    RayCluster,
+    command_line,
+    descendants,
+    free_ports,
+)
 
 #: The columns that must match between engines (timings and response ids differ run to run).
 SAME = ("id", "path", "label", "status", "content", "finish_reason", "choice_index", "error_type", "error_message",
@@ -83,6 +98,52 @@ async def test_ray_gives_the_local_engines_rows(tmp_path, endpoint, cluster):
     assert (summary.rows_ok, summary.rows_failed, summary.exit_code) == (local.rows_ok, local.rows_failed, 1) == (
         17, 1, 1)
     assert summary.errors == {"image_missing": 1} and summary.attempts == local.attempts
+
+
+def _preflight_tasks() -> Counter[str]:
+    """Pre-flight tasks Ray has run so far, by node address (``ray.timeline``: the GCS's task events; a
+    task of the stage is named after its operator, ``MapBatches(preflight_block)``; had Ray Data fused the
+    stage into the actors' operator, there would be none, only ``MapWorker(...)`` actor tasks)."""
+    return Counter(event["pid"] for event in ray.timeline() if event.get("cat") == "task::MapBatches(preflight_block)")
+
+
+async def _new_preflight_tasks(before: Counter[str], at_least: int) -> Counter[str]:
+    """The tasks run since ``before`` once ``at_least`` of them have reached the GCS (workers report task
+    events every second or so: polled, bounded)."""
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        new = await asyncio.to_thread(_preflight_tasks) - before
+        if new.total() >= at_least or asyncio.get_running_loop().time() > deadline:
+            return new
+        await asyncio.sleep(0.5)
+
+
+async def test_preflight_runs_in_tasks_on_both_nodes_with_the_local_engines_results(tmp_path, endpoint, cluster):
+    rows, per_block = 12, 2
+    manifest = make_manifest(tmp_path / "in", rows, missing={3})
+    (tmp_path / "in" / "img_007.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not a picture" * 8)  # a broken image
+    images = {"format": "jpeg", "max_side": 24}  # every image decoded, resized and re-encoded
+    local_out, ray_out = tmp_path / "local" / "captions.parquet", tmp_path / "ray" / "captions.parquet"
+    await run_job_async(job_config(manifest, local_out, endpoint.base_url, images=images))
+    ray.init(**init_options(cluster.address))  # the run joins this connection (and leaves it open)
+    try:
+        before = await asyncio.to_thread(_preflight_tasks)
+        # preflight_cpus == cpus_per_actor: the remote arguments Ray Data would fuse the two stages on
+        summary = await run_job_async(ray_config(manifest, ray_out, endpoint.base_url, cluster, images=images, ray={
+            "rows_per_block": per_block, "preflight_cpus": 0.25, "cpus_per_actor": 0.25}))
+        new = await _new_preflight_tasks(before, rows // per_block)
+    finally:
+        ray.shutdown()
+
+    result = read_rows(ray_out)
+    assert same_columns(result) == same_columns(read_rows(local_out))
+    broken = result[7]
+    assert (broken["status"], broken["error_type"], broken["attempts"]) == ("failed", "image_corrupt", 0)
+    assert "img_007.png" in broken["error_message"] and result[3]["error_type"] == "image_missing"
+    assert {r["image_action"] for i, r in enumerate(result) if i not in (3, 7)} == {"re_encoded"}
+    assert (summary.rows_ok, summary.rows_failed) == (rows - 2, 2)
+    # one task per block, spread over both nodes (the actors never pre-flighted a row)
+    assert new.total() >= rows // per_block and set(new) == {HEAD_IP, SECOND_IP}, new
 
 
 async def test_failures_stay_rows_a_rerun_sends_nothing_and_retry_resends_them(tmp_path, endpoint, cluster):
@@ -435,3 +496,31 @@ async def test_a_stop_ends_the_ray_job_at_once_and_unanswered_rows_stay_to_do(tm
     assert driver.returncode == 4 and "ok" not in stopped and "failed" not in stopped  # no outcome for any row
     assert rerun.rows_ok == resent == rows and rerun.rows_resumed == stopped.get("in_flight", 0) > 0
     assert [(r["id"], r["status"]) for r in read_rows(out)] == [(i, "ok") for i in ids]
+
+
+@pytest.mark.parametrize(("preflight", "actors", "nodes", "expected"), [
+    (1.0, 2, [1.0, 1.0], 0.75),  # 1-CPU nodes: one actor each holds 0.25, a whole CPU never comes free
+    (1.0, 4, [8.0, 8.0], 1.0),  # room enough: as configured
+    (0.5, 2, [1.0, 1.0], 0.5),
+    (2.0, 3, [2.0, 4.0], 2.0),  # the largest node has room
+    (1.0, 2, [], 1.0)])  # no node known: as configured
+def test_a_preflight_task_asks_for_no_more_cpus_than_fit_beside_the_actors(preflight, actors, nodes, expected):
+    settings = RayConfig(preflight_cpus=preflight, actors=actors, cpus_per_actor=0.25)
+
+    assert task_cpus(settings, nodes) == expected
+
+
+def test_a_prepared_row_travels_without_the_image_twice_and_its_failure_as_a_plain_error(tmp_path):
+    row = Row(seq=4, id="r4", path="a.png", prompt=None, columns={}, base_dir=tmp_path, data=b"\x89PNG" * 1000)
+    task = RowTask(row, "Describe r4.", "digest")
+    image = ImagePayload("data:image/png;base64," + "A" * 4000, "sha", {"sent_width": 3, "sent_height": 2})
+    failure = ObjectStoreError("s3://b/a.png: no such object", url="s3://b/a.png", problem="not_found")
+    failure.row_specific = True
+
+    sent = pickle.loads(pickle.dumps(portable(PreparedRow(task, image, b"{body}", "key"))))
+    failed = pickle.loads(pickle.dumps(portable(PreparedRow(task, failure=failure))))
+
+    assert (sent.task.row.data, sent.image.url, sent.image.report, sent.payload, sent.key) == (
+        None, "", image.report, b"{body}", "key")
+    assert (failed.failure.message, failed.failure.error_type, failed.failure.row_specific) == (
+        failure.message, "object_store_error", True)

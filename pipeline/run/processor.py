@@ -68,35 +68,28 @@ class RowOutcome:
 OnAnswer = Callable[[RowOutcome], None]
 
 
-class RowProcessor:
-    """Turns ``RowTask``s into ``RowOutcome``s for one job; open it with ``async with`` (client, images)."""
+class RowPreparer:
+    """The CPU half of a row, on its own: load and pre-flight the image, build the request body.
 
-    def __init__(self, config: Config, *, base_url: str | None = None, pool_size: int | None = None) -> None:
-        """``base_url`` overrides ``endpoint.base_url`` (the embedded endpoint's address, say)."""
-        self.config = config
+    A ``RowProcessor`` holds one; the Ray engine also runs one alone in its pre-flight tasks (no client,
+    no limits), so the prepared rows reach the actors ready to send. Open it with ``async with`` (images).
+    """
+
+    def __init__(self, config: Config, *, workers: int | None = None) -> None:
+        """``workers``: threads for pixel work (default: the cores)."""
         self.builder = RequestBuilder(config.request, config.images)
         self.images = ImageLoader(config.images, root=config.input.root, egress=config.download_egress,
-                                  store_concurrency=config.store_reads, pool=config.run.preflight_pool,
+                                  store_concurrency=config.store_reads, workers=workers,
+                                  pool=config.run.preflight_pool,
                                   store=AsyncStore(config.storage_options_for("input"), where=INPUT_OPTIONS))
         self.params = answer_params_digest(config.request, config.images)
-        self.gate = RequestGate.from_config(config)
-        self._secrets = tuple(job_secrets(config))  # masked out of every failure message (an echoed key)
-        self._client = ChatClient(config.endpoint, base_url=base_url, pool_size=pool_size or config.run.concurrency,
-                                  max_response_bytes=config.request.max_response_bytes)
-        self._open = contextlib.AsyncExitStack()
 
-    async def __aenter__(self) -> RowProcessor:
-        await self._open.enter_async_context(self.images)
-        await self._open.enter_async_context(self._client)
+    async def __aenter__(self) -> RowPreparer:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        await self._open.aclose()
-
-    async def process(self, task: RowTask, on_answer: OnAnswer | None = None) -> RowOutcome:
-        """Both steps for one row, for engines that do not overlap them."""
-        return await self.send(await self.prepare(task), on_answer)
+        await self.images.aclose()
 
     async def prepare(self, task: RowTask) -> PreparedRow:
         """Load the row's image and build its request body; a problem with the row comes back as ``failure``."""
@@ -112,6 +105,38 @@ class RowProcessor:
             log.exception("%s: internal error while preparing", row.label)
             return PreparedRow(task, failure=PipelineError(f"internal error: {type(exc).__name__}: {exc}"))
         return PreparedRow(task, image, payload, request_key(self.params, image.sha256, task.prompt))
+
+
+class RowProcessor:
+    """Turns ``RowTask``s into ``RowOutcome``s for one job; open it with ``async with`` (client, images)."""
+
+    def __init__(self, config: Config, *, base_url: str | None = None, pool_size: int | None = None) -> None:
+        """``base_url`` overrides ``endpoint.base_url`` (the embedded endpoint's address, say)."""
+        self.config = config
+        self.preparer = RowPreparer(config)
+        self.builder, self.images, self.params = self.preparer.builder, self.preparer.images, self.preparer.params
+        self.gate = RequestGate.from_config(config)
+        self._secrets = tuple(job_secrets(config))  # masked out of every failure message (an echoed key)
+        self._client = ChatClient(config.endpoint, base_url=base_url, pool_size=pool_size or config.run.concurrency,
+                                  max_response_bytes=config.request.max_response_bytes)
+        self._open = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> RowProcessor:
+        await self._open.enter_async_context(self.preparer)
+        await self._open.enter_async_context(self._client)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self._open.aclose()
+
+    async def process(self, task: RowTask, on_answer: OnAnswer | None = None) -> RowOutcome:
+        """Both steps for one row, for engines that do not overlap them."""
+        return await self.send(await self.prepare(task), on_answer)
+
+    async def prepare(self, task: RowTask) -> PreparedRow:
+        """Load the row's image and build its request body; a problem with the row comes back as ``failure``."""
+        return await self.preparer.prepare(task)
 
     async def send(self, prepared: PreparedRow, on_answer: OnAnswer | None = None) -> RowOutcome:
         """Send under the gate and the retry policy. ``on_answer`` gets a good answer as soon as it is

@@ -11,8 +11,9 @@ aborts a Ray Data job, and a failed row is a row.
 
 Why the blocks are cut on the driver (``ray.put`` of small Arrow tables, then ``from_arrow_refs``):
 ``repartition`` runs a task that needs a whole CPU, and on small nodes whose CPUs the actors partly hold
-it never starts (measured, Ray 2.60). Pre-flight (decode, resize) runs inside the actors in this first
-round; ``ray.preflight_cpus`` is kept for the stage that will spread it over the cluster.
+it never starts (measured, Ray 2.60). Pre-flight (image loading, decode, resize, the request body) runs
+before the actors, as tasks of ``ray.preflight_cpus`` CPUs spread over the cluster (``raypreflight.py``):
+the actors get prepared rows and only send.
 
 Durability: an outcome is committed when its block comes back to the driver. A rerun after a lost
 driver, actor or node sends again only rows without an outcome, so the re-sends are bounded by the
@@ -48,7 +49,8 @@ from pipeline.edges.manifest import ManifestInfo
 from pipeline.edges.writer import LedgerWriter, ledger_writer
 from pipeline.run.local import LocalEngine, as_write
 from pipeline.run.plan import Plan, RowTask
-from pipeline.run.processor import RowOutcome, RowProcessor
+from pipeline.run.processor import PreparedRow, RowOutcome, RowProcessor
+from pipeline.run.raypreflight import PREPARED, preflight_block, task_cpus, task_threads
 from pipeline.run.summary import ProgressCallback, RunSummary
 
 try:
@@ -64,8 +66,15 @@ log = logging.getLogger("pipeline")
 #: Blocks an actor holds at once: Ray Data runs that many calls of an async UDF together on one actor
 #: (its default, made explicit because it bounds what a lost actor costs: these blocks are sent again).
 BLOCKS_PER_ACTOR = 4
-#: Columns of a block going out (``task``: the pickled ``RowTask``) and coming back (``outcome``).
+#: Columns of a block going out (``task``: the pickled ``RowTask``; the pre-flight stage swaps it for
+#: ``prepared``) and coming back (``outcome``).
 _KEYS = ("seq", "row_id", "digest")
+#: Memory one pre-flight task asks Ray for, per pixel thread: the rows it holds at once (a 12 MP photo
+#: read, decoded in draft mode, resized and re-encoded: ~15 MB each, ``ROWS_PER_THREAD`` of them). Asked
+#: for a second reason too: remote arguments that differ keep Ray Data from fusing the stage into the
+#: actors' operator (with ``preflight_cpus == cpus_per_actor`` it would, and pre-flight would run in the
+#: actors again).
+PREFLIGHT_MEMORY_PER_THREAD = 64 * 1024 * 1024
 
 
 def actor_config(config: Config) -> Config:
@@ -83,7 +92,8 @@ def actor_config(config: Config) -> Config:
             update[name] = max(1, value // actors)
     root = config.input.root
     return config.model_copy(update={
-        "run": config.run.model_copy(update={"concurrency": share}),
+        # pre-flight runs in Ray tasks sized by ray.preflight_cpus: threads there, not a process pool of its own
+        "run": config.run.model_copy(update={"concurrency": share, "preflight_pool": "thread"}),
         "limits": limits.model_copy(update=update),
         # an actor runs in another folder (or on another machine): relative paths are the driver's
         "input": config.input.model_copy(update={"root": root.absolute() if root is not None else None}),
@@ -108,8 +118,8 @@ class CaptionActor:
         keys = [batch.column(name).to_pylist() for name in _KEYS]
         try:
             processor = await self._open()
-            tasks = [pickle.loads(blob) for blob in batch.column("task").to_pylist()]
-            outcomes = await asyncio.gather(*(self._one(processor, task) for task in tasks))
+            rows = [pickle.loads(blob) for blob in batch.column(PREPARED).to_pylist()]
+            outcomes = await asyncio.gather(*(self._one(processor, row) for row in rows))
         except Exception as exc:  # noqa: BLE001 - every row of the block fails, and says why
             log.exception("ray actor: a block of %d rows failed", batch.num_rows)
             outcomes = [_internal_failure(digest, exc) for digest in keys[2]]
@@ -126,14 +136,15 @@ class CaptionActor:
                 self._processor, self._loop = processor, asyncio.get_running_loop()
         return self._processor
 
-    async def _one(self, processor: RowProcessor, task: RowTask) -> RowOutcome:
+    async def _one(self, processor: RowProcessor, prepared: PreparedRow) -> RowOutcome:
+        """Send one row the pre-flight stage prepared (a row it could not prepare fails here, unsent)."""
         assert self._rows is not None
         async with self._rows:
             try:
-                return await processor.process(task)
+                return await processor.send(prepared)
             except Exception as exc:  # noqa: BLE001 - the processor keeps rows; this is a last guard
-                log.exception("%s: internal error in the ray actor", task.row.label)
-                return _internal_failure(task.digest, exc)
+                log.exception("%s: internal error in the ray actor", prepared.task.row.label)
+                return _internal_failure(prepared.task.digest, exc)
 
     def __del__(self) -> None:
         """Teardown (Ray Data drops the UDF when the pool shuts down): close the HTTP pool on its loop."""
@@ -374,22 +385,39 @@ class RayEngine(LocalEngine):
         return ray.put(_task_table(tasks))
 
     def _dataset(self, blocks: list[Any], base_url: str | None, executors: list[Any]) -> Any:
-        """The job as a Ray Data dataset; ``executors`` gets its executor once it starts (see ``_halt``)."""
-        settings = self.config.ray
+        """Blocks -> pre-flight tasks (spread over the nodes) -> the captioning actors; ``executors`` gets the
+        dataset's executor once it starts (see ``_halt``)."""
+        settings, config = self.config.ray, actor_config(self.config)
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the CLI draws its own
         context.print_on_execution_start = False
-        pool = ray.data.ActorPoolStrategy(size=settings.actors, max_tasks_in_flight_per_actor=BLOCKS_PER_ACTOR)
+        cpus = self._preflight_cpus()
+        threads = task_threads(cpus)
         catcher = _executor_catcher(executors)
         context.custom_execution_callback_classes.append(catcher)  # the dataset keeps a copy of the context
         try:
             source = ray.data.from_arrow_refs(blocks)
         finally:
             context.custom_execution_callback_classes.remove(catcher)
-        return source.map_batches(
-            CaptionActor, fn_constructor_kwargs={"config": actor_config(self.config), "base_url": base_url},
+        prepared = source.map_batches(  # Ray Data spreads tasks over the nodes
+            preflight_block, fn_kwargs={"config": config, "threads": threads}, batch_size=None,
+            batch_format="pyarrow", num_cpus=cpus, memory=threads * PREFLIGHT_MEMORY_PER_THREAD)
+        pool = ray.data.ActorPoolStrategy(size=settings.actors, max_tasks_in_flight_per_actor=BLOCKS_PER_ACTOR)
+        return prepared.map_batches(
+            CaptionActor, fn_constructor_kwargs={"config": config, "base_url": base_url},
             batch_size=None, batch_format="pyarrow", compute=pool,
             num_cpus=settings.cpus_per_actor)  # Ray Data restarts lost actors and retries their blocks
+
+    def _preflight_cpus(self) -> float:
+        """``ray.preflight_cpus``, or less where no node has that much room beside the actors (said once)."""
+        settings = self.config.ray
+        nodes = [node.get("Resources", {}).get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+        cpus = task_cpus(settings, nodes)
+        if cpus < settings.preflight_cpus:
+            log.warning("ray.preflight_cpus %g does not fit beside the actors on any node (the largest has %g "
+                        "CPUs): pre-flight tasks take %g CPUs each", settings.preflight_cpus, max(nodes), cpus,
+                        extra={"event": "ray_preflight_cpus", "cpus": cpus})
+        return cpus
 
     async def _stream(self, blocks: list[Any], writer: LedgerWriter, base_url: str | None) -> None:
         """Take blocks of outcomes as the cluster finishes them and commit each block's outcomes; the
