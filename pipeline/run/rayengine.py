@@ -422,7 +422,7 @@ class RayEngine(LocalEngine):
     async def _stream(self, blocks: list[Any], writer: LedgerWriter, base_url: str | None) -> None:
         """Take blocks of outcomes as the cluster finishes them and commit each block's outcomes; the
         blocks the actors can hold are marked in flight ahead. A stop ends the Ray job at once (``_halt``)."""
-        executors: list[Any] = []
+        executors = ExecutorBox()
         dataset = self._dataset(blocks, base_url, executors)
         results: Iterator[pa.Table] = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
         halt = asyncio.get_running_loop().create_task(self._halt(executors))
@@ -492,6 +492,15 @@ class RayEngine(LocalEngine):
     def _count(self, write: Write) -> None:
         if write.status != "in_flight":  # a mark is not an outcome
             super()._count(write)
+
+
+class ExecutorBox(list):  # type: ignore[type-arg]
+    """The list the executor catcher fills: Ray ships the job's ``DataContext`` (and so the catcher class and
+    this box) to every task it starts, by value; the box travels empty, never with the executor in it (an
+    executor holds locks, which cannot be pickled, and means nothing elsewhere)."""
+
+    def __reduce__(self) -> tuple[type, tuple[()]]:
+        return ExecutorBox, ()
 
 
 def _executor_catcher(found: list[Any]) -> type:

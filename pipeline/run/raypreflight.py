@@ -82,14 +82,14 @@ def portable(prepared: PreparedRow) -> PreparedRow:
 
 
 def task_cpus(settings: RayConfig, node_cpus: Sequence[float]) -> float:
-    """CPUs one pre-flight task asks for: ``ray.preflight_cpus``, lowered to what fits beside the actors
+    """CPUs one pre-flight task asks for: ``ray.preflight_cpus``, lowered to what fits beside all the actors
     on the largest node. A task that fits on no node never starts and Ray Data waits for it silently
-    (the default of 1 CPU on nodes of 1 CPU, say, whose actors hold a part); the actors spread over the
-    nodes, so a node keeps at least its CPUs less its share of them."""
+    (the default of 1 CPU on nodes of 1 CPU, say, whose actors hold a part); the actors may all end up on
+    one node (Ray packs them, or restarts them on the nodes left after one is lost)."""
     if not node_cpus:
         return settings.preflight_cpus
-    per_node = math.ceil(settings.actors / len(node_cpus)) * settings.cpus_per_actor
-    room = max(node_cpus) - per_node
+    largest = max(node_cpus)
+    room = largest - min(largest, settings.actors * settings.cpus_per_actor)
     if room >= settings.preflight_cpus:
         return settings.preflight_cpus
     return max(0.05, math.floor(room * 100) / 100)
