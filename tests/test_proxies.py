@@ -163,7 +163,9 @@ async def test_proxy_from_the_environment_and_no_proxy_through_the_cli(tmp_path:
         first = await cli_run(tmp_path / "via", manifest, f"https://{PRIVATE_HOST}:{endpoint.port}/v1", material, env)
         assert first == 0 and endpoint.stats.requests == ROWS
         seen = len(proxy.requests())
-        assert 1 <= seen <= 4 and {e.method for e in proxy.requests()} == {"CONNECT"}
+        # through the proxy, tunnels only (their reuse is the first test's; here a busy machine may see a row
+        # start before a finished stream's connection is back in the pool, and open one more tunnel)
+        assert 1 <= seen <= ROWS and {e.method for e in proxy.requests()} == {"CONNECT"}
 
         env["NO_PROXY"] = "localhost,127.0.0.0/8"
         second = await cli_run(tmp_path / "bypass", manifest, f"https://127.0.0.1:{endpoint.port}/v1", material, env)
