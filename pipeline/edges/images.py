@@ -235,7 +235,6 @@ class ImageLoader:
         return to_payload(data, prepared) if prepared is not None else None
 
 
-
 def _new_pool(kind: PoolKind, workers: int) -> Executor:
     """Worker processes come from a fork server that has imported pre-flight once (each worker is a cheap
     fork of it, not a fresh interpreter), never by forking this multi-threaded process itself. Blocking:

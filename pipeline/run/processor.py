@@ -114,7 +114,6 @@ class RowProcessor:
         """``base_url`` overrides ``endpoint.base_url`` (the embedded endpoint's address, say)."""
         self.config = config
         self.preparer = RowPreparer(config)
-        self.builder, self.images, self.params = self.preparer.builder, self.preparer.images, self.preparer.params
         self.gate = RequestGate.from_config(config)
         self._secrets = tuple(job_secrets(config))  # masked out of every failure message (an echoed key)
         self._client = ChatClient(config.endpoint, base_url=base_url, pool_size=pool_size or config.run.concurrency,
@@ -147,7 +146,7 @@ class RowProcessor:
             return self._failure(f"image:{task.digest}", task, prepared.failure, 0, started)
         key, image = prepared.key, prepared.image
         size = (image.report.get("sent_width"), image.report.get("sent_height"))
-        estimate = self.gate.estimate(lambda: self.builder.build(task.prompt, ""),  # text, image parts, max_tokens
+        estimate = self.gate.estimate(lambda: self.preparer.builder.build(task.prompt, ""),  # text, image parts, max_tokens
                                       size if None not in size else None)  # type: ignore[arg-type]
         sent = 0
         answered: RowOutcome | None = None
