@@ -411,6 +411,49 @@ def test_token_shape_reads_give_what_parsing_every_chunk_gives(values: list[byte
     assert outcome_of(by_values) == outcome_of(by_events)
 
 
+
+def _long_sequences(count: int) -> list[list[bytes]]:
+    """Answers of up to 60 chunks, mostly plain tokens of one shape, with odd chunks among them."""
+    rng = random.Random(61)
+    sequences = [[_token_chunk(b'"t%d"' % i) for i in range(40)] + [b"[DONE]"]]
+    for _ in range(count):
+        plain = [b'"a"', b'" b c"', b'"\xc3\xa9"', b'""', b'" 12"']
+        sequences.append([_token_chunk(rng.choice(plain)) if rng.random() < 0.85
+                          else _token_chunk(rng.choice(SHAPE_TOKENS)) if rng.random() < 0.6
+                          else rng.choice(SHAPE_OTHERS) for _ in range(rng.randint(2, 60))])
+    return sequences
+
+
+@pytest.mark.parametrize("values", _shape_sequences(150) + _long_sequences(150))
+def test_token_shape_batches_give_what_parsing_every_chunk_gives(values: list[bytes]) -> None:
+    """Reads of many events (``add_data``, which takes a run of chunks of the learnt shape with one check of
+    the run) end as ``add_event`` parsing every chunk does, however the chunks are cut into reads; a token
+    that is not plain in the middle of a run is read on its own, the plain ones around it still by shape."""
+    rng = random.Random(len(values))
+    cuts = sorted(rng.sample(range(1, len(values)), k=min(3, len(values) - 1)))
+
+    def by_reads(accumulator: ChoiceAccumulator) -> bool:
+        reads = [values[a:b] for a, b in zip([0, *cuts], [*cuts, len(values)])]
+        return any(accumulator.add_data(read) for read in reads)
+
+    def by_events(accumulator: ChoiceAccumulator) -> bool:
+        return any(accumulator.add_event(ServerSentEvent(v.decode("utf-8", "replace"))) for v in values)
+
+    expected = outcome_of(by_events)
+    assert outcome_of(lambda a: a.add_data(values)) == expected
+    assert outcome_of(by_reads) == expected
+
+
+def test_a_run_of_token_chunks_is_taken_at_once_and_odd_tokens_on_their_own() -> None:
+    accumulator = ChoiceAccumulator()
+    run = [_token_chunk(b'"%d "' % i) for i in range(10)]
+    odd = [_token_chunk(b'"q\\"uote"'), _token_chunk(b'"bad \xff"')]
+    assert not accumulator.add_data(run[:5] + odd[:1] + run[5:8] + odd[1:] + run[8:])
+    parts = accumulator._choices[0].content
+    assert parts is not None and len(parts) < 8  # runs were joined, not appended token by token
+    assert accumulator.add_data([b"[DONE]"])
+    assert accumulator.result().choices[0].content == "0 1 2 3 4 q\"uote5 6 7 bad \ufffd8 9 "
+
 def test_plain_token_chunks_are_read_by_their_shape() -> None:
     accumulator = ChoiceAccumulator()
     assert not accumulator.add_value(_token_chunk(b'"one"'))

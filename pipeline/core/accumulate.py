@@ -247,6 +247,37 @@ class _Shape:
         self.fingerprint = fingerprint
         self.content = content  # the choice's list of content pieces
 
+    def take(self, values: list[bytes], start: int, answer: ChoiceAccumulator) -> int:
+        """Append the tokens of the run of chunks of this shape at ``values[start:]`` to the choice, with one
+        check of the whole run (``add_value``'s, batched: no quote, backslash or control character, valid
+        UTF-8 token by token); how many values it took (0: the first is not a plain chunk of this shape)."""
+        prefix, suffix, size = self.prefix, self.suffix, self.size
+        front, back = len(prefix), len(suffix)
+        texts = []
+        for value in values[start:] if start else values:
+            if len(value) < size or not value.startswith(prefix) or not value.endswith(suffix):
+                break
+            texts.append(value[front:len(value) - back])
+        joined = b"".join(texts)
+        if (odd := _NOT_PLAIN.search(joined)) is not None:  # take the plain ones before it, add_value the rest
+            texts = texts[:_index_at(texts, odd.start())]
+            joined = b"".join(texts)
+        if not joined.isascii():
+            for index, text in enumerate(texts):
+                try:
+                    text.decode()
+                except UnicodeDecodeError:
+                    texts = texts[:index]
+                    joined = b"".join(texts)
+                    break
+        if not texts:
+            return 0
+        answer._chunks += len(texts)
+        if self.fingerprint is not None:  # the last one wins, as parsing the chunks would set it
+            answer._fingerprint = self.fingerprint
+        self.content.append(joined.decode())
+        return len(texts)
+
     @classmethod
     def find(cls, value: bytes, chunk: dict[str, Any], token: str, content: list[str] | None) -> _Shape | None:
         """Where in ``value`` the token sits as a plain JSON string (tried from the last ``"content"`` key back,
@@ -267,6 +298,16 @@ class _Shape:
                 except ValueError:
                     pass
         return None
+
+
+
+def _index_at(texts: list[bytes], offset: int) -> int:
+    """Which of ``texts`` holds byte ``offset`` of their concatenation."""
+    for index, text in enumerate(texts):
+        offset -= len(text)
+        if offset < 0:
+            return index
+    return len(texts)
 
 
 class ChoiceAccumulator:
@@ -331,9 +372,15 @@ class ChoiceAccumulator:
         Same outcome as ``add_event`` per value; JSON is parsed straight from the bytes, and anything
         unusual (not an object, not valid UTF-8, not JSON) goes the ``add_event`` way for its message.
         """
-        for value in values:
-            if self.add_value(value):
+        start, count = 0, len(values)
+        while start < count:
+            if self._shape is not None:
+                start += self._shape.take(values, start, self)
+                if start >= count:
+                    break
+            if self.add_value(values[start]):
                 return True
+            start += 1
         return False
 
     def add_value(self, value: bytes) -> bool:

@@ -88,10 +88,8 @@ class RequestBuilder:
             self._frame = _split_frame(orjson.dumps(self.build(_PROMPT_MARK, _URL_MARK)))
         before, between, after = self._frame
         if image_url.startswith("data:") and image_url.isascii() and '"' not in image_url and "\\" not in image_url:
-            url = b'"' + image_url.encode("ascii") + b'"'
-        else:
-            url = orjson.dumps(image_url)
-        return b"".join((before, orjson.dumps(prompt), between, url, after))
+            return b"".join((before, orjson.dumps(prompt), between, b'"', image_url.encode("ascii"), b'"', after))
+        return b"".join((before, orjson.dumps(prompt), between, orjson.dumps(image_url), after))
 
 
 _PROMPT_MARK = "\x00prompt\x00"

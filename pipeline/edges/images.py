@@ -114,6 +114,8 @@ class ImageLoader:
         if "\0" in source:
             raise ImageError(f"{source!r}: the image path contains a NUL byte; fix the manifest row",
                              error_type="image_unreadable")
+        if ":" not in source and not isinstance(base_dir, str):  # a plain path beside a local manifest: most rows
+            return await self._load_local(os.path.join(base_dir, source), source)
         url = storage.store_location(source, base_dir)
         if url is not None:
             return await self._load_store(url)
@@ -180,9 +182,9 @@ class ImageLoader:
 
     # -- local files: small ones inline while no pixels are needed, the rest in one pool hop --------
 
-    async def _load_local(self, path: Path, source: str) -> ImagePayload:
+    async def _load_local(self, path: str | Path, source: str) -> ImagePayload:
         if self._root is not None:
-            path = self._inside_root(path, source)
+            path = self._inside_root(Path(path), source)
         data = read_image_file(path, source, self._policy.max_source_bytes, only_up_to=self._inline_bytes,
                                no_follow=self._root is not None)
         if data is None:

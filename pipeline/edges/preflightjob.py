@@ -65,7 +65,7 @@ def _base64_text(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def read_image_file(path: Path, source: str, max_bytes: int, *, only_up_to: int | None = None,
+def read_image_file(path: str | Path, source: str, max_bytes: int, *, only_up_to: int | None = None,
                     no_follow: bool = False) -> bytes | None:
     """Read a local image; every OS failure becomes a precise per-row ``ImageError``.
 
@@ -104,7 +104,7 @@ def read_image_file(path: Path, source: str, max_bytes: int, *, only_up_to: int 
         os.close(fd)
 
 
-def _read_all(fd: int, expected: int, max_bytes: int, source: str, path: Path) -> bytes:
+def _read_all(fd: int, expected: int, max_bytes: int, source: str, path: str | Path) -> bytes:
     """One read in the usual case; a file that grows while being read is still capped."""
     try:
         data = os.read(fd, expected + 1)
