@@ -315,10 +315,10 @@ class _ChatExchange:
         now = self.loop.time()
         self.last = now
         self.reads += 1
-        if self.ttft is None:
+        first = self.ttft is None
+        if first:
             self.ttft = (now - self.start) * 1000
             self.phase = "idle"
-            self._arm_idle_timer(now)
         try:
             size = self.size + len(data)
             if self.kind == "sse" and self._inflate is None and self.size and size <= self.max_bytes:
@@ -332,6 +332,8 @@ class _ChatExchange:
             self._fail(exc)
         except zlib.error as exc:
             self._fail(MalformedChunk(f"endpoint sent a compressed body that does not decode: {exc}"))
+        if first:  # after the read: a short answer ends in its first read and never needs the idle timer
+            self._arm_idle_timer(now)
 
     def on_end(self) -> None:
         if self.result.done():
@@ -503,6 +505,7 @@ class _ChatExchange:
     def _stop_timers(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         if self._grace is not None:
             self._grace.cancel()
             self._grace = None
