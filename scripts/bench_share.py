@@ -139,9 +139,12 @@ print((time.process_time() - started_cpu) / (time.monotonic() - started_wall))
 
 _SLEEP_PROBE = """
 import sys, time
-period, count = float(sys.argv[1]), int(sys.argv[2])
+period, count, work = float(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 late = []
 for _ in range(count):
+    t = time.thread_time() + work
+    while time.thread_time() < t:
+        pass
     t = time.perf_counter()
     time.sleep(period)
     late.append(time.perf_counter() - t - period)
@@ -160,9 +163,12 @@ def cpu_share(core: int | None, nice: int, seconds: float = 3.0) -> float:
     return float(_probe(_CPU_PROBE, [str(seconds)], core, nice))
 
 
-def wakeup_lateness(core: int | None, nice: int, period_s: float = 0.001, count: int = 2000) -> dict[str, float]:
-    """How late a ``period_s`` sleep wakes on ``core`` (ms): median, p99, max over ``count`` sleeps."""
-    late = sorted(float(x) * 1000 for x in _probe(_SLEEP_PROBE, [str(period_s), str(count)], core, nice).split())
+def wakeup_lateness(core: int | None, nice: int, period_s: float = 0.001, count: int = 2000,
+                    work_s: float = 0.0) -> dict[str, float]:
+    """How late a ``period_s`` sleep wakes on ``core`` (ms): median, p99, max over ``count`` sleeps, each
+    after ``work_s`` of CPU work (a task that wants part of the core, as a busy client does)."""
+    args = [str(period_s), str(count), str(work_s)]
+    late = sorted(float(x) * 1000 for x in _probe(_SLEEP_PROBE, args, core, nice).split())
     return {"p50": statistics.median(late), "p99": late[int(0.99 * (len(late) - 1))], "max": late[-1]}
 
 
@@ -171,11 +177,13 @@ def check(plan: SharePlan, core: int | None) -> list[str]:
     if plan.hog_nice is None:
         return [f"client share {plan.requested:g}: {plan.describe()}"]
     idle = wakeup_lateness(core, plan.client_nice)
+    idle_busy = wakeup_lateness(core, plan.client_nice, count=1000, work_s=0.001)
     with Hog(core, plan.hog_nice) as hog:
         hog_before, started = hog.cpu_s(), time.monotonic()
         measured = cpu_share(core, plan.client_nice)
         hog_share = (hog.cpu_s() - hog_before) / (time.monotonic() - started)  # the probe's start-up included
         hogged = wakeup_lateness(core, plan.client_nice)
+        hogged_busy = wakeup_lateness(core, plan.client_nice, count=1000, work_s=0.001)
 
     def fmt(d: dict[str, float]) -> str:
         return f"median {d['p50']:.2f}, p99 {d['p99']:.2f}, max {d['max']:.2f} ms"
@@ -185,4 +193,6 @@ def check(plan: SharePlan, core: int | None) -> list[str]:
             f"({measured / plan.nominal:.0%} of nominal), the hog {hog_share:.3f}; of what the two got, the probe "
             f"{measured / (measured + hog_share):.3f} (other load on the core takes from both)",
             f"  wake-up lateness of 1 ms sleeps on the client's core: without the hog {fmt(idle)}; "
-            f"beside it {fmt(hogged)}"]
+            f"beside it {fmt(hogged)}",
+            f"  the same, each sleep after 1 CPU-ms of work (half a core wanted, like a busy client): "
+            f"without the hog {fmt(idle_busy)}; beside it {fmt(hogged_busy)}"]

@@ -69,3 +69,15 @@ def test_the_hog_runs_pinned_and_niced_and_is_killed_by_its_pid() -> None:
         assert hog.cpu_s() >= 0.0
         assert hog.proc.poll() is None  # a busy loop: it runs until killed
     assert hog.proc.returncode == -9  # killed (and reaped) on exit, not left behind
+
+
+def test_the_probes_report_a_share_and_ordered_lateness() -> None:
+    """The two measurements ``check`` prints: a CPU share (CPU / wall of a busy loop: in (0, 1]) and
+    wake-up lateness as median <= p99 <= max, with and without work before each sleep."""
+    core = min(os.sched_getaffinity(0))
+    share = bench_share.cpu_share(core, 0, seconds=0.2)
+    assert 0 < share <= 1.02  # process_time and monotonic tick apart: a hair over 1 is rounding
+    for work in (0.0, 0.0005):
+        late = bench_share.wakeup_lateness(core, 0, period_s=0.001, count=50, work_s=work)
+        assert set(late) == {"p50", "p99", "max"}
+        assert late["p50"] <= late["p99"] <= late["max"]
