@@ -21,6 +21,9 @@ Scenarios
   ray  the Ray engine against the local engine: overhead per row and start-up on one machine, and 12 MP
      pre-flight spread over a two-node loopback cluster (scripts/bench_ray.py; needs the [ray] extra).
 
+--client-share F emulates a client core 1/F as fast (for CPU-bound work): a CPU hog shares the client's core
+while each client runs (scripts/bench_share.py; issue 16, (b) on slower cores).
+
     .venv/bin/python scripts/bench.py --scenario a            # default sizes
     .venv/bin/python scripts/bench.py --quick --scenario all  # a smoke run in well under a minute
 """
@@ -48,6 +51,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_endpoint import expected_content  # noqa: E402
+from bench_share import Hog, SharePlan, parse_share, plan_for  # noqa: E402
+from bench_share import check as check_share  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -236,6 +241,7 @@ class Run:
     requests: int
     window_s: float | None  # endpoint side: first request in -> last answer out
     foreign_cpu_s: float | None = None  # CPU time used by other processes on the machine meanwhile
+    hog_cpu_s: float | None = None  # --client-share: the hog's CPU time during the run (in neither count)
     verified: str = "?"
     ok_rows: int = 0
     notes: list[str] = field(default_factory=list)
@@ -271,9 +277,18 @@ def client_command(client: str, manifest: Path | str, base_url: str, concurrency
             "--base-url", base_url, "--concurrency", str(concurrency), "--out", str(out)]
 
 
+def _share_arg(text: str) -> float:
+    try:
+        return parse_share(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _pin_client() -> None:
     if _cores() >= 2:
         os.sched_setaffinity(0, {CLIENT_CORE})
+    if CLIENT_SHARE.client_nice:
+        os.nice(CLIENT_SHARE.client_nice)
 
 
 #: Where ``python -m pipeline`` imports the package from (``--pipeline-src``); this checkout by default.
@@ -307,6 +322,19 @@ def fresh_output(work: Path, scenario: str, label: str) -> Path:
 #: ``--wait-idle``: before each measured run, wait up to this many seconds for other load to go away.
 WAIT_IDLE_S = 0.0
 
+#: ``--client-share``: the client's share of its core (a hog takes the rest while each client runs).
+CLIENT_SHARE: SharePlan = SharePlan(1.0)
+
+
+@contextmanager
+def share_hog() -> Iterator[Hog | None]:
+    """The hog of ``--client-share`` on the client's core for the duration, or nothing at share 1."""
+    if CLIENT_SHARE.hog_nice is None:
+        yield None
+        return
+    with Hog(CLIENT_CORE if _cores() >= 2 else None, CLIENT_SHARE.hog_nice) as hog:
+        yield hog
+
 
 def wait_idle(limit_s: float, *, threshold: float = 0.15, probe_s: float = 1.0) -> None:
     """Wait (at most ``limit_s``) until the machine's busy CPU over ``probe_s`` is below ``threshold`` cores."""
@@ -324,21 +352,22 @@ def wait_idle(limit_s: float, *, threshold: float = 0.15, probe_s: float = 1.0) 
 def run_client(client: str, endpoint: Endpoint, manifest: Path | str, rows: int, concurrency: int, out: Path) -> Run:
     if WAIT_IDLE_S > 0:
         wait_idle(WAIT_IDLE_S)
-    before = _reset_window(endpoint)
-    busy_before = _machine_busy_s()
-    started = time.monotonic()
-    proc = spawn(client_command(client, manifest, endpoint.base_url, concurrency, out), out.with_suffix(".log"))
-    code, cpu, rss = reap(proc)
-    wall = time.monotonic() - started
-    busy_after = _machine_busy_s()
+    with share_hog() as hog:  # started after the wait for idle, killed after the client
+        before = _reset_window(endpoint)
+        busy_before, hog_before = _machine_busy_s(), hog.cpu_s() if hog else 0.0
+        started = time.monotonic()
+        proc = spawn(client_command(client, manifest, endpoint.base_url, concurrency, out), out.with_suffix(".log"))
+        code, cpu, rss = reap(proc)
+        wall = time.monotonic() - started
+        busy_after, hog_cpu = _machine_busy_s(), hog.cpu_s() - hog_before if hog else None
     after = endpoint.stats()
     window = None
     if after.get("first_at") is not None and after.get("last_at") is not None:
         window = after["last_at"] - after["first_at"]
     run = Run(client, rows, wall, cpu, rss, code, after["cpu_s"] - before["cpu_s"],
-              after["requests"] - before["requests"], window)
+              after["requests"] - before["requests"], window, hog_cpu_s=hog_cpu)
     if busy_before is not None and busy_after is not None:
-        run.foreign_cpu_s = max(0.0, busy_after - busy_before - cpu - run.server_cpu_s)
+        run.foreign_cpu_s = max(0.0, busy_after - busy_before - cpu - run.server_cpu_s - (hog_cpu or 0.0))
         if run.foreign_cpu_s > 0.15 * wall:
             run.notes.append(f"other processes used {run.foreign_cpu_s:.1f} CPU-s during this {wall:.1f} s run "
                              "(a busy machine: timings are noisy, CPU-ms/img less so)")
@@ -492,14 +521,31 @@ def scenario_b(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
                              + ", ".join(f"{v / ideal:.1%}" for v, _ in runs) + "; the table shows the median")
             served[client] = s or None
             table.append([client, f"{r.requests:,}", f"{rows / r.wall_s:,.0f}", _f(s, 0), f"{s / ideal:.1%}" if s else "-",
-                          _f(r.cpu_s / rows * 1000), f"{r.cpu_s / r.wall_s:.0%}", _f(r.maxrss_mb, 0),
-                          f"{r.server_cpu_s / r.wall_s:.0%}", r.verified])
+                          _f(r.cpu_s / rows * 1000), f"{r.cpu_s / r.wall_s:.0%}", *_share_cells(r),
+                          _f(r.maxrss_mb, 0), f"{r.server_cpu_s / r.wall_s:.0%}", r.verified])
             notes += [f"{client}: {n}" for n in r.notes]
     notes += _ratio_notes("served img/s", served, "higher")
-    print_table(f"(b) latency-bound, {rows} rows, concurrency {conc}, ideal {ideal:,.0f} img/s",
+    print_table(f"(b) latency-bound, {rows} rows, concurrency {conc}, ideal {ideal:,.0f} img/s{_share_title()}",
                 ["client", "requests", "img/s (wall)", "served img/s", "of ideal", "CPU-ms/img", "client busy",
-                 "peak RSS MB", "server busy", "content verified"], table, notes)
+                 *_share_header(), "peak RSS MB", "server busy", "content verified"], table, notes)
     return all_ok
+
+
+def _share_title() -> str:
+    f = CLIENT_SHARE
+    return "" if f.hog_nice is None else f", client share {f.requested:g} (nominal {f.nominal:.3f})"
+
+
+def _share_header() -> list[str]:
+    return [] if CLIENT_SHARE.hog_nice is None else ["CPU-ms/img / F", "busy of its share", "hog CPU-s"]
+
+
+def _share_cells(r: Run) -> list[str]:
+    """Under --client-share: the client's CPU per image and busy time as on a core 1/F as fast (F nominal)."""
+    if CLIENT_SHARE.hog_nice is None:
+        return []
+    f = CLIENT_SHARE.nominal
+    return [_f(r.cpu_s / r.rows * 1000 / f), f"{r.cpu_s / r.wall_s / f:.0%}", _f(r.hog_cpu_s, 1)]
 
 
 def scenario_c(args: argparse.Namespace, sizes: Sizes, work: Path) -> bool:
@@ -636,10 +682,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="(b): run each client N times and report the median run (the machine is noisy)")
     parser.add_argument("--sdk-large", action="store_true", help="(c): also run the sdk baseline on the large manifest")
+    parser.add_argument("--client-share", type=_share_arg, default=1.0, metavar="F",
+                        help="emulate a client core 1/F as fast, 0 < F <= 1: while each client runs (scenarios whose clients "
+                        "run through run_client: a, b, c, f, s3), a CPU hog pinned to the client's core at a nice level "
+                        "whose weight leaves the client F of it (scripts/bench_share.py; measured and printed "
+                        "first). Emulates a slower core for CPU-bound work; not slower caches or memory, nor the "
+                        "kernel's share, and it adds wake-up lateness (printed) a slower core would not have")
     args = parser.parse_args(argv)
     sizes = Sizes.quick() if args.quick else Sizes()
-    global WAIT_IDLE_S
+    global WAIT_IDLE_S, CLIENT_SHARE
     WAIT_IDLE_S = args.wait_idle
+    CLIENT_SHARE = plan_for(args.client_share)
     if args.pipeline_src is not None:
         global PIPELINE_SRC
         PIPELINE_SRC = args.pipeline_src.resolve()
@@ -650,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: pipeline imported from {PIPELINE_SRC}")
     print(f"bench: {_cores()} core(s); endpoint pinned to core {SERVER_CORE}, clients to core {CLIENT_CORE}"
           if _cores() >= 2 else "bench: 1 core: endpoint and clients share it (numbers are not comparable)")
+    if CLIENT_SHARE.requested < 1:
+        for line in check_share(CLIENT_SHARE, CLIENT_CORE if _cores() >= 2 else None):
+            print(f"bench: {line}")
     ok = True
     with workdir(args.out) as work:
         print(f"bench: work folder {work}")
