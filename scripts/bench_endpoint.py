@@ -97,6 +97,9 @@ class Stats:
     first_at: float | None = None  # first request received
     last_at: float | None = None  # last answer completely written
     done_at: list[float] = []  # when each answer was completely written (``GET /_stats?times=1`` returns it)
+    arrived_at: list[float] = []  # when each request was read in full (``times=1``: the ramp, request by request)
+    first_out_at: float | None = None  # the first answer's first token written (``times=1``)
+    opened_at: list[float] = []  # when each connection was accepted (``times=1``)
 
     @classmethod
     def as_dict(cls, times: bool = False) -> dict:
@@ -104,7 +107,9 @@ class Stats:
         return {"requests": cls.requests, "cpu_user_s": ru.ru_utime, "cpu_sys_s": ru.ru_stime,
                 "cpu_s": ru.ru_utime + ru.ru_stime, "maxrss_kb": ru.ru_maxrss,
                 "uptime_s": time.monotonic() - cls.started, "first_at": cls.first_at, "last_at": cls.last_at,
-                **({"done_at": cls.done_at} if times else {})}
+                **({"done_at": cls.done_at, "arrived_at": cls.arrived_at, "first_out_at": cls.first_out_at,
+                    "opened_at": cls.opened_at}
+                   if times else {})}
 
     @classmethod
     def answered(cls) -> None:
@@ -114,8 +119,15 @@ class Stats:
     @classmethod
     def request(cls) -> None:
         cls.requests += 1
+        now = time.monotonic()
+        cls.arrived_at.append(now)
         if cls.first_at is None:
-            cls.first_at = time.monotonic()
+            cls.first_at = now
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.first_at = cls.last_at = cls.first_out_at = None
+        cls.done_at, cls.arrived_at, cls.opened_at = [], [], []
 
 
 class Options:
@@ -139,6 +151,7 @@ class HTTPProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        Stats.opened_at.append(time.monotonic())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -173,8 +186,7 @@ class HTTPProtocol(asyncio.Protocol):
         if line.startswith(b"GET /_stats"):
             self._reply_plain(200, b"OK", json.dumps(Stats.as_dict(b"times=1" in line)).encode(), b"application/json")
             if b"reset=1" in line:
-                Stats.first_at = Stats.last_at = None
-                Stats.done_at = []
+                Stats.reset()
             return
         if not line.startswith(b"POST ") or b"/chat/completions" not in line:
             self._reply_plain(404, b"Not Found", b'{"error":{"message":"not found","type":"not_found"}}',
@@ -194,6 +206,7 @@ class HTTPProtocol(asyncio.Protocol):
         if Options.first_token == 0 and Options.chunk_delay == 0:
             self.transport.write(_HEAD_OK + b"".join(events))
             Stats.answered()
+            Stats.first_out_at = Stats.first_out_at or Stats.last_at
             return
         self.busy = True
         self.transport.write(_HEAD_OK)
@@ -211,6 +224,8 @@ class HTTPProtocol(asyncio.Protocol):
         if self.closed:
             return
         self.transport.write(schedule[i][1])
+        if Stats.first_out_at is None:
+            Stats.first_out_at = time.monotonic()
         if i + 1 < len(schedule):
             asyncio.get_running_loop().call_at(schedule[i + 1][0], self._send_next, schedule, i + 1)
         else:

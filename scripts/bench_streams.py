@@ -12,7 +12,12 @@ Columns: *served* is rows / (endpoint's first request in -> last answer out), as
 only the answers completed between 2 s after the first request and 1 s before the last answer (the ramp,
 where 2,048 requests are prepared and 2,048 connections opened, and the tail are left out), from the
 endpoint's own completion times. Served with the ``--uvloop`` endpoint (cheaper per write than asyncio's
-default loop) so the endpoint is not the first limit; ``--rows`` sets the rows per run (default 6 per stream).
+default loop) so the endpoint is not the first limit. Rows per run: 10 per stream, as in (b) (20,480 at 2,048),
+so the ramp and the tail weigh in *served* as much as they do in (b); ``--rows`` sets another total
+(``--rows 12288``: the 6 per stream of the first measurements). Each run's notes give the ramp as the endpoint saw
+it (when the 512th, 1,024th, 2,048th request arrived, when the connections opened, when the first token went out)
+and where the window lost stream-time (``idle_shares``: the ramp, the turnarounds between an answer and the
+stream's next request, the tail).
 
     .venv/bin/python scripts/bench.py --scenario f --out /tmp/bench-work            # 2,048 and 4,096
     .venv/bin/python scripts/bench.py --scenario f --concurrency 2048 --repeat 3    # one size, median of 3
@@ -27,12 +32,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["run_scenario", "steady_rate"]
+__all__ = ["idle_shares", "ramp_note", "run_scenario", "steady_rate"]
 
 FIRST_TOKEN_S, ANSWER_S = 0.3, 1.0
 QUICK = (0.05, 0.2, 64)  # --quick: first token, answer, the one concurrency
 SIZES = (2048, 4096)
-ROWS_PER_STREAM = 6
+ROWS_PER_STREAM = 10  # (b)'s shape: 10 rows per stream (5,120 at 512)
 WARM, TAIL = 2, 1  # answers' worth of time left out at the start (ramp) and at the end (tail)
 
 
@@ -70,7 +75,7 @@ def run_scenario(args: argparse.Namespace, sizes: Any, work: Path, bench: Module
                     run = bench.run_client(client, endpoint, manifest, rows, conc, out)
                     bench.verify(run, out, manifest, expected)
                     all_ok &= run.verified == "ok"
-                    runs.append((_rates(endpoint, run, rows, answer), run))
+                    runs.append((_rates(endpoint, run, rows, answer, conc), run))
                 table.append(_row(client, conc / answer, conc, rows, runs, notes))
     print_note = [f"ideal = concurrency / {answer:g} s; 'steady' leaves out the first {WARM * answer:g} s and the last "
                   f"{TAIL * answer:g} s of the window (ramp and tail); client busy = its CPU-s / its wall time (start-up and "
@@ -82,15 +87,56 @@ def run_scenario(args: argparse.Namespace, sizes: Any, work: Path, bench: Module
     return all_ok
 
 
-def _rates(endpoint: Any, run: Any, rows: int, answer: float) -> tuple[float, float | None]:
+def _rates(endpoint: Any, run: Any, rows: int, answer: float, conc: int) -> tuple[float, float | None]:
     """(served img/s, steady img/s) of the run just finished, from the endpoint's own clock."""
     url = endpoint.base_url.removesuffix("/v1") + "/_stats?times=1"
     with urllib.request.urlopen(url, timeout=30) as response:
         stats = json.loads(response.read())
     if not run.window_s or stats.get("first_at") is None:
         return 0.0, None
+    ramp, turns, tail = idle_shares(stats["arrived_at"], stats["done_at"], stats["first_at"], stats["last_at"],
+                                    conc)
+    run.notes.append(f"{ramp_note(stats)}; stream-time idle: ramp {ramp:.1%}, turnarounds {turns:.1%}, tail {tail:.1%}")
     return rows / run.window_s, steady_rate(stats["done_at"], stats["first_at"], stats["last_at"],
                                             WARM * answer, TAIL * answer)
+
+
+def ramp_note(stats: dict[str, Any], marks: tuple[int, ...] = (1, 512, 1024, 2048, 4096)) -> str:
+    """When the endpoint saw the n-th request arrive and the n-th connection open, and the first token go out,
+    in seconds after the first request: how long the client's ramp takes (``GET /_stats?times=1``)."""
+    first = stats["first_at"]
+
+    def nth(times: list[float], what: str) -> str:
+        times = sorted(times)
+        shown = [n for n in marks if n <= len(times)]
+        return (f"{what} {'/'.join(f'{n:,}' for n in shown)} at "
+                + "/".join(f"{times[n - 1] - first:+.2f}" for n in shown) + " s")
+
+    out = stats.get("first_out_at")
+    return ("ramp: " + nth(stats.get("arrived_at", []), "requests") + ", " + nth(stats.get("opened_at", []), "connections")
+            + (f", first token out at {out - first:+.2f} s" if out is not None else ""))
+
+
+def idle_shares(arrived: list[float], done: list[float], first: float, last: float, streams: int) -> tuple[float, ...]:
+    """Where the served window lost stream-time: shares of ``streams`` x window during which a stream had no
+    request at the endpoint, split into the ramp (until the ``streams``-th request arrived), the turnarounds
+    (from then to the last request's arrival: answer out -> next request in) and the tail (after the last
+    request arrived). Since every answer takes the same time at the endpoint, served = (1 - their sum) of
+    ideal; so this says which part of the run the shortfall comes from."""
+    events = sorted([(t, 1) for t in arrived] + [(t, -1) for t in done])
+    arrived = sorted(arrived)
+    marks = (arrived[min(streams, len(arrived)) - 1], arrived[-1])  # end of the ramp, start of the tail
+    idle = [0.0, 0.0, 0.0]
+    in_flight, at = 0, first
+    for t, step in [*events, (last, 0)]:
+        t = min(max(t, first), last)
+        for phase, (lo, hi) in enumerate(((first, marks[0]), marks, (marks[1], last))):
+            span = min(t, hi) - max(at, lo)
+            if span > 0:
+                idle[phase] += span * max(streams - in_flight, 0)
+        in_flight, at = in_flight + step, t
+    total = streams * (last - first)
+    return tuple(x / total for x in idle) if total > 0 else (0.0, 0.0, 0.0)
 
 
 def _row(client: str, ideal: float, conc: int, rows: int, runs: list[tuple[tuple[float, float | None], Any]],

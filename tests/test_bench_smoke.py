@@ -60,4 +60,23 @@ def test_quick_scenario_f_runs_both_clients_and_reports_both_cores(tmp_path: Pat
         cells = [cell.strip() for cell in line.split("|")]
         assert cells[1] == "64" and cells[-1] == "ok", f"{client}: {line}"
         assert cells[9].endswith("%") and cells[10].replace(".", "").isdigit(), f"{client}: {line}"  # endpoint CPU
+        # the ramp as the endpoint saw it, and where the window lost stream-time
+        ramp = next((line for line in proc.stdout.splitlines() if line.startswith(f"  {client} @64: ramp: ")), "")
+        assert "requests 1/512 at +0.00/+" in ramp and "connections 1 at " in ramp, output
+        assert "first token out at +" in ramp and "stream-time idle: ramp " in ramp, output
     assert "content verification: passed" in proc.stdout, output
+
+
+def test_idle_shares_split_the_served_shortfall_into_ramp_turnarounds_and_tail() -> None:
+    """Two streams, 1 s answers: the second starts 0.5 s late, waits 0.25 s between its answers, and ends
+    alone; the idle stream-time of each phase is exactly what the served rate lost."""
+    spec = importlib.util.spec_from_file_location("bench_streams", ROOT / "scripts" / "bench_streams.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    assert module.idle_shares([0, 0, 1, 1], [1, 1, 2, 2], 0, 2, 2) == (0.0, 0.0, 0.0)  # no stream ever idle
+    arrived, done = [0.0, 0.5, 1.0, 1.75], [1.0, 1.5, 2.0, 2.75]
+    ramp, turnarounds, tail = module.idle_shares(arrived, done, 0.0, 2.75, 2)
+    total = 2 * 2.75
+    assert (ramp, turnarounds, tail) == (0.5 / total, 0.25 / total, 0.75 / total)
+    served_of_ideal = (len(done) / 2.75) / 2  # rows / window, against 2 streams x 1 answer per second
+    assert abs((1 - ramp - turnarounds - tail) - served_of_ideal) < 1e-9
