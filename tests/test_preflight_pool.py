@@ -137,6 +137,43 @@ async def test_the_pool_starts_off_the_event_loop_with_all_its_workers(tmp_path:
     assert len(workers) == 2  # one image, yet both workers: started together, off the loop
 
 
+async def test_workers_never_import_pydantic_or_the_config(tmp_path: Path) -> None:
+    """The fork server imports pre-flight alone and the policy reaches a worker as a plain ``PixelPolicy``:
+    the config schema (pydantic) would cost the fork server 0.15 CPU-s before the first photo."""
+    (tmp_path / "a.jpg").write_bytes(photo((2400, 1800)))
+    before = pool_pids()
+    async with ImageLoader(HIGH, workers=1) as loader:
+        payload = await loader.load("a.jpg", tmp_path)  # the worker has unpickled the policy by now
+        maps = {pid: Path(f"/proc/{pid}/maps").read_text() for pid in pool_pids() - before}
+    assert payload == in_process((tmp_path / "a.jpg").read_bytes(), "a.jpg", HIGH)
+    assert maps and all("PIL/_imaging" in m for m in maps.values())  # the maps do list what a worker loaded
+    assert not [pid for pid, m in maps.items() if "pydantic_core" in m]
+
+
+def _mapped_while_holding(*_: Any) -> int:
+    """In a worker: bytes glibc holds in mapped blocks while a 40 MB buffer (a 10 MP image's pixels) lives."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                          "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = MallInfo2
+    buffer = bytearray(40 << 20)
+    mapped = int(mallinfo2().hblkhd)
+    del buffer
+    return mapped
+
+
+async def test_a_worker_keeps_a_photos_buffers_in_its_heap() -> None:
+    """glibc would map a buffer this big afresh for every photo and unmap it when freed (page faults each
+    time); a worker takes it from its heap and keeps it for the next photo."""
+    async with ImageLoader(HIGH, workers=1) as loader:
+        mapped = await loader._in_pool("probe", _mapped_while_holding)
+    assert mapped < 40 << 20
+
+
 def _die(*_: Any) -> None:
     os._exit(3)  # what a decoder crash or the OOM killer looks like from the pool
 

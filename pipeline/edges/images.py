@@ -24,7 +24,12 @@ from pipeline.core.config import Egress, ImagesConfig
 from pipeline.core.errors import ImageError, ObjectStoreError
 from pipeline.core.redact import redact_url
 from pipeline.edges import preflightjob, storage
-from pipeline.edges.preflight import MIME_BY_FORMAT, pass_through, sniff_mime
+from pipeline.edges.preflight import (
+    MIME_BY_FORMAT,
+    PixelPolicy,
+    pass_through,
+    sniff_mime,
+)
 from pipeline.edges.preflightjob import (
     ImagePayload,
     prepare_bytes,
@@ -71,6 +76,7 @@ class ImageLoader:
         is for benchmarks. ``store`` reads object-store images (with ``input.storage_options``), at most
         ``store_concurrency`` at once."""
         self._policy = images
+        self._pixel_policy = PixelPolicy.of(images)  # what the pool gets: a worker never imports the config
         self._store = store if store is not None else storage.AsyncStore({}, where=storage.INPUT_OPTIONS)
         self._store_slots = asyncio.Semaphore(store_concurrency)
         self._inline_bytes = inline_bytes
@@ -192,13 +198,13 @@ class ImageLoader:
         return self._quick_payload(data, source) or await self._in_pool(source, prepare_bytes, data, source)
 
     async def _in_pool(self, label: str, fn: Any, *args: Any) -> ImagePayload:
-        """``fn(policy, use_draft, *args)`` in the pool. A worker process that dies (a decoder crash, the
+        """``fn(pixel_policy, use_draft, *args)`` in the pool. A worker process that dies (a decoder crash, the
         OOM killer) breaks the whole pool: a fresh one takes the row once more, then the row fails."""
         loop = asyncio.get_running_loop()
         for attempt in (1, 2):
             pool = await self._executor()
             try:
-                return await loop.run_in_executor(pool, fn, self._policy, self._use_draft, *args)
+                return await loop.run_in_executor(pool, fn, self._pixel_policy, self._use_draft, *args)
             except BrokenExecutor:  # BrokenProcessPool
                 if self._pool is pool:
                     self._pool = None
@@ -248,7 +254,7 @@ def _new_pool(kind: PoolKind, workers: int) -> Executor:
 
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([preflightjob.__name__])
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=preflightjob.ignore_interrupts)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=preflightjob.start_worker)
     for _ in range(workers):  # each submit with no idle worker starts one: all of them now, off the loop
         pool.submit(int)
     return pool
