@@ -209,3 +209,24 @@ def test_preflight_pool_config_key() -> None:
     assert config_from_dict({**base, "run": {"preflight_pool": "thread"}}).run.preflight_pool == "thread"
     with pytest.raises(ConfigError, match="preflight_pool"):
         config_from_dict({**base, "run": {"preflight_pool": "fork"}})
+
+
+def test_every_setting_pre_flight_reads_is_in_the_workers_policy() -> None:
+    """Workers get a ``PixelPolicy``, not the ``ImagesConfig``: a setting that ``preflight.py`` or
+    ``preflightjob.py`` reads from ``policy`` but that the plain copy lacks would fail only in a worker."""
+    import ast
+    import dataclasses
+
+    from pipeline.core.config import ImagesConfig
+    from pipeline.edges import preflight, preflightjob
+    from pipeline.edges.preflight import PixelPolicy
+
+    read = set()
+    for module in (preflight, preflightjob):
+        tree = ast.parse(Path(module.__file__).read_text())
+        read |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                 and isinstance(node.value, ast.Name) and node.value.id == "policy"}
+    fields = {field.name for field in dataclasses.fields(PixelPolicy)}
+    assert read and read <= fields, f"read from policy but not in PixelPolicy: {sorted(read - fields)}"
+    copy = PixelPolicy.of(ImagesConfig(fit="openai-high", quality=70, max_bytes=1_000_000))
+    assert (copy.fit, copy.quality, copy.max_bytes) == ("openai-high", 70, 1_000_000)

@@ -76,7 +76,8 @@ _HEIF_EXTRA_HINT = "install the optional extra: pip install 'pipeline[heif]'"
 class PixelPolicy:
     """What pre-flight reads of ``images``, as a plain object: sent to a worker process with each image
     instead of the ``ImagesConfig`` itself, so that the fork server and its workers never import pydantic
-    and the config schema (0.15 of the fork server's 0.2 CPU-s of imports, before the first photo)."""
+    and the config schema (0.15 of the fork server's 0.2 CPU-s of imports, before the first photo). A new
+    image setting that pre-flight reads must be added here too (a test reads pre-flight's ``policy.*``)."""
 
     fit: str
     max_side: int | None
