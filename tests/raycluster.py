@@ -30,8 +30,10 @@ START_TIMEOUT = 90.0
 #: dead in about 5 x 2 s (the lost-node test waits for that before Ray moves its actors).
 PATIENT = {"RAY_health_check_timeout_ms": "30000", "RAY_health_check_period_ms": "2000",
            "RAY_health_check_failure_threshold": "5", "RAY_gcs_rpc_server_reconnect_timeout_s": "300"}
-#: Worker processes each node may start (one port each).
-WORKER_PORTS = 24
+#: Ports for the worker processes each node may start, drivers included (one each). Generous: a port is
+#: free again only once its worker has exited, and with 24 a CI run once found none left for the next
+#: driver ("No available ports"), which ends the pytest worker that called ``ray.init``.
+WORKER_PORTS = 200
 
 
 def free_ports(host: str, count: int) -> list[int]:
