@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pipeline.edges.ledger import StateStore, Write
+from pipeline.edges.threads import in_thread
 
 __all__ = ["GroupWriter", "InlineWriter", "LedgerWriter", "Staged", "ledger_writer"]
 
@@ -176,7 +177,7 @@ class GroupWriter:
             if not pending:
                 continue
             try:
-                await asyncio.to_thread(self._store.commit, [c.write for c in pending], self._run_id)
+                await in_thread(self._store.commit, [c.write for c in pending], self._run_id)
             except BaseException as exc:
                 for c in pending:
                     if c.done is not None and not c.done.done():

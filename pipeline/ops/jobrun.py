@@ -25,6 +25,7 @@ from pipeline.core.config import Config
 from pipeline.core.errors import ClusterError, ConfigError, PipelineError, StorageError
 from pipeline.edges.ledger import JobLock, StateStore, job_lock_path
 from pipeline.edges.manifest import ManifestInfo
+from pipeline.edges.threads import in_thread
 from pipeline.ops.ledgersync import LedgerSync
 from pipeline.ops.publish import export_run, owe_partition, publish_report, run_report
 from pipeline.run.local import LocalEngine
@@ -91,9 +92,9 @@ class JobRun:
             except BaseException:
                 if sync is not None:
                     with contextlib.suppress(Exception):  # noqa: BLE001 - the run's own error is the news
-                        await asyncio.to_thread(sync.finish)
+                        await in_thread(sync.finish)
                 raise
-            if sync is not None and (failure := await asyncio.to_thread(sync.finish)) is not None:
+            if sync is not None and (failure := await in_thread(sync.finish)) is not None:
                 raise failure
 
     async def _run_on_ledger(self, ledger: Path, info: ManifestInfo, base_url: str | None, started: float) -> None:

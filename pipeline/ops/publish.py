@@ -16,6 +16,7 @@ from pipeline.core.targets import Target
 from pipeline.edges.files import location_exists
 from pipeline.edges.ledger import StateStore
 from pipeline.edges.manifest import ManifestInfo
+from pipeline.edges.threads import in_thread
 from pipeline.ops.export import ExportReport, export_output, export_partition
 from pipeline.ops.gallery import summary_of, write_gallery
 from pipeline.ops.report import (
@@ -48,7 +49,7 @@ async def export_run(config: Config, plan: Plan, store: StateStore, info: Manife
     if unchanged:
         report = ExportReport(**previous["report"])
     else:
-        report = await asyncio.to_thread(export_output, config, plan.reader, store, info.carried)
+        report = await in_thread(export_output, config, plan.reader, store, info.carried)
         store.set_meta("export", json.dumps({"signature": signature, "report": asdict(report)}))
     if config.output.partition_by == "run_date":
         summary.partition_path = await _export_owed_partitions(config, plan, store, info, summary.run_id,
@@ -78,7 +79,7 @@ async def _export_owed_partitions(config: Config, plan: Plan, store: StateStore,
     mine = None
     for owed_run in list(owed):
         if owed_run != run_id or changed:
-            path = await asyncio.to_thread(export_partition, config, plan.reader, store, owed_run, info.carried)
+            path = await in_thread(export_partition, config, plan.reader, store, owed_run, info.carried)
             mine = path if owed_run == run_id else mine
         owed.remove(owed_run)
         store.set_meta(PARTITIONS_OWED, json.dumps(owed))

@@ -20,6 +20,7 @@ from typing import Any
 from pipeline.core.config import Config
 from pipeline.edges.ledger import StateStore, Write
 from pipeline.edges.manifest import ManifestInfo, Row
+from pipeline.edges.threads import in_thread
 from pipeline.edges.writer import InlineWriter, LedgerWriter, Staged, ledger_writer
 from pipeline.run.plan import Plan, RowTask
 from pipeline.run.processor import PreparedRow, RowOutcome, RowProcessor
@@ -176,8 +177,8 @@ class LocalEngine:
                          triage: Callable[[list[Row]], list[RowTask]]) -> None:
         """One walk over the manifest, each batch triaged in a thread and its tasks queued."""
         batches = self.plan.batches()
-        while (batch := await asyncio.to_thread(next, batches, None)) is not None:
-            tasks = await asyncio.to_thread(triage, batch)
+        while (batch := await in_thread(next, batches, None)) is not None:
+            tasks = await in_thread(triage, batch)  # a stop waits for it: it reads the ledger
             self._take_triage_counts()
             for task in tasks:
                 await rows.put(task)

@@ -46,6 +46,7 @@ from pipeline.core.errors import ClusterError, ConfigError, PipelineError
 from pipeline.core.results import ResultRow
 from pipeline.edges.ledger import StateStore, Write
 from pipeline.edges.manifest import ManifestInfo
+from pipeline.edges.threads import in_thread
 from pipeline.edges.writer import LedgerWriter, ledger_writer
 from pipeline.run.local import LocalEngine, as_write
 from pipeline.run.plan import Plan, RowTask
@@ -333,7 +334,7 @@ class RayEngine(LocalEngine):
         if started:
             _join(self.config.ray.address)
         try:
-            blocks = await asyncio.to_thread(self._cut_blocks)
+            blocks = await in_thread(self._cut_blocks)  # it reads the ledger
             self._take_triage_counts()
             self._log_start(len(blocks))
             self.progress.total = info.rows - self.summary.rows_skipped
