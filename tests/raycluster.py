@@ -34,6 +34,8 @@ PATIENT = {"RAY_health_check_timeout_ms": "30000", "RAY_health_check_period_ms":
 #: free again only once its worker has exited, and with 24 a CI run once found none left for the next
 #: driver ("No available ports"), which ends the pytest worker that called ``ray.init``.
 WORKER_PORTS = 200
+#: Seconds a node gets to stop on SIGTERM before it and its processes are killed.
+STOP_GRACE = 5.0
 
 
 def free_ports(host: str, count: int) -> list[int]:
@@ -140,12 +142,14 @@ class RayNode:
 
     def stop(self) -> None:
         """SIGTERM to the ``ray start --block`` process (it stops what it started), then SIGKILL to any of
-        its descendants (noted before) still there; bounded waits."""
+        its descendants (noted before) still there; bounded waits. After jobs have run, a head often takes
+        longer than 20 s to stop on SIGTERM (a bare cluster's stops in ~2 s); it gets ``STOP_GRACE`` and is
+        then killed with everything below it, which ends it just the same."""
         below = descendants(self.process.pid)
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=20)
+                self.process.wait(timeout=STOP_GRACE)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
